@@ -1,0 +1,248 @@
+"""Downstream probes of the trajectory t -> E(x0, t): the Figure 1 table, per attribute, with controls.
+
+For a run of train.py: encodes the train and test splits on the paper's grid of 11 times (cached in
+<run>/cache), then trains, with the paper's protocol (validation split, learning rate chosen on
+validation, test accuracy at the best validation epoch, mean and spread over seeds):
+    - an MLP on each single time point (all T trained together as one batched model),
+    - a GRU and a Transformer on the whole curve (paper section 3.1),
+    - controls the paper lacks: an MLP on all T codes concatenated, an MLP on the mean code, and the
+      GRU / Transformer on a CONSTANT curve (the best single-t code, chosen on validation, repeated
+      T times): same probe, same capacity, no trajectory. Only a gain over these is a gain of the curve.
+    - a grid-free Transformer on the VALUE of t, trained on random sub-grids of a fine grid and tested
+      on grids of 5, 11 and 51 points and on random times (answers the paper's closing question).
+The Transformer's attention over t (Figure 3) is saved for analyze.py.
+
+    python train.py && python probe.py runs/shapes-drl               # CPU default, every attribute
+    python probe.py runs/shapes-drl --target shape                    # one attribute of `shapes`
+    python probe.py runs/cifar10-vdrl --preset paper --device cuda    # the published protocol
+
+Writes <run>/results/probe.json and <run>/results/probe.png (accuracy against t, Figure 1 style).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import trajrep as tr
+
+PRESETS = {  # probe protocol (REFERENCE s.3); `cpu` finishes the shapes table in a few minutes
+    "cpu": dict(epochs=12, lrs="1e-3,3e-4", seeds=2, mlp_seeds=2, max_train=4000, max_test=1000),
+    "paper": dict(epochs=100, lrs="1e-3,7.5e-4,5e-4,2.5e-4,1e-4,5e-5", seeds=5, mlp_seeds=3,
+                  max_train=0, max_test=0),
+}
+FINE_STEP = 0.05  # the continuous probe trains on random sub-grids of 0, 0.05, ..., 1 (contains 5 and 11 points)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder of train.py (holding ckpt.pt)")
+    g = p.add_argument_group("what to probe")
+    g.add_argument("--target", default=None, help="attribute to predict ('class' for CIFAR; for shapes one of "
+                                                  "shape, fg_colour, bg_colour, location) or 'all' (default all)")
+    g.add_argument("--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)")
+    g.add_argument("--times", default=None, help="explicit comma-separated times instead of --num-times")
+    g.add_argument("--no-continuous", action="store_true", help="skip the grid-free probe (saves encoding time)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or paper")
+    g.add_argument("--epochs", type=int, help="epochs per probe (cpu 12, paper 100)")
+    g.add_argument("--lrs", help="learning-rate grid, comma-separated (paper 1e-3,...,5e-5)")
+    g.add_argument("--seeds", type=int, help="seeds for the GRU / Transformer probes (paper 5)")
+    g.add_argument("--mlp-seeds", type=int, help="seeds for the MLP probes (paper 3)")
+    g.add_argument("--batch-size", type=int, default=256, help="probe batch size (256)")
+    g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 4000)")
+    g.add_argument("--max-test", type=int, help="use at most this many test images, 0 = all (cpu 1000)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    return p.parse_args(argv)
+
+
+def fmt(mean, std):
+    return f"{100 * mean:5.1f} ± {100 * std:4.1f}"
+
+
+def summary(res, head=0):
+    return dict(mean=res["test_mean"][head].item(), std=res["test_std"][head].item(),
+                seeds=res["tests"][:, head].tolist(), lrs=res["lrs"][:, head].tolist())
+
+
+def verdict(name, a, b, b_name):
+    """One plain sentence: does probe `a` beat `b` by more than their seed spread?"""
+    diff = a["mean"] - b["mean"]
+    spread = (a["std"] ** 2 + b["std"] ** 2) ** 0.5
+    word = "beats" if diff > spread else ("is below" if diff < -spread else "is within the seed spread of")
+    return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
+
+
+@torch.no_grad()
+def continuous_on_grid(res, codes, labels, times, num_classes):
+    """Accuracy of the trained grid-free probes (one per seed) on codes (N, T', D) at `times` (T',),
+    and their mean attention density over t."""
+    mean, std = res["standardiser"]
+    accs, dens = [], []
+    for state in res["states"]:
+        model = tr.build_probe("continuous", codes.shape[1], codes.shape[2], num_classes)
+        model.load_state_dict(state)
+        acc, att = tr.evaluate_probe(model, (codes - mean) / std, labels, times=times)
+        accs.append(acc[0].item())
+        dens.append(tr.attention_density(att, times))
+    accs = torch.tensor(accs)
+    return dict(mean=accs.mean().item(), std=accs.std(unbiased=False).item(), seeds=accs.tolist(),
+                times=times.tolist(), density=torch.stack(dens).mean(0).tolist())
+
+
+def probe_target(a, name, k, data, cfg, log):
+    """The whole table for one attribute a (named name, k classes). data: codes by grid."""
+    lrs = [float(v) for v in cfg["lrs"].split(",")]
+    grid, fine, test_grids = data["grid"], data["fine"], data["test_grids"]
+    y_tr, y_te = grid["train"]["labels"][:, a], grid["test"]["labels"][:, a]
+    x_tr, x_te = grid["train"]["codes"], grid["test"]["codes"]  # (N, T, D)
+    times = grid["train"]["times"]
+    common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"])
+    run = lambda kind, xtr, xte, seeds, **kw: tr.run_probe_protocol(
+        kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
+    out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
+    t0 = time.time()
+    mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])
+    best = int(mlp["val_mean"].argmax())  # chosen on VALIDATION accuracy, never on test
+    out["mlp"] = dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
+                      val_mean=mlp["val_mean"].tolist(), lrs=mlp["lrs"].tolist())
+    out["best_t_index"], out["best_t"] = best, times[best].item()
+    out["best_mlp"] = dict(mean=mlp["test_mean"][best].item(), std=mlp["test_std"][best].item())
+    for kind in ("concat", "mean"):
+        out[kind] = summary(run(kind, x_tr, x_te, cfg["mlp_seeds"]))
+    const_tr = x_tr[:, best:best + 1].expand_as(x_tr)  # (N, T, D): the best point repeated T times
+    const_te = x_te[:, best:best + 1].expand_as(x_te)
+    for kind in ("gru", "transformer"):
+        res = run(kind, x_tr, x_te, cfg["seeds"])
+        out[kind] = summary(res)
+        if kind == "transformer":
+            out["attention"] = res["attention"].tolist()  # Figure 3: token's attention over the T points
+        out[kind + "_const"] = summary(run(kind, const_tr, const_te, cfg["seeds"]))
+    if fine is not None:
+        cols = torch.tensor([int(round(t.item() / FINE_STEP)) for t in times])
+        res = run("continuous", fine["train"]["codes"], x_te, cfg["seeds"],
+                  continuous=dict(fine_times=fine["train"]["times"], eval_cols=cols))
+        out["continuous"] = summary(res)
+        out["continuous_grids"] = {g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"], k)
+                                   for g, d in test_grids.items()}
+    out["seconds"] = time.time() - t0
+    out["verdicts"] = [verdict("GRU", out["gru"], out["best_mlp"], f"the best single-t MLP (t={out['best_t']:.2f})"),
+                       verdict("Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP"),
+                       verdict("GRU", out["gru"], out["gru_const"], "its constant-curve control"),
+                       verdict("Transformer", out["transformer"], out["transformer_const"],
+                               "its constant-curve control"),
+                       verdict("MLP on the concatenated curve", out["concat"], out["best_mlp"], "the best single-t MLP")]
+    if "continuous" in out:
+        out["verdicts"].append(verdict("grid-free Transformer", out["continuous"], out["transformer"],
+                                       "the index Transformer"))
+    print_table(name, out, times, log)
+    return out
+
+
+def print_table(name, out, times, log):
+    log(f"\n== target: {name} ({out['num_classes']} classes, majority-class rate {100 * out['chance']:.1f}%) ==")
+    log(f"{'probe':<34} test accuracy % (mean ± std over seeds)")
+    for i, t in enumerate(times.tolist()):
+        mark = "  <- best single t (validation)" if i == out["best_t_index"] else ""
+        log(f"{'MLP at t=%.2f' % t:<34} {fmt(out['mlp']['mean'][i], out['mlp']['std'][i])}{mark}")
+    rows = [("MLP on concatenated curve (ctrl)", "concat"), ("MLP on mean over t (ctrl)", "mean"),
+            ("GRU", "gru"), ("  GRU on constant curve (ctrl)", "gru_const"), ("Transformer", "transformer"),
+            ("  Transformer on constant curve", "transformer_const"), ("grid-free Transformer (11 pts)", "continuous")]
+    for label, key in rows:
+        if key in out:
+            log(f"{label:<34} {fmt(out[key]['mean'], out[key]['std'])}")
+    if "continuous_grids" in out:
+        log("grid-free Transformer on other grids: " + ", ".join(
+            f"{g}: {fmt(v['mean'], v['std'])}" for g, v in out["continuous_grids"].items()))
+    for v in out["verdicts"]:
+        log("  " + v)
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    targets = result["targets"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.4), squeeze=False)
+    t = result["times"]
+    for ax, (name, out) in zip(axes[0], targets.items()):
+        m, s = torch.tensor(out["mlp"]["mean"]) * 100, torch.tensor(out["mlp"]["std"]) * 100
+        ax.errorbar(t, m, yerr=s, marker="o", color="k", label="MLP at t")
+        styles = [("gru", "tab:blue", "-"), ("gru_const", "tab:blue", ":"), ("transformer", "tab:red", "-"),
+                  ("transformer_const", "tab:red", ":"), ("concat", "tab:green", "--"), ("continuous", "tab:purple", "-.")]
+        for key, colour, ls in styles:
+            if key in out:
+                ax.axhline(100 * out[key]["mean"], color=colour, ls=ls, label=key.replace("_const", " (constant curve)"))
+        ax.axhline(100 * out["chance"], color="grey", lw=0.8, label="majority class")
+        ax.set(title=name, xlabel="t", ylabel="test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{result['dataset']} / {result['encoder']}: single points vs whole trajectory (Figure 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    if cfg["epochs"] <= 0 or cfg["seeds"] <= 0 or cfg["mlp_seeds"] <= 0 or cfg["num_times"] < 2:
+        raise tr.UserError("--epochs, --seeds and --mlp-seeds must be positive and --num-times at least 2")
+    device = tr.pick_device(args.device)
+    t_start = time.time()
+    encoder, train_cfg, step = tr.load_encoder(args.run, device)
+    times = (torch.tensor([float(v) for v in args.times.split(",")]) if args.times
+             else tr.paper_times(args.num_times))
+    if times.min() < 0 or times.max() > 1 or not bool((times[1:] > times[:-1]).all()):
+        raise tr.UserError("--times must be increasing values in [0, 1]")
+    splits = {s: tr.load_dataset(train_cfg["dataset"], s, train_cfg["data_root"], train_cfg["image_size"],
+                                 train_cfg["num_train"] if s == "train" else None, train_cfg["seed"])
+              for s in ("train", "test")}
+    attrs = splits["train"].attributes
+    target = args.target or "all"
+    targets = list(attrs) if target == "all" else [target]
+    if any(t not in attrs for t in targets):
+        raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got {target!r}")
+    limit = dict(train=cfg["max_train"], test=cfg["max_test"])
+    for s, ds in splits.items():  # a fixed prefix of each split
+        if limit[s] and limit[s] < len(ds):
+            splits[s] = ds.head(limit[s])
+
+    def codes(split, grid):
+        c = tr.cached_trajectories(args.run, encoder, splits[split], split, grid, step,
+                                   log=lambda m: print(m, flush=True))
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()}
+
+    fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
+    on_fine = not args.no_continuous and bool(torch.isclose(
+        (times / FINE_STEP).round() * FINE_STEP, times, atol=1e-6).all())
+    if not args.no_continuous and not on_fine:
+        print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for these --times")
+    data = dict(grid={s: codes(s, times) for s in ("train", "test")}, fine=None, test_grids={})
+    if on_fine:
+        data["fine"] = {"train": codes("train", fine_times)}
+        gen = torch.Generator().manual_seed(0)
+        rand_times = torch.rand(11, generator=gen).sort().values
+        for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", tr.paper_times(51)),
+                           ("random11", rand_times)):
+            data["test_grids"][name] = codes("test", grid)
+    result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
+                  times=times.tolist(), protocol=cfg, targets={})
+    for name in targets:
+        a = attrs.index(name)
+        result["targets"][name] = probe_target(a, name, splits["train"].num_classes[a], data, cfg, print)
+    result["wall_time_s"] = time.time() - t_start
+    out_dir = os.path.join(args.run, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "probe.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(out_dir, "probe.png"))
+    print(f"\nwrote {out_dir}/probe.json and probe.png in {result['wall_time_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except tr.UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,307 @@
+"""Trains a diffusion model with a time-aware encoder, DRL or VDRL (paper eq. 1-4).
+
+The encoder E(x0, t) and the score network s(x_t, E(x0, t), t) are trained together by the
+sigma^2-weighted denoising score matching loss of eq. 4 plus lambda_z times the code regulariser
+(L1 for DRL, KL for VDRL). The trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py
+study.
+
+    python train.py                                          # shapes, `cpu` preset, ~4 min on 2 cores
+    python train.py --dataset cifar10 --encoder vdrl         # the paper's configuration (`paper` preset)
+    python train.py --resume                                 # continue runs/<dataset>-<encoder> exactly
+    torchrun --nproc_per_node=4 train.py --dataset cifar10   # DDP (NCCL on GPUs, gloo on CPU)
+    python train.py --dataset cifar10 --amp --channels-last --compile --workers 8   # one GPU, fast paths
+
+Writes <out>/ckpt.pt (model, EMA, optimiser, step, RNG states, config; atomic) and <out>/metrics.jsonl.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+import trajrep as tr
+
+# Presets: every value can be overridden by its flag. `paper` is REFERENCE s.1; `cpu` is a small model
+# that trains on `shapes` in about 4 minutes on 2 CPU cores.
+PRESETS = {
+    "cpu": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,
+                enc_widths="16,32,64", enc_blocks=1, nf=16, ch_mult="1,2,2", num_res_blocks=1,
+                attn_res="", dropout=0.0, log_every=50, ckpt_every=250),
+    "paper": dict(steps=250_000, batch_size=100, lr=2e-4, warmup=5000, clip=1.0, ema=0.999, code_dim=128,
+                  enc_widths="32,64,128", enc_blocks=4, nf=16, ch_mult="1,2,2,2", num_res_blocks=2,
+                  attn_res="16", dropout=0.1, log_every=100, ckpt_every=5000),
+}
+# Per-dataset defaults applied under the preset: image size, and Mini-ImageNet's 3-level U-Net (84 px).
+DATASETS = {"shapes": dict(image_size=32), "cifar10": dict(image_size=32), "cifar100": dict(image_size=32),
+            "miniimagenet": dict(image_size=84, ch_mult="1,2,2", data_root="./data/miniimagenet"),
+            "folder": dict(image_size=64)}
+DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None,
+                lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, seed=0, device="auto",
+                amp=False, channels_last=False, compile=False, workers=0, out=None)
+# What a resumed run may change; everything else must match the checkpoint's config.
+RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "device", "amp", "channels_last", "compile",
+                    "workers", "out", "data_root"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default shapes, embedded)")
+    g.add_argument("--data-root", help="folder of the data (default ./data; Mini-ImageNet ./data/miniimagenet "
+                                       "with train/<class>/ and test/<class>/)")
+    g.add_argument("--image-size", type=int, help="image side in pixels (32; Mini-ImageNet 84; folder 64)")
+    g.add_argument("--num-train", type=int, help="shapes only: number of training images (default 10000)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="cpu (default on shapes) or paper (default otherwise)")
+    g.add_argument("--encoder", choices=["drl", "vdrl"], help="deterministic (DRL) or probabilistic (VDRL) code")
+    g.add_argument("--code-dim", type=int, help="code size D (paper 128)")
+    g.add_argument("--enc-widths", help="encoder stage widths, comma-separated (paper 32,64,128 = WRN-28-2)")
+    g.add_argument("--enc-blocks", type=int, help="residual blocks per encoder stage (paper 4)")
+    g.add_argument("--nf", type=int, help="score U-Net base channels (paper 16)")
+    g.add_argument("--ch-mult", help="score U-Net channel multipliers per level (paper 1,2,2,2)")
+    g.add_argument("--num-res-blocks", type=int, help="score U-Net residual blocks per level (paper 2)")
+    g.add_argument("--attn-res", help="resolutions with self-attention, comma-separated, '' for none (paper 16)")
+    g.add_argument("--dropout", type=float, help="score U-Net dropout (paper 0.1)")
+    g = p.add_argument_group("diffusion and loss (eq. 1-4)")
+    g.add_argument("--sigma-min", type=float, help="VE-SDE sigma_min (0.01)")
+    g.add_argument("--sigma-max", type=float, help="VE-SDE sigma_max (50)")
+    g.add_argument("--eps", type=float, help="training times t ~ U(eps, 1) (1e-5)")
+    g.add_argument("--lambda-z", type=float, help="weight of the L1 (DRL) or KL (VDRL) regulariser (1e-5)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="training steps (cpu 1500, paper 250000)")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over DDP ranks (cpu 64, paper 100)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (cpu 1e-3, paper 2e-4)")
+    g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (paper 5000)")
+    g.add_argument("--clip", type=float, help="gradient-norm clip (1.0)")
+    g.add_argument("--ema", type=float, help="EMA decay of the weights (cpu 0.99, paper 0.999)")
+    g.add_argument("--seed", type=int, help="random seed (0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run folder, created if absent (default runs/<dataset>-<encoder>)")
+    g.add_argument("--resume", action="store_true", default=False, help="continue from <out>/ckpt.pt exactly")
+    g.add_argument("--log-every", type=int, help="steps between log lines")
+    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format (GPU)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPU)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (0; with workers, memory is pinned)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    """defaults < preset < dataset defaults < flags given; on --resume, the checkpoint's config."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    dataset = given.get("dataset", DEFAULTS["dataset"])
+    preset = given.get("preset") or ("cpu" if dataset == "shapes" else "paper")
+    cfg = {**DEFAULTS, **PRESETS[preset], **DATASETS[dataset], **given, "preset": preset}
+    cfg["out"] = cfg["out"] or os.path.join("runs", f"{dataset}-{cfg['encoder']}")
+    return cfg, given
+
+
+def check_config(cfg):
+    """Impossible values end with one sentence."""
+    for key in ("steps", "batch_size", "code_dim", "nf", "enc_blocks", "num_res_blocks", "image_size",
+                "log_every", "ckpt_every"):
+        if cfg[key] is not None and cfg[key] <= 0:
+            raise tr.UserError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
+    if not 0 < cfg["sigma_min"] < cfg["sigma_max"]:
+        raise tr.UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']} and {cfg['sigma_max']}")
+    if not 0 <= cfg["ema"] < 1 or not 0 < cfg["eps"] < 1 or cfg["lr"] <= 0 or cfg["warmup"] < 0:
+        raise tr.UserError("need 0 <= --ema < 1, 0 < --eps < 1, --lr > 0 and --warmup >= 0")
+    if cfg["amp"] and not str(cfg["device"]).startswith(("cuda", "auto")):
+        raise tr.UserError("--amp (bf16 autocast) is for CUDA devices; drop it or use --device cuda")
+
+
+def ints(text):
+    return tuple(int(v) for v in str(text).split(",") if v.strip())
+
+
+def model_kwargs(cfg, in_channels=3):
+    return dict(in_channels=in_channels, image_size=cfg["image_size"], probabilistic=cfg["encoder"] == "vdrl",
+                code_dim=cfg["code_dim"], enc_widths=ints(cfg["enc_widths"]), enc_blocks=cfg["enc_blocks"],
+                nf=cfg["nf"], ch_mult=ints(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
+                attn_resolutions=ints(cfg["attn_res"]), dropout=cfg["dropout"], lambda_z=cfg["lambda_z"],
+                sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
+
+
+def setup_distributed(cfg):
+    """DDP when launched by torchrun (RANK / WORLD_SIZE set), else a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, tr.pick_device(cfg["device"])
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = tr.pick_device(cfg["device"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg["batch_size"] % world:
+        raise tr.UserError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
+    return rank, world, device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, given = resolve_config(args)
+    ckpt = None
+    if args.resume:
+        ckpt = tr.load_checkpoint(os.path.join(cfg["out"], "ckpt.pt"))
+        clash = {k: v for k, v in given.items() if k not in RESUME_OVERRIDES and ckpt["config"].get(k) != v}
+        if clash:
+            raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was trained with "
+                               f"{ {k: ckpt['config'].get(k) for k in clash} }; drop those flags")
+        cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
+    check_config(cfg)
+    rank, world, device = setup_distributed(cfg)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log("config: " + json.dumps(cfg, sort_keys=True))
+
+    # ---- data: a seeded DistributedSampler gives every rank its shard, epoch by epoch ----
+    data = tr.load_dataset(cfg["dataset"], "train", cfg["data_root"], cfg["image_size"], cfg["num_train"], cfg["seed"])
+    per_rank = cfg["batch_size"] // world
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
+    steps_per_epoch = len(sampler) // per_rank
+    if steps_per_epoch == 0:
+        raise tr.UserError(f"{len(data)} training images are fewer than one batch of {cfg['batch_size']}")
+    if rank == 0 and ckpt is None:
+        sample = torch.stack([x for x, _ in data.__getitems__(list(range(min(500, len(data)))))])
+        log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance in {len(sample)} of them "
+            f"{tr.max_pairwise_distance(sample):.1f} (Song & Ermon: sigma_max about that; it is {cfg['sigma_max']})")
+
+    # ---- model, EMA, optimiser ----
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+    kwargs = model_kwargs(cfg, in_channels=data[0][0].shape[0])
+    model = tr.DRLModel(**kwargs).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
+    noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # shared by all ranks (see below)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        noise_gen.set_state(ckpt["rng"]["noise"])
+        step = ckpt["step"]
+        ranks = ckpt["rng"]["ranks"]
+        if len(ranks) == world:
+            torch.set_rng_state(ranks[rank]["cpu"])
+            if device.type == "cuda" and ranks[rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
+        else:
+            log(f"checkpoint saved with {len(ranks)} ranks, running {world}: dropout RNG reseeded")
+            torch.manual_seed(cfg["seed"] + 7919 * rank + step)
+        log(f"resumed from {cfg['out']}/ckpt.pt at step {step}")
+    else:
+        torch.manual_seed(cfg["seed"] + rank)  # per-rank seed for dropout
+    log(f"parameters: encoder {tr.count_parameters(model.encoder):,}, score {tr.count_parameters(model.score):,}; "
+        f"{world} rank(s) x {per_rank} = global batch {cfg['batch_size']} on {device}")
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        train_model = torch.compile(train_model)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    image_shape, D = tuple(data[0][0].shape), cfg["code_dim"]
+
+    def save():
+        rngs = [dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if rank == 0:
+            tr.atomic_save(dict(kind=tr.CHECKPOINT_KIND, config=cfg, model_kwargs=kwargs, step=step,
+                                model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                                rng=dict(noise=noise_gen.get_state(), ranks=rngs)),
+                           os.path.join(cfg["out"], "ckpt.pt"))
+
+    # ---- the loop ----
+    os.makedirs(cfg["out"], exist_ok=True)
+    metrics_path = os.path.join(cfg["out"], "metrics.jsonl")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"] and device.type == "cuda")
+    sums = torch.zeros(3, device=device)  # loss, dsm, reg summed since the last log line
+    n_sum, t_last, step_last, t_start = 0, time.time(), step, time.time()
+    while step < cfg["steps"]:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        batches = list(BatchSampler(sampler, per_rank, drop_last=True))[offset:]
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
+        # would shift the dropout stream on every resume and break bit-exact continuation.
+        loader = DataLoader(data, batch_sampler=batches, num_workers=cfg["workers"],
+                            pin_memory=cfg["workers"] > 0 and device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
+        for x0, _ in loader:
+            x0 = x0.to(device, non_blocking=True)
+            if cfg["channels_last"]:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            # The randomness of the GLOBAL batch, from a generator identical on every rank; each rank
+            # takes the rows of its own images (DistributedSampler deals rows round-robin), so N ranks
+            # compute exactly the gradient of one process with the same global batch.
+            t, noise, code_noise = tr.sample_training_noise(cfg["batch_size"], image_shape, D, cfg["eps"],
+                                                            noise_gen, device)
+            t, noise, code_noise = t[rank::world], noise[rank::world], code_noise[rank::world]  # (B/world, ...)
+            for group in opt.param_groups:  # linear warm-up
+                group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+            with autocast:
+                loss, dsm, reg = train_model(x0, t, noise, code_noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+            opt.step()
+            tr.ema_update(ema_params, params, cfg["ema"])
+            sums += torch.stack([loss.detach(), dsm.detach(), reg.detach()]).float()
+            n_sum += 1
+            step += 1
+            last = step == cfg["steps"]
+            if step % cfg["log_every"] == 0 or step % cfg["ckpt_every"] == 0 or last:
+                # The one synchronising check: a non-finite loss stops before anything is saved.
+                if world > 1:
+                    dist.all_reduce(sums)
+                    sums /= world
+                mean = (sums / n_sum).tolist()
+                if not all(math.isfinite(v) for v in mean):
+                    raise tr.UserError(f"the loss became non-finite before step {step}; the last good checkpoint "
+                                       f"in {cfg['out']} is intact: lower --lr or raise --warmup, then --resume")
+                now = time.time()
+                ips = (step - step_last) * cfg["batch_size"] / max(now - t_last, 1e-9)
+                eta = (cfg["steps"] - step) * cfg["batch_size"] / max(ips, 1e-9)
+                log(f"step {step:>7d} | loss {mean[0]:9.3f} (dsm {mean[1]:9.3f}, reg {mean[2]:8.3f}) | "
+                    f"{ips:7.1f} img/s | ETA {eta / 60:6.1f} min")
+                if rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(dict(step=step, loss=mean[0], dsm=mean[1], reg=mean[2],
+                                                lr=opt.param_groups[0]["lr"], images_per_s=ips,
+                                                elapsed_s=now - t_start)) + "\n")
+                sums.zero_()
+                n_sum, t_last, step_last = 0, now, step
+                if step % cfg["ckpt_every"] == 0 or last:
+                    save()
+            if last:
+                break
+    if world > 1:  # the replicas must agree exactly; say so in the log
+        flat = torch.cat([p.detach().flatten() for p in params])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        diff = max((g - gathered[0]).abs().max().item() for g in gathered)
+        log(f"replicas: max |difference| of weights across {world} ranks = {diff}")
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(dict(step=step, replica_max_abs_diff=diff, world_size=world)) + "\n")
+        dist.destroy_process_group()
+    log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {cfg['out']}/ckpt.pt")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except tr.UserError as e:
+        sys.exit(f"error: {e}")

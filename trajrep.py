@@ -1,0 +1,1074 @@
+"""trajrep: trajectory-based representations in diffusion models, as one readable library.
+
+Implements "From Points to Functions: Infinite-Dimensional Representations in Diffusion Models"
+(Mittal, Lajoie, Bauer, Mehrjou; paper.md), built on "Diffusion-Based Representation Learning"
+(Abstreiter et al., "DRL"). A diffusion model with a learned encoder maps each image x0 to a curve
+t -> E(x0, t), t in [0, 1]; probes read the curve (Figure 1), MINE measures how information changes
+along it (Figure 2), and a Transformer probe shows which part it attends to (Figure 3).
+
+Sections, in reading order (each banner-marked below):
+    SDE                 sigma(t), the perturbation kernel, training draws            (paper eq. 1)
+    networks            time embedding, time-aware encoder E(x0, t), score U-Net s(x_t, z, t)
+    losses              sigma^2-weighted denoising score matching + code regulariser (eq. 3-4)
+    data                embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any image folder
+    trajectories        E(x0, t) on a grid of times, as one (B, T, D) tensor         (section 2.1)
+    probes              per-t MLPs (batched), GRU, Transformer, controls, training   (Figure 1, 3)
+    mutual information  MINE, batched over pairs, the NMI matrix                     (Figure 2)
+    curve analysis      attention densities, the eq. 5 separation profile
+    checkpoints         atomic save, safe load (weights_only=True), EMA, errors
+
+This file is a library: no argparse, no I/O and no device probing at import. The scripts are
+train.py (eq. 4 training), probe.py (Figure 1 and 3), analyze.py (Figure 2) and bench.py (speed).
+
+Shape legend, used in every shape comment:
+    B batch, T time points on a trajectory, D code size, C/H/W image channels/height/width,
+    K classes, G independent groups trained together (per-t probes, MINE pairs), P pairs,
+    N examples in a whole split, A attributes (labels per example).
+"""
+import hashlib
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """An error the user can fix; scripts print its one-sentence message and exit (STYLE rule 9)."""
+
+
+# =================================================================================================
+# SDE: the Variance Exploding SDE of paper eq. 1
+# =================================================================================================
+# dx = sqrt(d[sigma^2(t)]/dt) dw with sigma(t) = sigma_min * (sigma_max / sigma_min)^t.
+# Paper eq. 1 writes the kernel variance as sigma^2(t) - sigma^2(0). Like the published code (and
+# Song et al.'s VE-SDE), we take the process to start from data already blurred by N(0, sigma_min^2)
+# (x(0) = x0 + sigma_min * n): then x_t | x0 ~ N(x0, sigma(t)^2 I) EXACTLY, and t = 0 is well defined
+# (sigma(0) = sigma_min > 0) for the paper's trajectory grid, which includes t = 0. The test suite
+# checks this variance against an Euler-Maruyama simulation of the SDE itself.
+
+def ve_sigma(t, sigma_min=0.01, sigma_max=50.0):
+    """sigma(t) = sigma_min * (sigma_max / sigma_min)^t, the noise scale of the VE-SDE (eq. 1)."""
+    return sigma_min * (sigma_max / sigma_min) ** t
+
+
+def ve_diffusion(t, sigma_min=0.01, sigma_max=50.0):
+    """g(t) = sqrt(d[sigma^2(t)]/dt) = sigma(t) * sqrt(2 log(sigma_max / sigma_min)) (eq. 1)."""
+    return ve_sigma(t, sigma_min, sigma_max) * math.sqrt(2.0 * math.log(sigma_max / sigma_min))
+
+
+def ve_marginal(x0, t, sigma_min=0.01, sigma_max=50.0):
+    """Mean and std of the perturbation kernel p_0t(x_t | x0) = N(x0, sigma(t)^2 I).
+
+    x0: (B, ...), t: (B,) -> mean (B, ...), std (B,)."""
+    return x0, ve_sigma(t, sigma_min, sigma_max)
+
+
+def sample_training_noise(batch_size, image_shape, code_dim, eps=1e-5, generator=None, device=None):
+    """All randomness of one training step, drawn in one place so that it can be sliced per rank.
+
+    t ~ U(eps, 1) (the published code's eps = 1e-5 keeps sigma away from its floor), the Gaussian
+    noise of the kernel, and the Gaussian of the VDRL reparameterisation. Drawing the GLOBAL batch on
+    every rank from one shared generator and slicing it (train.py) makes N ranks bit-compatible with
+    one process at the same global batch. Returns t (B,), noise (B, C, H, W), code_noise (B, D)."""
+    t = eps + (1.0 - eps) * torch.rand(batch_size, generator=generator, device=device)  # (B,)
+    noise = torch.randn(batch_size, *image_shape, generator=generator, device=device)  # (B, C, H, W)
+    code_noise = torch.randn(batch_size, code_dim, generator=generator, device=device)  # (B, D)
+    return t, noise, code_noise
+
+
+# =================================================================================================
+# Networks: time embedding, time-aware encoder E(x0, t), encoder-conditioned score U-Net
+# =================================================================================================
+
+def group_norm(channels):
+    """GroupNorm with up to 32 groups of at least 4 channels (as in NCSN++).
+
+    GroupNorm rather than the published WideResNet's BatchNorm: the encoder's output for one image
+    must not depend on which other images share its batch (trajectory extraction batches many t of
+    one image together), and there are no running statistics to keep in sync across DDP ranks."""
+    return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
+
+
+class TimeEmbedding(nn.Module):
+    """Embeds t through Gaussian Fourier features of log sigma(t), then two Linear layers.
+
+    As in the published code: 16 random frequencies W ~ N(0, 16^2) (a fixed buffer, saved with the
+    weights), features [sin(2 pi W log sigma), cos(2 pi W log sigma)]. Input t (B,) -> (B, dim)."""
+
+    def __init__(self, dim, sigma_min, sigma_max, num_freqs=16, scale=16.0):
+        super().__init__()
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.register_buffer("freqs", torch.randn(num_freqs) * scale)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        log_sigma = torch.log(ve_sigma(t, self.sigma_min, self.sigma_max))  # (B,)
+        angle = 2 * math.pi * log_sigma[:, None] * self.freqs[None, :]  # (B, F)
+        return self.mlp(torch.cat([angle.sin(), angle.cos()], dim=1))  # (B, dim)
+
+
+class CondResBlock(nn.Module):
+    """Pre-activation residual block whose features are modulated by a conditioning vector.
+
+    h -> conv(SiLU(GN(h))) -> GN -> * (1 + scale(c)) + shift(c) -> SiLU -> dropout -> conv, + skip.
+    The condition acts INSIDE the block, before a non-linearity. In the encoder the condition is the
+    time embedding, so E(x0, t) is a genuinely non-linear function of (x0, t); had t entered only the
+    last layer, E(x0, t) = A h(x0) + b(t) and every trajectory would be one point shifted by an
+    image-independent offset. Used by both the encoder and the score network (one class, not two).
+    Input h (B, C_in, H, W), c (B, cond_dim) -> (B, C_out, H / stride, W / stride)."""
+
+    def __init__(self, c_in, c_out, cond_dim, stride=1, dropout=0.0):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.cond = nn.Linear(cond_dim, 2 * c_out)  # per-channel scale and shift
+        self.norm2 = group_norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = (nn.Identity() if c_in == c_out and stride == 1
+                     else nn.Conv2d(c_in, c_out, 1, stride=stride))
+
+    def forward(self, h, c):
+        x = self.conv1(F.silu(self.norm1(h)))  # (B, C_out, H', W')
+        scale, shift = self.cond(F.silu(c))[:, :, None, None].chunk(2, dim=1)  # 2 x (B, C_out, 1, 1)
+        x = self.norm2(x) * (1 + scale) + shift
+        x = self.conv2(self.dropout(F.silu(x)))
+        return x + self.skip(h)
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head self-attention over the H*W positions of a feature map (NCSN++ at 16x16)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, h):
+        B, C, H, W = h.shape
+        q, k, v = self.qkv(self.norm(h)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # (B, HW, C)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
+        return h + self.proj(out.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Encoder(nn.Module):
+    """Time-aware encoder E_phi(x0, t) on the CLEAN image x0 (paper eq. 4, REFERENCE s.1).
+
+    A wide ResNet: a 3x3 stem, then one stage per entry of `widths`, each of `blocks` CondResBlocks
+    conditioned on the time embedding (the first block of every stage after the first halves the
+    resolution), then GroupNorm, SiLU, global average pooling and a Linear head. widths=(32, 64, 128)
+    with blocks=4 is the published WRN-28-2 (code size 64 * 2 = 128).
+
+    probabilistic=False (DRL): the head gives the code z = mu, and logvar is None.
+    probabilistic=True (VDRL): the head gives mu and log-variance; training samples
+    z = mu + exp(logvar / 2) * n, and the representation used downstream is mu.
+    Input x0 (B, C, H, W), t (B,) -> mu (B, D), logvar (B, D) or None."""
+
+    def __init__(self, in_channels, code_dim, widths, blocks, probabilistic,
+                 sigma_min, sigma_max, temb_dim=64, dropout=0.0):
+        super().__init__()
+        self.code_dim, self.probabilistic = code_dim, probabilistic
+        self.temb = TimeEmbedding(temb_dim, sigma_min, sigma_max)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        layers, c = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks):
+                layers.append(CondResBlock(c, w, temb_dim, stride=2 if (i > 0 and j == 0) else 1,
+                                           dropout=dropout))
+                c = w
+        self.blocks = nn.ModuleList(layers)
+        self.norm = group_norm(c)
+        self.head = nn.Linear(c, code_dim * (2 if probabilistic else 1))
+
+    def forward(self, x0, t):
+        temb = self.temb(t)  # (B, temb_dim)
+        h = self.stem(x0)  # (B, W0, H, W)
+        for block in self.blocks:
+            h = block(h, temb)
+        h = F.silu(self.norm(h)).mean(dim=(2, 3))  # (B, C_last), global average pool
+        out = self.head(h)  # (B, D) or (B, 2D)
+        if not self.probabilistic:
+            return out, None
+        mu, logvar = out.chunk(2, dim=1)  # 2 x (B, D)
+        return mu, logvar
+
+
+class ScoreNet(nn.Module):
+    """Encoder-conditioned score network s_theta(x_t, z, t) of paper eq. 4: a small NCSN++-like U-Net.
+
+    How z enters, and why: the code is mapped by Linear(z) to temb_dim features and concatenated with
+    the time embedding; that vector c = [emb(t), Linear(z)] modulates EVERY residual block through a
+    per-channel scale and shift (CondResBlock). The published code adds a per-channel bias only, plus
+    a 32 x r x r map at the bottleneck; scale-and-shift lets z act multiplicatively at every
+    resolution, which gives the encoder every route by which information about x0 can lower the
+    denoising loss, with one mechanism instead of two. The output is divided by sigma(t) as in the
+    published code, so the network predicts -noise and the sigma^2-weighted loss is O(1) at all t.
+    Input x_t (B, C, H, W), z (B, D), t (B,) -> score (B, C, H, W)."""
+
+    def __init__(self, in_channels, code_dim, nf, ch_mult, num_res_blocks, attn_resolutions,
+                 image_size, sigma_min, sigma_max, dropout=0.0):
+        super().__init__()
+        temb_dim = 4 * nf
+        cond_dim = 2 * temb_dim
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.temb = TimeEmbedding(temb_dim, sigma_min, sigma_max)
+        self.code_proj = nn.Linear(code_dim, temb_dim)
+        self.conv_in = nn.Conv2d(in_channels, nf, 3, padding=1)
+        # Down path: num_res_blocks blocks per level, attention at the listed resolutions.
+        self.down, chans, c, res = nn.ModuleList(), [nf], nf, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([CondResBlock(c, nf * mult, cond_dim, dropout=dropout),
+                                                SelfAttention2d(nf * mult) if res in attn_resolutions
+                                                else nn.Identity()]))
+                c = nf * mult
+                chans.append(c)
+            if level < len(ch_mult) - 1:
+                self.down.append(nn.AvgPool2d(2))
+                chans.append(c)
+                res //= 2
+        self.mid1 = CondResBlock(c, c, cond_dim, dropout=dropout)
+        self.mid_attn = SelfAttention2d(c)
+        self.mid2 = CondResBlock(c, c, cond_dim, dropout=dropout)
+        # Up path: num_res_blocks + 1 blocks per level, each taking one skip connection.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([CondResBlock(c + chans.pop(), nf * mult, cond_dim,
+                                                           dropout=dropout),
+                                              SelfAttention2d(nf * mult) if res in attn_resolutions
+                                              else nn.Identity()]))
+                c = nf * mult
+            if level > 0:
+                self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                res *= 2
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # start at s = 0: the loss starts at 0.5 * C*H*W
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, xt, z, t):
+        c = torch.cat([self.temb(t), self.code_proj(z)], dim=1)  # (B, 2 * temb_dim)
+        h = self.conv_in(xt)
+        skips = [h]
+        for layer in self.down:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](h, c))
+            else:
+                h = layer(h)  # 2x average-pool downsampling
+            skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, c)), c)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](torch.cat([h, skips.pop()], dim=1), c))
+            else:
+                h = layer(h)  # 2x nearest upsampling
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        return out / ve_sigma(t, self.sigma_min, self.sigma_max)[:, None, None, None]
+
+
+class DRLModel(nn.Module):
+    """Encoder + score network trained together by eq. 4; forward returns the loss so that one
+    DistributedDataParallel wrapper covers both networks.
+
+    forward(x0 (B, C, H, W), t (B,), noise (B, C, H, W), code_noise (B, D)) -> loss, dsm, reg."""
+
+    def __init__(self, in_channels=3, image_size=32, probabilistic=False, code_dim=128,
+                 enc_widths=(32, 64, 128), enc_blocks=4, nf=16, ch_mult=(1, 2, 2, 2),
+                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, lambda_z=1e-5,
+                 sigma_min=0.01, sigma_max=50.0):
+        super().__init__()
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise UserError(f"image size {image_size} is not divisible by 2^{len(ch_mult) - 1} for "
+                            f"channel multipliers {tuple(ch_mult)}; pick another --image-size or --ch-mult")
+        self.lambda_z, self.sigma_min, self.sigma_max = lambda_z, sigma_min, sigma_max
+        self.encoder = Encoder(in_channels, code_dim, tuple(enc_widths), enc_blocks, probabilistic,
+                               sigma_min, sigma_max)
+        self.score = ScoreNet(in_channels, code_dim, nf, tuple(ch_mult), num_res_blocks,
+                              tuple(attn_resolutions), image_size, sigma_min, sigma_max, dropout)
+
+    def forward(self, x0, t, noise, code_noise):
+        return drl_loss(self.encoder, self.score, x0, t, noise, code_noise,
+                        self.lambda_z, self.sigma_min, self.sigma_max)
+
+
+# =================================================================================================
+# Losses: paper eq. 3-4 and the DRL / VDRL regularisers
+# =================================================================================================
+
+def dsm_loss(score, noise, sigma):
+    """sigma^2-weighted denoising score matching (eq. 3-4) for x_t = x0 + sigma * noise.
+
+    The kernel's score is grad log p_0t(x_t | x0) = -(x_t - x0) / sigma^2 = -noise / sigma, so
+    lambda(t) ||s - target||^2 with lambda = sigma^2 is ||sigma * s + noise||^2.
+    Per example 0.5 * sum over pixels, averaged over the batch (as the published code).
+    score, noise (B, C, H, W), sigma (B,) -> scalar."""
+    err = sigma[:, None, None, None] * score + noise  # (B, C, H, W)
+    return 0.5 * err.pow(2).flatten(1).sum(1).mean()
+
+
+def kl_std_normal(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over code dims, per example. (B, D) -> (B,)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+
+
+def code_regulariser(mu, logvar):
+    """DRL: L1 norm of the code, sum |z|; VDRL: KL to N(0, I). Both averaged over the batch."""
+    if logvar is None:
+        return mu.abs().sum(1).mean()
+    return kl_std_normal(mu, logvar).mean()
+
+
+def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
+             sigma_min=0.01, sigma_max=50.0):
+    """The DRL / VDRL objective, eq. 4 plus lambda_z times the code regulariser.
+
+    x_t = x0 + sigma(t) * noise is a draw of the kernel of eq. 1; the score network sees the code
+    E(x0, t) of the clean image (DRL: the code itself; VDRL: mu + exp(logvar/2) * code_noise).
+    x0, noise (B, C, H, W); t (B,); code_noise (B, D) -> (total, dsm, reg) scalars."""
+    sigma = ve_sigma(t, sigma_min, sigma_max)  # (B,)
+    xt = x0 + sigma[:, None, None, None] * noise  # (B, C, H, W), eq. 1 kernel
+    mu, logvar = encoder(x0, t)  # (B, D), (B, D) or None
+    z = mu if logvar is None else mu + torch.exp(0.5 * logvar) * code_noise  # reparameterisation
+    dsm = dsm_loss(score_net(xt, z, t), noise, sigma)
+    reg = code_regulariser(mu, logvar)
+    return dsm + lambda_z * reg, dsm, reg
+
+
+# =================================================================================================
+# Data: embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any class-per-folder image tree
+# =================================================================================================
+# Images are scaled to [-1, 1] (ToTensor, then 2x - 1), not by per-channel mean/std as the published
+# code: the same transform then serves every dataset, including `shapes`, whose colours are saturated.
+# sigma_max = 50 stays sensible: the largest pairwise distance between 32x32x3 images in [-1, 1] is
+# at most 2 * sqrt(3072) = 111 and is about 50-80 in practice (train.py prints the measured value).
+
+SHAPE_NAMES = ("square", "circle", "triangle", "diamond", "cross")
+COLOURS = np.array([[230, 25, 25], [25, 200, 25], [30, 60, 230], [240, 220, 20], [20, 210, 220],
+                    [220, 30, 220], [245, 245, 245], [10, 10, 10], [245, 130, 20]], dtype=np.uint8)
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange")
+SHAPES_ATTRIBUTES = ("shape", "fg_colour", "bg_colour", "location")
+SHAPES_CLASSES = (len(SHAPE_NAMES), len(COLOURS), len(COLOURS), 16)
+
+
+def shape_mask(kind, dx, dy, r):
+    """Boolean mask of one shape of radius r (pixels) on offsets dx, dy from its centre (H, W)."""
+    if kind == 0:  # square
+        return (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+    if kind == 1:  # circle
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if kind == 2:  # triangle, apex up: half-width grows linearly from the apex to the base
+        return (dy >= -r) & (dy <= 0.7 * r) & (np.abs(dx) <= (dy + r) * 0.6)
+    if kind == 3:  # diamond
+        return np.abs(dx) + np.abs(dy) <= r
+    return ((np.abs(dx) <= 0.3 * r) & (np.abs(dy) <= r)) | ((np.abs(dy) <= 0.3 * r) & (np.abs(dx) <= r))
+
+
+def make_shapes(n, image_size=32, seed=0):
+    """The embedded synthetic dataset: n RGB images of one object with four labelled attributes.
+
+    shape (5 kinds), foreground colour (9), background colour (9, never the foreground), location
+    (16 cells of a 4x4 grid over the central part of the image, so that no object is clipped); the
+    object's radius and its centre jitter a little inside the cell. Deterministic per seed.
+    Returns images (n, H, W, 3) uint8 and labels (n, 4) int64 in SHAPES_ATTRIBUTES order."""
+    rng = np.random.default_rng(seed)
+    s = image_size / 32.0  # all geometry is laid out for 32 px and scaled
+    shape = rng.integers(0, 5, n)
+    fg = rng.integers(0, 9, n)
+    bg = (fg + rng.integers(1, 9, n)) % 9  # never equal to fg
+    loc = rng.integers(0, 16, n)
+    radius = s * rng.uniform(4.0, 5.5, n)
+    centres = s * (7.0 + 6.0 * np.stack([loc % 4, loc // 4], 1) + rng.uniform(-1, 1, (n, 2)))  # (n, 2) x, y
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64) + 0.5  # pixel centres (H, W)
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    for i in range(n):
+        mask = shape_mask(shape[i], xx - centres[i, 0], yy - centres[i, 1], radius[i])  # (H, W)
+        images[i] = np.where(mask[:, :, None], COLOURS[fg[i]], COLOURS[bg[i]])
+    return images, np.stack([shape, fg, bg, loc], 1).astype(np.int64)
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """A dataset of images in [-1, 1] with A integer attributes per image.
+
+    `images` is either a uint8 array (N, H, W, C) held in memory (shapes) or a torchvision dataset
+    returning (PIL image, class). Items are (x (C, H, W) float, labels (A,) int64). `attributes`
+    names the A labels and `num_classes` gives the classes of each."""
+
+    def __init__(self, images, labels, attributes, num_classes, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.attributes, self.num_classes = tuple(attributes), tuple(num_classes)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def head(self, n):
+        """The first n examples, as a LabelledImages (the generators already shuffle)."""
+        images = (self.images[:n] if isinstance(self.images, np.ndarray)
+                  else torch.utils.data.Subset(self.images, range(n)))
+        return LabelledImages(images, self.labels[:n], self.attributes, self.num_classes, self.transform)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, idx):
+        # Batched fetch (used by DataLoader): one tensor op for in-memory data.
+        if isinstance(self.images, np.ndarray):
+            x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, C, H, W)
+            y = torch.from_numpy(self.labels[idx])  # (B, A)
+            return list(zip(x, y))
+        out = []
+        for i in idx:
+            img, _ = self.images[i]
+            out.append((self.transform(img) * 2.0 - 1.0, torch.as_tensor(self.labels[i])))
+        return out
+
+
+def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0):
+    """Returns a LabelledImages for `name` in {shapes, cifar10, cifar100, miniimagenet, folder}.
+
+    shapes: generated (num_examples, default 10000 train / 2000 test); the test split uses another
+        seed than the train split, so the split is fixed and disjoint by construction.
+    cifar10 / cifar100: torchvision, downloaded into data_root when absent.
+    miniimagenet / folder: data_root/train/<class>/*.png|jpg and data_root/test/<class>/..., resized
+        to image_size (Mini-ImageNet: 84)."""
+    import torchvision  # here, not at import: shapes needs no torchvision
+    import torchvision.transforms as T
+    if name == "shapes":
+        n = num_examples or (10000 if split == "train" else 2000)
+        images, labels = make_shapes(n, image_size, seed=seed * 1000 + (0 if split == "train" else 1))
+        return LabelledImages(images, labels, SHAPES_ATTRIBUTES, SHAPES_CLASSES)
+    if name in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            base = cls(data_root, train=(split == "train"), download=True)
+        except Exception as e:  # offline, or a broken archive
+            raise UserError(f"{name} is not in {data_root} and could not be downloaded ({type(e).__name__}); "
+                            f"put the extracted '{cls.base_folder}' folder in {data_root} or pass "
+                            f"--data-root") from None
+        labels = np.asarray(base.targets, dtype=np.int64)[:, None]
+        transform = T.Compose([T.Resize(image_size), T.ToTensor()]) if image_size != 32 else T.ToTensor()
+        return LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
+    if name in ("miniimagenet", "folder"):
+        folder = os.path.join(data_root, split)
+        if not os.path.isdir(folder):
+            raise UserError(f"no folder {folder}: put the images in {data_root}/{{train,test}}/<class>/"
+                            f"<image> (one sub-folder per class) or pass --data-root")
+        try:
+            base = torchvision.datasets.ImageFolder(folder)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"{folder} holds no images in class sub-folders ({e}); put them in "
+                            f"{folder}/<class>/<image>") from None
+        labels = np.asarray(base.targets, dtype=np.int64)[:, None]
+        transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
+        return LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
+    raise UserError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, miniimagenet or folder")
+
+
+def max_pairwise_distance(x):
+    """Largest Euclidean distance between two rows of x (N, ...): Song & Ermon's guide for sigma_max."""
+    flat = x.flatten(1).double()  # (N, C*H*W)
+    return torch.cdist(flat, flat).max().item()
+
+
+# =================================================================================================
+# Trajectories: the curve t -> E(x0, t) on a grid of times (paper section 2.1, 3)
+# =================================================================================================
+
+def paper_times(num_times=11):
+    """The paper's regular grid on [0, 1]: 11 points 0, 0.1, ..., 1.0 by default. (T,)"""
+    return torch.linspace(0.0, 1.0, num_times)
+
+
+@torch.no_grad()
+def extract_trajectories(encoder, images, times, batch_size=256):
+    """Codes E(x0, t) for every image and every time, as one (N, T, D) tensor.
+
+    All T times of a chunk of images go through the encoder in ONE pass (images repeated T times);
+    the chunk holds batch_size // T images, so a pass has about batch_size rows. For VDRL the
+    representation is the mean mu (REFERENCE s.1). The encoder is put in eval mode.
+    images (N, C, H, W), times (T,) -> (N, T, D)."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    times = times.to(device)
+    T = len(times)
+    per_pass = max(1, batch_size // T)
+    out = []
+    for start in range(0, len(images), per_pass):
+        x = images[start:start + per_pass].to(device)  # (b, C, H, W)
+        b = len(x)
+        x_rep = x.repeat_interleave(T, dim=0)  # (b*T, C, H, W), image-major
+        t_rep = times.repeat(b)  # (b*T,)
+        mu, _ = encoder(x_rep, t_rep)  # (b*T, D)
+        out.append(mu.reshape(b, T, -1).float().cpu())  # (b, T, D)
+    return torch.cat(out)  # (N, T, D)
+
+
+def dataset_tensors(dataset, batch_size=512):
+    """All images and labels of a LabelledImages as tensors: (N, C, H, W) float, (N, A) int64."""
+    xs, ys = [], []
+    for start in range(0, len(dataset), batch_size):
+        items = dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
+        xs.append(torch.stack([x for x, _ in items]))
+        ys.append(torch.stack([y for _, y in items]))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def times_key(times):
+    """A short stable name for a grid of times, used in cache file names."""
+    return hashlib.sha1(np.asarray(times, dtype=np.float64).round(9).tobytes()).hexdigest()[:10]
+
+
+def cached_trajectories(run_dir, encoder, dataset, split, times, step, batch_size=256, log=print):
+    """extract_trajectories for a whole split, cached in run_dir/cache by (split, times, step).
+
+    A second probe or analysis run of the same checkpoint reads the file instead of re-encoding.
+    Returns dict(codes (N, T, D), labels (N, A), times (T,))."""
+    path = os.path.join(run_dir, "cache", f"traj-{split}{len(dataset)}-{times_key(times)}-step{step}.pt")
+    if os.path.exists(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            log(f"cache file {path} is unreadable; re-encoding")
+    images, labels = dataset_tensors(dataset)
+    log(f"encoding {len(images)} {split} images at {len(times)} times ...")
+    out = dict(codes=extract_trajectories(encoder, images, times, batch_size), labels=labels,
+               times=torch.as_tensor(times, dtype=torch.float32))
+    atomic_save(out, path)
+    return out
+
+
+# =================================================================================================
+# Probes: per-t MLPs (batched), GRU, Transformer, and their training protocol (Figure 1, 3)
+# =================================================================================================
+# Every probe maps codes (B, T, D) to logits (B, G, K): G = T independent heads for the per-t MLPs,
+# G = 1 otherwise. One trainer then serves all, choosing the best validation epoch per head.
+
+class GroupedLinear(nn.Module):
+    """G independent Linear layers applied in one batched matmul. (B, G, I) -> (B, G, O).
+
+    Every group starts from the SAME initial weights (nn.Linear's default init drawn once): the
+    groups are independent problems, and this makes the batched model equal, to float rounding, to
+    G separate models each trained from the same seed (tested)."""
+
+    def __init__(self, groups, d_in, d_out):
+        super().__init__()
+        ref = nn.Linear(d_in, d_out)
+        self.weight = nn.Parameter(ref.weight.detach().t().repeat(groups, 1, 1))  # (G, I, O)
+        self.bias = nn.Parameter(ref.bias.detach().repeat(groups, 1))  # (G, O)
+
+    def forward(self, x):
+        return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias  # (B, G, O)
+
+
+class PointMLP(nn.Module):
+    """MLP probe on single points of the trajectory (REFERENCE s.3): Linear(D, 512), ReLU,
+    Dropout 0.25, Linear(512, K) -- one independent MLP per time point, all T trained together.
+    codes (B, T, D) -> logits (B, T, K)."""
+
+    def __init__(self, num_points, d, num_classes, hidden=512, dropout=0.25):
+        super().__init__()
+        self.fc1 = GroupedLinear(num_points, d, hidden)
+        self.fc2 = GroupedLinear(num_points, hidden, num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, codes):
+        return self.fc2(self.dropout(F.relu(self.fc1(codes))))  # (B, T, K)
+
+
+class FlatMLP(nn.Module):
+    """Control probe: the same MLP on a fixed function of the whole curve, `pool` = 'concat'
+    (all T codes side by side, T*D inputs) or 'mean' (the average code over t).
+    codes (B, T, D) -> logits (B, 1, K)."""
+
+    def __init__(self, num_points, d, num_classes, pool="concat", hidden=512, dropout=0.25):
+        super().__init__()
+        self.pool = pool
+        d_in = num_points * d if pool == "concat" else d
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, codes):
+        x = codes.flatten(1) if self.pool == "concat" else codes.mean(1)  # (B, T*D) or (B, D)
+        return self.net(x)[:, None]  # (B, 1, K)
+
+
+class GRUProbe(nn.Module):
+    """Recurrent probe (REFERENCE s.3): a GRU with 256 hidden units runs along the trajectory from
+    t = 0 to t = 1; dropout 0.25 and a linear head read the last state.
+    codes (B, T, D) -> logits (B, 1, K)."""
+
+    def __init__(self, d, num_classes, hidden=256, dropout=0.25):
+        super().__init__()
+        self.gru = nn.GRU(d, hidden, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, codes):
+        _, h_last = self.gru(codes)  # (1, B, hidden)
+        return self.head(self.dropout(h_last[0]))[:, None]  # (B, 1, K)
+
+
+def sinusoidal_embedding(x, dim, max_period=10000.0):
+    """Transformer sinusoids of a real-valued position x (...,) -> (..., dim)."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=x.device) / (dim // 2))
+    angle = x[..., None].float() * freqs  # (..., dim/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)  # (..., dim)
+
+
+def quadrature_weights(times):
+    """Trapezoid cell widths of a sorted grid of times on [0, 1]: (..., T) -> (..., T), summing to
+    the span covered. Used so that attention over a curve approximates an integral over t."""
+    edges = torch.cat([times[..., :1], (times[..., 1:] + times[..., :-1]) / 2, times[..., -1:]], -1)
+    return (edges[..., 1:] - edges[..., :-1]).clamp_min(1e-6)  # (..., T)
+
+
+class TrajectoryTransformer(nn.Module):
+    """Transformer probe with a learned query token that attends over the curve (Figure 3).
+
+    Codes are embedded by Linear(D, width) + dropout, plus a position embedding: of the INDEX of the
+    point (time_embedding='index', the paper's probe), or of the VALUE of t (time_embedding='value',
+    the grid-free probe of issue "beyond the paper"). One post-LN block (`heads` heads, feed-forward
+    2 * width) is applied `rounds` times with shared weights; the token is read out by a linear head.
+
+    Departure, for Figure 3: keys and values are the T trajectory points only. The points attend to
+    each other, the token attends to the points, and no query attends to the token, so the token's
+    attention is a distribution over exactly the T points (it sums to 1 over t). With
+    time_embedding='value', log(quadrature weight) of each point is added to the attention logits:
+    then a weighted average over a grid approximates an integral over t, and the same trained probe
+    gives nearly the same answer on a coarse, fine or irregular grid (a density rather than weights).
+    codes (B, T, D), times (T,) or (B, T) -> logits (B, 1, K); attention of the last round in
+    self.last_attention, (B, T) averaged over heads."""
+
+    def __init__(self, d, num_classes, width=256, heads=4, rounds=2, dropout=0.25,
+                 time_embedding="index"):
+        super().__init__()
+        self.width, self.heads, self.rounds, self.time_embedding = width, heads, rounds, time_embedding
+        self.embed = nn.Linear(d, width)
+        self.dropout = nn.Dropout(dropout)
+        self.token = nn.Parameter(torch.randn(width) * 0.02)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Dropout(dropout),
+                                nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, num_classes)
+        self.last_attention = None
+
+    def forward(self, codes, times=None):
+        B, T, _ = codes.shape
+        if self.time_embedding == "index":
+            pos = sinusoidal_embedding(torch.arange(T, device=codes.device), self.width)  # (T, W)
+            key_bias = torch.zeros(B, 1, 1, T, device=codes.device)
+        else:
+            times = times.to(codes.device).expand(B, T)  # (B, T)
+            pos = sinusoidal_embedding(times * 1000.0, self.width)  # (B, T, W): value of t, not index
+            key_bias = quadrature_weights(times).log()[:, None, None, :]  # (B, 1, 1, T)
+        h = self.dropout(self.embed(codes) + pos)  # (B, T, W)
+        h = torch.cat([h, self.token.expand(B, 1, -1)], dim=1)  # (B, T+1, W), token last
+        for _ in range(self.rounds):
+            q, k, v = self.qkv(h).reshape(B, T + 1, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T+1, W/nh)
+            k, v = k[:, :, :T], v[:, :, :T]  # keys/values: trajectory points only (B, nh, T, W/nh)
+            logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + key_bias  # (B, nh, T+1, T)
+            attn = logits.softmax(-1)
+            self.last_attention = attn[:, :, -1].mean(1).detach()  # token's row (B, T), head-averaged
+            out = (attn @ v).transpose(1, 2).reshape(B, T + 1, self.width)  # (B, T+1, W)
+            h = self.norm1(h + self.dropout(self.proj(out)))  # post-LN
+            h = self.norm2(h + self.dropout(self.ff(h)))
+        return self.head(h[:, -1])[:, None]  # (B, 1, K)
+
+
+def build_probe(kind, num_points, d, num_classes):
+    """The probes of the Figure 1 table by name: 'mlp' (one per t), 'concat', 'mean', 'gru',
+    'transformer', 'continuous' (grid-free Transformer on the value of t)."""
+    if kind == "mlp":
+        return PointMLP(num_points, d, num_classes)
+    if kind in ("concat", "mean"):
+        return FlatMLP(num_points, d, num_classes, pool=kind)
+    if kind == "gru":
+        return GRUProbe(d, num_classes)
+    if kind == "transformer":
+        return TrajectoryTransformer(d, num_classes, time_embedding="index")
+    if kind == "continuous":
+        return TrajectoryTransformer(d, num_classes, time_embedding="value")
+    raise ValueError(f"unknown probe {kind!r}")
+
+
+def standardiser_stats(train, per_time=True):
+    """Mean and std of the TRAINING codes (N, T, D): per (t, d) feature -> (1, T, D) each, or
+    per dimension pooled over t (per_time=False) -> (1, 1, D) each."""
+    dims = (0,) if per_time else (0, 1)
+    return train.mean(dims, keepdim=True), train.std(dims, keepdim=True).clamp_min(1e-6)
+
+
+def standardise(train, *others, per_time=True):
+    """Standardises codes with the TRAINING split's statistics only, so nothing of the validation or
+    test split leaks into training or model selection. (N, T, D) tensors -> list of the same."""
+    mean, std = standardiser_stats(train, per_time)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def split_train_val(n, val_fraction=0.1, seed=0):
+    """A fixed random split of range(n) into train and validation indices (paper: 45k / 5k)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+@torch.no_grad()
+def evaluate_probe(model, codes, labels, times=None, batch_size=1024):
+    """Accuracy per head and mean token attention of a probe. codes (N, T, D), labels (N,)
+    -> accuracy (G,), attention (T,) or None."""
+    model.eval()
+    correct, attention = 0, 0
+    for start in range(0, len(codes), batch_size):
+        x = codes[start:start + batch_size]
+        logits = model(x) if times is None else model(x, times)  # (b, G, K)
+        correct = correct + (logits.argmax(-1) == labels[start:start + batch_size, None]).sum(0)  # (G,)
+        if getattr(model, "last_attention", None) is not None:
+            attention = attention + model.last_attention.sum(0)  # (T,)
+    att = attention / len(codes) if torch.is_tensor(attention) else None
+    return correct.float() / len(codes), att
+
+
+def train_probe(model, train, val, test, epochs, lr, batch_size=256, weight_decay=1e-5, clip=None,
+                seed=0, train_times_fn=None, eval_times=None):
+    """Trains one probe with Adam and keeps, PER HEAD, the test accuracy at its best validation epoch.
+
+    train/val/test are (codes (N, T, D), labels (N,)) pairs. The loss is the SUM over heads of each
+    head's mean cross-entropy, so each head gets exactly the gradient it would get alone, and Adam's
+    element-wise update keeps the heads independent: the batched per-t MLPs equal T separate runs.
+    clip: gradient-norm clipping (RNN / Transformer, REFERENCE s.3); it couples heads, so it is
+    only used with G = 1. train_times_fn(generator) -> (column indices (k,), times (k,)) draws a
+    random sub-grid per batch (continuous probe); eval_times are the times of val/test columns.
+    Returns dict(val (G,), test (G,), epoch (G,), attention (T,) and state (weights) at the best
+    validation epoch of head 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    x_train, y_train = train
+    best = None
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        for start in range(0, len(x_train), batch_size):
+            idx = perm[start:start + batch_size]
+            if train_times_fn is None:
+                logits = model(x_train[idx])  # (b, G, K)
+            else:
+                cols, t = train_times_fn(gen)
+                logits = model(x_train[idx][:, cols], t)  # (b, 1, K)
+            G = logits.shape[1]
+            loss = F.cross_entropy(logits.flatten(0, 1), y_train[idx].repeat_interleave(G),
+                                   reduction="sum") / len(idx)  # sum over heads of mean CE
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+        val_acc, _ = evaluate_probe(model, *val, times=eval_times)
+        test_acc, attention = evaluate_probe(model, *test, times=eval_times)
+        if best is None:
+            best = dict(val=torch.full_like(val_acc, -1.0), test=test_acc.clone(),
+                        epoch=torch.zeros_like(val_acc, dtype=torch.long))
+        improved = val_acc > best["val"]  # (G,)
+        best["val"] = torch.where(improved, val_acc, best["val"])
+        best["test"] = torch.where(improved, test_acc, best["test"])
+        best["epoch"] = torch.where(improved, torch.full_like(best["epoch"], epoch), best["epoch"])
+        if improved[0]:
+            best["attention"] = attention
+            best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return best
+
+
+def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, lrs, epochs,
+                       seeds, batch_size=256, val_fraction=0.1, split_seed=0, continuous=None):
+    """The paper's protocol (REFERENCE s.3) for one probe kind on one label.
+
+    Holds out a validation split of the training codes, standardises with training statistics only,
+    and for every seed and every learning rate trains the probe; per head, the learning rate with
+    the best validation accuracy is chosen (per seed) and its test accuracy at the best validation
+    epoch kept. codes (N, T, D), labels (N,).
+    continuous: for the grid-free probe, dict(fine_times (F,), eval_cols (T,)): codes_train are on
+    the fine grid, training draws random sub-grids of it, validation uses the columns eval_cols and
+    codes_test lie on fine_times[eval_cols]; features are standardised per dimension pooled over t
+    (per-t statistics would not exist on an unseen grid).
+    Returns dict(test_mean, test_std, val_mean (G,), tests (S, G), lrs (S, G), attention (T,)
+    mean over seeds or None, states: per seed the weights of the chosen model, mean, std)."""
+    tr_idx, va_idx = split_train_val(len(codes_train), val_fraction, split_seed)
+    per_time = continuous is None
+    x_tr, x_va, x_te = standardise(codes_train[tr_idx], codes_train[va_idx], codes_test, per_time=per_time)
+    train_times_fn = eval_times = None
+    if continuous is not None:
+        fine = continuous["fine_times"]
+        x_va = x_va[:, continuous["eval_cols"]]  # (n_val, T, D)
+        train_times_fn, eval_times = grid_sampler(fine), fine[continuous["eval_cols"]]
+    T, D = codes_test.shape[1:]
+    tests, vals, chosen, attentions, states = [], [], [], [], []
+    for seed in seeds:
+        best = None
+        for lr in lrs:
+            torch.manual_seed(seed)  # same init for every lr, and for the loop form of per-t MLPs
+            model = build_probe(kind, T, D, num_classes)
+            res = train_probe(model, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]), (x_te, y_test),
+                              epochs, lr, batch_size, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
+                              seed=seed, train_times_fn=train_times_fn, eval_times=eval_times)
+            res["lr"] = torch.full_like(res["val"], lr)
+            if best is None:
+                best = res
+                continue
+            better = res["val"] > best["val"]  # (G,)
+            for key in ("val", "test", "lr"):
+                best[key] = torch.where(better, res[key], best[key])
+            if better[0]:
+                best["attention"], best["state"] = res["attention"], res["state"]
+        tests.append(best["test"])
+        vals.append(best["val"])
+        chosen.append(best["lr"])
+        states.append(best["state"])
+        if best["attention"] is not None:
+            attentions.append(best["attention"])
+    tests = torch.stack(tests)  # (S, G)
+    return dict(test_mean=tests.mean(0), test_std=tests.std(0, unbiased=False), tests=tests,
+                val_mean=torch.stack(vals).mean(0), lrs=torch.stack(chosen), states=states,
+                attention=torch.stack(attentions).mean(0) if attentions else None,
+                standardiser=standardiser_stats(codes_train[tr_idx], per_time))
+
+
+def grid_sampler(grid_times, k_min=4, k_max=16):
+    """For the continuous probe: a function drawing a random sorted subset of k columns of a fine
+    grid of times (k uniform in [k_min, k_max]) for each batch. grid_times (G,) ->
+    fn(generator) -> (cols (k,), times (k,))."""
+    def draw(gen):
+        k = int(torch.randint(k_min, k_max + 1, (1,), generator=gen))
+        cols = torch.randperm(len(grid_times), generator=gen)[:k].sort().values  # (k,)
+        return cols, grid_times[cols]
+    return draw
+
+
+# =================================================================================================
+# Mutual information: MINE (Belghazi et al. 2018), batched over pairs, and the NMI matrix (Fig. 2)
+# =================================================================================================
+
+class StatisticsNetwork(nn.Module):
+    """MINE's statistics network T(x, y), one per pair, all P in one batched model (REFERENCE s.4):
+    concat(x, y) -> hidden -> hidden -> 1 with ELU, Xavier init (the same initial weights for
+    every pair, see GroupedLinear). (B, P, Dx + Dy) -> (B, P)."""
+
+    def __init__(self, pairs, d_in, hidden=256):
+        super().__init__()
+        self.layers = nn.ModuleList([GroupedLinear(pairs, d_in, hidden), GroupedLinear(pairs, hidden, hidden),
+                                     GroupedLinear(pairs, hidden, 1)])
+        for layer in self.layers:
+            w = torch.empty(layer.weight.shape[2], layer.weight.shape[1])  # (O, I) like nn.Linear
+            nn.init.xavier_uniform_(w)
+            layer.weight.data.copy_(w.t().expand_as(layer.weight))
+            layer.bias.data.zero_()
+
+    def forward(self, xy):
+        h = F.elu(self.layers[0](xy))
+        h = F.elu(self.layers[1](h))
+        return self.layers[2](h)[..., 0]  # (B, P)
+
+
+def log_mean_exp(x, dim=0):
+    """log(mean(exp(x))) along dim, computed stably."""
+    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+
+
+def mine_pairs(x, y, pairs, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=0.01,
+               holdout=0.2, eval_shuffles=8, seed=0):
+    """MINE estimates of I(x[:, i]; y[:, j]) in nats for every pair (i, j), all trained together.
+
+    x (N, Tx, Dx), y (N, Ty, Dy), pairs (P, 2) of indices (i into Tx, j into Ty) -> (P,) nats.
+    Donsker-Varadhan bound: I >= E_joint[T] - log E_marginal[e^T]. Marginal samples pair each x row
+    with an independently shuffled y row. The gradient of log E[e^T] is biased on minibatches, so
+    (Belghazi et al., section 3.2) its denominator is replaced by a moving average of E[e^T] (rate
+    ma_rate), DETACHED from the graph (the published code's is not), kept in log space per pair.
+    Trained on the first 1 - holdout of the rows; the estimate is the bound on the held-out rows,
+    averaged over eval_shuffles independent shufflings (the published code reads it off training
+    batches, which overfits upward). Every pair starts from the same weights and sees the same
+    batches, so this equals running the pairs one by one (tested)."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y need the same number of rows (samples), got {x.shape[0]} and {y.shape[0]}")
+    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)  # (P, 2)
+    P = len(pairs)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    n_hold = max(2, int(len(x) * holdout))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    torch.manual_seed(seed)
+    net = StatisticsNetwork(P, x.shape[2] + y.shape[2], hidden)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    log_ma = torch.zeros(P)  # log of the moving average of E[e^T], per pair
+
+    def joint_and_marginal(rows, shuffled):
+        xs = x[rows][:, pairs[:, 0]]  # (b, P, Dx)
+        joint = net(torch.cat([xs, y[rows][:, pairs[:, 1]]], -1))  # (b, P)
+        marginal = net(torch.cat([xs, y[shuffled][:, pairs[:, 1]]], -1))  # (b, P)
+        return joint, marginal
+
+    for step in range(steps):
+        rows = train[torch.randint(len(train), (batch_size,), generator=gen)]  # (b,)
+        shuffled = train[torch.randint(len(train), (batch_size,), generator=gen)]  # independent rows
+        joint, marginal = joint_and_marginal(rows, shuffled)
+        lme = log_mean_exp(marginal, 0)  # (P,) log E_marg[e^T]
+        log_ma = lme.detach() if step == 0 else torch.logaddexp(
+            log_ma + math.log(1 - ma_rate), lme.detach() + math.log(ma_rate))
+        # Bias-corrected surrogate: its gradient is grad E_joint[T] - grad E_marg[e^T] / ma.
+        loss = -(joint.mean(0) - torch.exp(lme - log_ma)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        estimates = []
+        for _ in range(eval_shuffles):
+            shuffled = hold[torch.randperm(len(hold), generator=gen)]
+            joint, marginal = joint_and_marginal(hold, shuffled)
+            estimates.append(joint.mean(0) - log_mean_exp(marginal, 0))  # (P,)
+    return torch.stack(estimates).mean(0)  # (P,)
+
+
+def mine(x, y, **kwargs):
+    """MINE estimate of I(X; Y) in nats from paired samples x (N, Dx), y (N, Dy). See mine_pairs.
+
+    >>> x = torch.randn(8000, 1); y = 0.9 * x + math.sqrt(1 - 0.81) * torch.randn(8000, 1)
+    >>> mine(x, y)  # true value -0.5 * log(1 - 0.81) = 0.830 nats  # doctest: +SKIP"""
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError(f"mine expects two (N, D) tensors, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    return mine_pairs(x[:, None], y[:, None], [[0, 0]], **kwargs)[0]
+
+
+def gaussian_mi(rho, d):
+    """True I(X; Y) in nats for d dimensions each with correlation rho: -(d/2) log(1 - rho^2)."""
+    return -0.5 * d * math.log(1.0 - rho ** 2)
+
+
+def nmi_matrix(codes, **mine_kwargs):
+    """Normalised mutual information between every two points of the trajectories (Figure 2).
+
+    NMI(i, j) = I(i; j) / sqrt(I(i; i) I(j; j)), with MINE's estimate of I(X; X) standing in for
+    the entropy H(X) as in the published code. This is a HEURISTIC: for continuous codes H(X) and
+    I(X; X) are infinite, and MINE's I(X; X) is only as large as its budget allows, so the diagonal
+    is about 1 by construction and off-diagonal values are comparable only at a fixed budget.
+    All T*T ordered pairs are trained as one batched model. codes (N, T, D) -> (NMI (T, T), MI (T, T))."""
+    if codes.dim() != 3 or codes.shape[1] < 2:
+        raise ValueError(f"nmi_matrix needs codes of shape (N, T, D) with T >= 2, got {tuple(codes.shape)}")
+    T = codes.shape[1]
+    pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))  # (T*T, 2), row-major (i, j)
+    mi = mine_pairs(codes, codes, pairs, **mine_kwargs).reshape(T, T)  # (T, T)
+    diag = mi.diagonal().clamp_min(1e-6)  # (T,) I(i; i) as the entropy stand-in
+    return mi / torch.sqrt(diag[:, None] * diag[None, :]), mi
+
+
+# =================================================================================================
+# Curve analysis: attention densities and the separation profile of eq. 5
+# =================================================================================================
+
+def attention_density(attention, times):
+    """Attention weights over a grid (T,) as a density over t: weights / cell width, normalised to
+    integrate to 1 (trapezoid cells), so that grids of different sizes can be drawn on one axis."""
+    w = quadrature_weights(times)  # (T,)
+    density = attention / w
+    return density / (density * w).sum()
+
+
+def separation_profile(codes, labels, max_pairs=2000, seed=0):
+    """Where along the curve classes separate (paper eq. 5).
+
+    For random pairs of examples from DIFFERENT classes and from the SAME class, the distance
+    ||E(x, t) - E(x', t)|| at every t. Returns dict with, per t, the mean between-class distance,
+    the mean within-class distance and their ratio (a scale-free separation index), and, per pair,
+    the fraction for which sup_t distance >= distance at the first time (eq. 5, which holds for any
+    grid containing that time) and where the sup is reached. codes (N, T, D), labels (N,)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
+    b = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    same = labels[a] == labels[b]
+    out = {}
+    for name, mask in (("between", ~same), ("within", same)):
+        ia, ib = a[mask][:max_pairs], b[mask][:max_pairs]
+        dist = (codes[ia] - codes[ib]).norm(dim=-1)  # (pairs, T)
+        out[name] = dist.mean(0)  # (T,)
+        if name == "between":
+            out["sup_ge_first"] = (dist.max(1).values >= dist[:, 0]).float().mean().item()
+            out["argsup_hist"] = torch.bincount(dist.argmax(1), minlength=codes.shape[1]).float() / len(dist)
+    out["ratio"] = out["between"] / out["within"].clamp_min(1e-12)  # (T,)
+    return out
+
+
+# =================================================================================================
+# Checkpoints and utilities: atomic save, safe load, EMA, devices
+# =================================================================================================
+
+CHECKPOINT_KIND = "trajrep-drl-checkpoint"
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
+    leaves a truncated file where a good one was. Creates the folder if absent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Loads a training checkpoint as DATA (weights_only=True) and checks that it is one.
+
+    Raises UserError with one sentence for a missing, corrupted or foreign file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first with `python train.py` or give "
+                        f"the run folder that holds ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint (corrupted or truncated: {type(e).__name__}); "
+                        f"retrain, or resume from an intact copy") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise UserError(f"{path} is not a trajrep training checkpoint; give a ckpt.pt written by train.py")
+    return ckpt
+
+
+def load_encoder(path, device="cpu"):
+    """The trained encoder of a checkpoint with its EMA weights, in eval mode, and the checkpoint's
+    config and step: (encoder, config, step)."""
+    ckpt = load_checkpoint(path)
+    model = DRLModel(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["ema"])
+    return model.encoder.to(device).eval(), ckpt["config"], ckpt["step"]
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, for matching lists of tensors."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if available, then mps, then cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def count_parameters(module):
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -29,9 +29,9 @@ import torch
 import trajrep as tr
 
 PRESETS = {  # probe protocol (REFERENCE s.3); `cpu` finishes the shapes table in a few minutes
-    "cpu": dict(epochs=12, lrs="1e-3,3e-4", seeds=2, mlp_seeds=2, max_train=4000, max_test=1000),
+    "cpu": dict(epochs=10, lrs="3e-3,1e-3", seeds=2, mlp_seeds=2, max_train=3000, max_test=1000, width=64),
     "paper": dict(epochs=100, lrs="1e-3,7.5e-4,5e-4,2.5e-4,1e-4,5e-5", seeds=5, mlp_seeds=3,
-                  max_train=0, max_test=0),
+                  max_train=0, max_test=0, width=256),
 }
 FINE_STEP = 0.05  # the continuous probe trains on random sub-grids of 0, 0.05, ..., 1 (contains 5 and 11 points)
 
@@ -47,12 +47,13 @@ def parse_args(argv):
     g.add_argument("--no-continuous", action="store_true", help="skip the grid-free probe (saves encoding time)")
     g = p.add_argument_group("protocol")
     g.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or paper")
-    g.add_argument("--epochs", type=int, help="epochs per probe (cpu 12, paper 100)")
-    g.add_argument("--lrs", help="learning-rate grid, comma-separated (paper 1e-3,...,5e-5)")
+    g.add_argument("--epochs", type=int, help="epochs per probe (cpu 10, paper 100)")
+    g.add_argument("--lrs", help="learning-rate grid, comma-separated (cpu 3e-3,1e-3; paper 1e-3,...,5e-5)")
+    g.add_argument("--width", type=int, help="GRU hidden size and Transformer width (cpu 64, paper 256)")
     g.add_argument("--seeds", type=int, help="seeds for the GRU / Transformer probes (paper 5)")
     g.add_argument("--mlp-seeds", type=int, help="seeds for the MLP probes (paper 3)")
     g.add_argument("--batch-size", type=int, default=256, help="probe batch size (256)")
-    g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 4000)")
+    g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 3000)")
     g.add_argument("--max-test", type=int, help="use at most this many test images, 0 = all (cpu 1000)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     return p.parse_args(argv)
@@ -99,7 +100,7 @@ def probe_target(a, name, k, data, cfg, log):
     y_tr, y_te = grid["train"]["labels"][:, a], grid["test"]["labels"][:, a]
     x_tr, x_te = grid["train"]["codes"], grid["test"]["codes"]  # (N, T, D)
     times = grid["train"]["times"]
-    common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"])
+    common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"])
     run = lambda kind, xtr, xte, seeds, **kw: tr.run_probe_protocol(
         kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
     out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
@@ -121,7 +122,7 @@ def probe_target(a, name, k, data, cfg, log):
             out["attention"] = res["attention"].tolist()  # Figure 3: token's attention over the T points
         out[kind + "_const"] = summary(run(kind, const_tr, const_te, cfg["seeds"]))
     if fine is not None:
-        cols = torch.tensor([int(round(t.item() / FINE_STEP)) for t in times])
+        cols = (times / FINE_STEP).round().long()
         res = run("continuous", fine["train"]["codes"], x_te, cfg["seeds"],
                   continuous=dict(fine_times=fine["train"]["times"], eval_cols=cols))
         out["continuous"] = summary(res)
@@ -187,8 +188,9 @@ def plot(result, path):
 def main(argv=None):
     args = parse_args(argv)
     cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
-    if cfg["epochs"] <= 0 or cfg["seeds"] <= 0 or cfg["mlp_seeds"] <= 0 or cfg["num_times"] < 2:
-        raise tr.UserError("--epochs, --seeds and --mlp-seeds must be positive and --num-times at least 2")
+    if min(cfg["epochs"], cfg["seeds"], cfg["mlp_seeds"], cfg["width"], cfg["batch_size"]) <= 0 or cfg["num_times"] < 2:
+        raise tr.UserError("--epochs, --seeds, --mlp-seeds, --width and --batch-size must be positive and "
+                           "--num-times at least 2")
     device = tr.pick_device(args.device)
     t_start = time.time()
     encoder, train_cfg, step = tr.load_encoder(args.run, device)
@@ -219,14 +221,17 @@ def main(argv=None):
         (times / FINE_STEP).round() * FINE_STEP, times, atol=1e-6).all())
     if not args.no_continuous and not on_fine:
         print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for these --times")
-    data = dict(grid={s: codes(s, times) for s in ("train", "test")}, fine=None, test_grids={})
-    if on_fine:
+    data = dict(grid={"test": codes("test", times)}, fine=None, test_grids={})
+    if on_fine:  # the regular grid is a subset of the fine one: slice it instead of encoding again
         data["fine"] = {"train": codes("train", fine_times)}
-        gen = torch.Generator().manual_seed(0)
-        rand_times = torch.rand(11, generator=gen).sort().values
+        cols = (times / FINE_STEP).round().long()
+        data["grid"]["train"] = dict(data["fine"]["train"], codes=data["fine"]["train"]["codes"][:, cols], times=times)
+        rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
         for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", tr.paper_times(51)),
                            ("random11", rand_times)):
             data["test_grids"][name] = codes("test", grid)
+    else:
+        data["grid"]["train"] = codes("train", times)
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
                   times=times.tolist(), protocol=cfg, targets={})
     for name in targets:

@@ -267,3 +267,196 @@ def test_impossible_flags_and_resume_clash(tmp_path):
     run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
     with pytest.raises(tr.UserError, match="cannot change lr"):
         run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--lr", "0.5", "--resume")
+
+
+# ------------------------------------------------------------------------------------------------
+# Probes (Figure 1, 3)
+# ------------------------------------------------------------------------------------------------
+
+def synthetic_curves(n, T=8, D=6, k=5, classes=4, seed=0, signal=3.0):
+    """(n, T, D) noise curves whose label is written into time index k only."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=gen)
+    codes = torch.randn(n, T, D, generator=gen)
+    codes[:, k, :classes] += signal * nn.functional.one_hot(y, classes).float()  # label at t-index k
+    return codes, y
+
+
+class SingleMLP(nn.Module):
+    """The loop form: one plain MLP on one time point. (B, 1, D) -> (B, 1, K)."""
+
+    def __init__(self, d, hidden, k):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, k)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x[:, 0])))[:, None]
+
+
+def test_batched_point_mlps_equal_one_by_one_training():
+    codes, y = synthetic_curves(600, T=4, D=5, k=2)
+    train, val, test = (codes[:400], y[:400]), (codes[400:500], y[400:500]), (codes[500:], y[500:])
+    torch.manual_seed(7)
+    batched = tr.PointMLP(4, 5, 4, hidden=32, dropout=0.0)  # dropout off: masks would differ in draw order
+    res = tr.train_probe(batched, train, val, test, epochs=3, lr=3e-3, batch_size=64, seed=3)
+    for t in range(4):
+        torch.manual_seed(7)  # the same seed gives the same initial weights
+        single = SingleMLP(5, 32, 4)
+        one = tr.train_probe(single, *[(c[:, t:t + 1], l) for c, l in (train, val, test)],
+                             epochs=3, lr=3e-3, batch_size=64, seed=3)
+        assert torch.allclose(batched.fc1.weight[t], single.fc1.weight.t(), atol=1e-5)
+        assert torch.allclose(batched.fc2.bias[t], single.fc2.bias, atol=1e-5)
+        assert one["test"][0] == res["test"][t] and one["epoch"][0] == res["epoch"][t]
+    assert res["test"][2] > 0.8 and res["test"][0] < 0.5  # and it learnt: t-index 2 carries the label
+
+
+def test_transformer_attention_finds_the_informative_time():
+    codes, y = synthetic_curves(1500, T=8, k=5)
+    torch.manual_seed(0)
+    model = tr.TrajectoryTransformer(6, 4, width=32, heads=4, dropout=0.0)
+    res = tr.train_probe(model, (codes[:1000], y[:1000]), (codes[1000:1250], y[1000:1250]),
+                         (codes[1250:], y[1250:]), epochs=15, lr=3e-3, clip=1.0)
+    assert res["test"][0] > 0.9
+    att = res["attention"]  # (T,) mean over the test set and heads
+    assert abs(att.sum().item() - 1) < 1e-5 and att.argmax().item() == 5 and att[5] > 0.4
+
+
+def test_sequence_probes_read_the_curve_while_a_wrong_point_is_at_chance():
+    codes, y = synthetic_curves(1500, T=8, k=5)
+    out = {}
+    for kind in ("gru", "transformer", "mlp"):
+        out[kind] = tr.run_probe_protocol(kind, codes[:1200], y[:1200], codes[1200:], y[1200:], 4, lrs=[3e-3],
+                                          epochs=10, seeds=[0], width=32, batch_size=64)["test_mean"]
+    assert out["gru"][0] > 0.9 and out["transformer"][0] > 0.9
+    assert out["mlp"][5] > 0.9 and out["mlp"][2] < 0.4  # chance is 0.25
+
+
+def test_no_test_leakage_into_training_or_selection():
+    codes, y = synthetic_curves(800, T=4, k=1)
+    a = tr.run_probe_protocol("mlp", codes[:600], y[:600], codes[600:], y[600:], 4, lrs=[1e-3, 3e-3],
+                              epochs=3, seeds=[0])
+    poisoned = codes[600:] * 100 + 50  # wildly different test features
+    b = tr.run_probe_protocol("mlp", codes[:600], y[:600], poisoned, y[600:], 4, lrs=[1e-3, 3e-3],
+                              epochs=3, seeds=[0])
+    assert torch.equal(a["val_mean"], b["val_mean"]) and torch.equal(a["lrs"], b["lrs"])
+    for x, y_ in zip(a["standardiser"], b["standardiser"]):
+        assert torch.equal(x, y_)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mutual information (Figure 2)
+# ------------------------------------------------------------------------------------------------
+
+def correlated(n, d, rho, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    return x, rho * x + math.sqrt(1 - rho ** 2) * torch.randn(n, d, generator=gen)
+
+
+MINE_FAST = dict(steps=600, lr=1e-3, hidden=64, batch_size=256)
+
+
+def test_mine_against_gaussian_ground_truth():
+    """Three (rho) settings at d = 2 as three pairs of one batched estimator, against -(d/2) log(1 - rho^2)."""
+    rhos = (0.0, 0.6, 0.9)
+    xs, ys = zip(*[correlated(8000, 2, r, seed=i) for i, r in enumerate(rhos)])
+    x, y = torch.stack(xs, 1), torch.stack(ys, 1)  # (N, 3, 2)
+    est = tr.mine_pairs(x, y, [[0, 0], [1, 1], [2, 2]], **MINE_FAST)
+    true = torch.tensor([tr.gaussian_mi(r, 2) for r in rhos])  # 0, 0.446, 1.661 nats
+    assert abs(est[0]) < 0.05  # independent: near zero
+    assert abs(est[1] - true[1]) < 0.1
+    assert abs(est[2] - true[2]) < 0.25 and est[2] > est[1] > est[0]  # DV bounds sit a little low
+
+
+def test_mine_shuffled_pairs_and_invertible_transform():
+    x, y = correlated(8000, 1, 0.8, seed=5)  # true 0.511 nats
+    base = tr.mine(x, y, **MINE_FAST)
+    shuffled = tr.mine(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], **MINE_FAST)
+    transformed = tr.mine(x, y ** 3 + 2 * y, **MINE_FAST)  # invertible: MI unchanged
+    assert abs(base - 0.511) < 0.08 and abs(shuffled) < 0.05 and abs(transformed - base) < 0.1
+
+
+def test_mine_batched_pairs_equal_pair_by_pair():
+    codes = torch.randn(2000, 3, 2)
+    codes[:, 1] += codes[:, 0]
+    pairs = [[0, 1], [1, 2], [2, 2]]
+    kw = dict(steps=100, lr=1e-3, hidden=16, seed=4)
+    batched = tr.mine_pairs(codes, codes, pairs, **kw)
+    loop = torch.stack([tr.mine(codes[:, i], codes[:, j], **kw) for i, j in pairs])
+    assert torch.allclose(batched, loop, atol=1e-4), (batched, loop)
+
+
+def test_nmi_matrix_symmetric_with_unit_diagonal_and_bad_input():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6000, 1, 2, generator=gen)
+    codes = torch.cat([z, 0.9 * z + 0.44 * torch.randn(6000, 1, 2, generator=gen),
+                       torch.randn(6000, 1, 2, generator=gen)], 1)  # (N, 3, 2): 0~1 related, 2 independent
+    nmi, mi = tr.nmi_matrix(codes, **MINE_FAST)
+    assert torch.allclose(nmi.diagonal(), torch.ones(3), atol=1e-6)
+    assert abs(nmi[0, 1] - nmi[1, 0]) < 0.1 and abs(nmi[0, 2] - nmi[2, 0]) < 0.05
+    assert nmi[0, 1] > 0.2 and nmi[0, 2] < 0.05
+    with pytest.raises(ValueError, match="T >= 2"):
+        tr.nmi_matrix(torch.randn(100, 1, 2))
+    with pytest.raises(ValueError, match="same number of rows"):
+        tr.mine(torch.randn(100, 2), torch.randn(90, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Beyond the paper: the grid-free probe and eq. 5
+# ------------------------------------------------------------------------------------------------
+
+class BandCurves:
+    """Analytic curves whose label is visible only for t in [0.3, 0.4]: code(t) = noise + signal * band(t)."""
+
+    def __init__(self, n, classes=4, D=6, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(classes, (n,), generator=gen)
+        self.base = torch.randn(n, D, generator=gen)
+        self.signal = 3.0 * nn.functional.one_hot(self.y, D).float()
+
+    def at(self, times):  # (T,) -> (n, T, D)
+        band = ((times >= 0.3) & (times <= 0.4)).float()  # (T,)
+        return self.base[:, None] * 0.5 + band[None, :, None] * self.signal[:, None] + \
+            torch.sin(7 * times)[None, :, None]
+
+
+def test_grid_free_probe_finds_a_narrow_band_from_unseen_grids():
+    train, test = BandCurves(1500, seed=0), BandCurves(500, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    fine = torch.rand(400, generator=gen).sort().values  # irregular training grid
+    torch.manual_seed(0)
+    model = tr.TrajectoryTransformer(6, 4, width=32, dropout=0.0, time_embedding="value")
+    eval_t = tr.paper_times(51)
+    res = tr.train_probe(model, (train.at(fine), train.y), (test.at(eval_t)[:200], test.y[:200]),
+                         (test.at(eval_t)[200:], test.y[200:]), epochs=20, lr=3e-3, clip=1.0,
+                         train_times_fn=tr.grid_sampler(fine, 8, 24), eval_times=eval_t)
+    model.load_state_dict(res["state"])
+    accs = {}
+    for name, t in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", eval_t),
+                    ("random", torch.rand(30, generator=gen).sort().values)):
+        acc, att = tr.evaluate_probe(model, test.at(t), test.y, times=t)
+        accs[name] = acc.item()
+        if name == "51":
+            dens = tr.attention_density(att, t)
+            assert 0.3 <= t[dens.argmax()] <= 0.4  # the attention density peaks inside the band
+            assert abs((dens * tr.quadrature_weights(t)).sum() - 1) < 1e-5
+    assert accs["51"] > 0.9 and accs["11"] > 0.9 and accs["random"] > 0.8
+    assert accs["5"] < 0.45  # no point of 0, .25, .5, .75, 1 lies in the band: it cannot know (chance .25)
+
+
+def test_separation_profile_eq5_on_real_encoder_output():
+    model = tiny_model()
+    ds = tr.load_dataset("shapes", "test", num_examples=64)
+    x, y = tr.dataset_tensors(ds)
+    traj = tr.extract_trajectories(model.encoder, x, tr.paper_times(11))  # (64, 11, D)
+    prof = tr.separation_profile(traj, y[:, 2], max_pairs=300)
+    assert prof["sup_ge_first"] == 1.0  # eq. 5: sup over t >= the distance at t = 0
+    # loop form of the between-class mean distance at one t
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(64, (1200,), generator=gen), torch.randint(64, (1200,), generator=gen)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    mask = y[a, 2] != y[b, 2]
+    a, b = a[mask][:300], b[mask][:300]
+    loop = sum((traj[i, 4] - traj[j, 4]).norm() for i, j in zip(a.tolist(), b.tolist())) / len(a)
+    assert abs(prof["between"][4] - loop) < 1e-4

@@ -562,7 +562,8 @@ class GroupedLinear(nn.Module):
         self.bias = nn.Parameter(ref.bias.detach().repeat(groups, 1))  # (G, O)
 
     def forward(self, x):
-        return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias  # (B, G, O)
+        out = torch.baddbmm(self.bias[:, None], x.transpose(0, 1), self.weight)  # (G, B, O)
+        return out.transpose(0, 1)  # (B, G, O)
 
 
 class PointMLP(nn.Module):
@@ -682,19 +683,20 @@ class TrajectoryTransformer(nn.Module):
         return self.head(h[:, -1])[:, None]  # (B, 1, K)
 
 
-def build_probe(kind, num_points, d, num_classes):
+def build_probe(kind, num_points, d, num_classes, width=256):
     """The probes of the Figure 1 table by name: 'mlp' (one per t), 'concat', 'mean', 'gru',
-    'transformer', 'continuous' (grid-free Transformer on the value of t)."""
+    'transformer', 'continuous' (grid-free Transformer on the value of t). `width` is the GRU's
+    hidden size and the Transformer's model width (paper 256); the MLPs keep 512 hidden units."""
     if kind == "mlp":
         return PointMLP(num_points, d, num_classes)
     if kind in ("concat", "mean"):
         return FlatMLP(num_points, d, num_classes, pool=kind)
     if kind == "gru":
-        return GRUProbe(d, num_classes)
+        return GRUProbe(d, num_classes, hidden=width)
     if kind == "transformer":
-        return TrajectoryTransformer(d, num_classes, time_embedding="index")
+        return TrajectoryTransformer(d, num_classes, width=width, time_embedding="index")
     if kind == "continuous":
-        return TrajectoryTransformer(d, num_classes, time_embedding="value")
+        return TrajectoryTransformer(d, num_classes, width=width, time_embedding="value")
     raise ValueError(f"unknown probe {kind!r}")
 
 
@@ -785,13 +787,13 @@ def train_probe(model, train, val, test, epochs, lr, batch_size=256, weight_deca
 
 
 def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, lrs, epochs,
-                       seeds, batch_size=256, val_fraction=0.1, split_seed=0, continuous=None):
+                       seeds, batch_size=256, val_fraction=0.1, split_seed=0, continuous=None, width=256):
     """The paper's protocol (REFERENCE s.3) for one probe kind on one label.
 
     Holds out a validation split of the training codes, standardises with training statistics only,
     and for every seed and every learning rate trains the probe; per head, the learning rate with
     the best validation accuracy is chosen (per seed) and its test accuracy at the best validation
-    epoch kept. codes (N, T, D), labels (N,).
+    epoch kept. codes (N, T, D), labels (N,); width: see build_probe.
     continuous: for the grid-free probe, dict(fine_times (F,), eval_cols (T,)): codes_train are on
     the fine grid, training draws random sub-grids of it, validation uses the columns eval_cols and
     codes_test lie on fine_times[eval_cols]; features are standardised per dimension pooled over t
@@ -812,7 +814,7 @@ def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_class
         best = None
         for lr in lrs:
             torch.manual_seed(seed)  # same init for every lr, and for the loop form of per-t MLPs
-            model = build_probe(kind, T, D, num_classes)
+            model = build_probe(kind, T, D, num_classes, width)
             res = train_probe(model, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]), (x_te, y_test),
                               epochs, lr, batch_size, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
                               seed=seed, train_times_fn=train_times_fn, eval_times=eval_times)

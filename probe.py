@@ -77,13 +77,13 @@ def verdict(name, a, b, b_name):
 
 
 @torch.no_grad()
-def continuous_on_grid(res, codes, labels, times, num_classes):
+def continuous_on_grid(res, codes, labels, times, num_classes, width):
     """Accuracy of the trained grid-free probes (one per seed) on codes (N, T', D) at `times` (T',),
     and their mean attention density over t."""
     mean, std = res["standardiser"]
     accs, dens = [], []
     for state in res["states"]:
-        model = tr.build_probe("continuous", codes.shape[1], codes.shape[2], num_classes)
+        model = tr.build_probe("continuous", codes.shape[1], codes.shape[2], num_classes, width)
         model.load_state_dict(state)
         acc, att = tr.evaluate_probe(model, (codes - mean) / std, labels, times=times)
         accs.append(acc[0].item())
@@ -126,7 +126,8 @@ def probe_target(a, name, k, data, cfg, log):
         res = run("continuous", fine["train"]["codes"], x_te, cfg["seeds"],
                   continuous=dict(fine_times=fine["train"]["times"], eval_cols=cols))
         out["continuous"] = summary(res)
-        out["continuous_grids"] = {g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"], k)
+        out["continuous_grids"] = {g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"], k,
+                                                          cfg["width"])
                                    for g, d in test_grids.items()}
     out["seconds"] = time.time() - t0
     out["verdicts"] = [verdict("GRU", out["gru"], out["best_mlp"], f"the best single-t MLP (t={out['best_t']:.2f})"),

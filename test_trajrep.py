@@ -461,3 +461,26 @@ def test_separation_profile_eq5_on_real_encoder_output():
     a, b = a[mask][:300], b[mask][:300]
     loop = sum((traj[i, 4] - traj[j, 4]).norm() for i, j in zip(a.tolist(), b.tolist())) / len(a)
     assert abs(prof["between"][4] - loop) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed training (torchrun, gloo on CPU)
+# ------------------------------------------------------------------------------------------------
+
+def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
+    """2 ranks x 4 images == 1 process x 8 images: identical replicas, and the same weights as one
+    process with the same global batch (the noise of the global batch is drawn identically and
+    sliced per rank; DDP averages the gradients)."""
+    common = [*TINY, "--encoder", "vdrl", "--steps", "4", "--ckpt-every", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *common, "--out", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")][-1]
+    assert last["world_size"] == 2 and last["replica_max_abs_diff"] == 0.0
+    assert "global batch 8" in p.stdout
+    run_train(*common, "--out", str(tmp_path / "one"))
+    a, b = tr.load_checkpoint(str(tmp_path / "ddp")), tr.load_checkpoint(str(tmp_path / "one"))
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k

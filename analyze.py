@@ -32,7 +32,7 @@ import torch
 import trajrep as tr
 
 PRESETS = {  # MINE budget; `paper` is REFERENCE s.4 (about 100 epochs at batch 256, lr 1e-4)
-    "cpu": dict(steps=800, batch_size=256, lr=1e-3, hidden=64, seeds=2, max_train=4000),
+    "cpu": dict(steps=800, batch_size=256, lr=1e-3, hidden=64, seeds=2, max_train=3000),
     "paper": dict(steps=20000, batch_size=256, lr=1e-4, hidden=256, seeds=5, max_train=0),
 }
 
@@ -49,7 +49,7 @@ def parse_args(argv):
     g.add_argument("--lr", type=float, help="MINE Adam learning rate (cpu 1e-3, paper 1e-4)")
     g.add_argument("--hidden", type=int, help="statistics-network width (cpu 64, paper 256)")
     g.add_argument("--seeds", type=int, help="seeds to average (cpu 2, paper 5)")
-    g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 4000)")
+    g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 3000, as probe.py)")
     g.add_argument("--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)")
     g.add_argument("--device", default="auto", help="device for encoding: auto, cpu, cuda, mps")
     return p.parse_args(argv)

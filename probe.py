@@ -68,10 +68,13 @@ def summary(res, head=0):
                 seeds=res["tests"][:, head].tolist(), lrs=res["lrs"][:, head].tolist())
 
 
-def verdict(name, a, b, b_name):
-    """One plain sentence: does probe `a` beat `b` by more than their seed spread?"""
+def verdict(name, a, b, b_name, chance):
+    """One plain sentence: does probe `a` beat `b` by more than their seed spread? Differences
+    between two probes that both sit within 2 points of the majority-class rate are not read."""
     diff = a["mean"] - b["mean"]
     spread = (a["std"] ** 2 + b["std"] ** 2) ** 0.5
+    if max(a["mean"], b["mean"]) < chance + 0.02:
+        return f"{name} and {b_name} are both at chance (majority class {100 * chance:.1f}%): no comparison"
     word = "beats" if diff > spread else ("is below" if diff < -spread else "is within the seed spread of")
     return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
 
@@ -130,15 +133,17 @@ def probe_target(a, name, k, data, cfg, log):
                                                           cfg["width"])
                                    for g, d in test_grids.items()}
     out["seconds"] = time.time() - t0
-    out["verdicts"] = [verdict("GRU", out["gru"], out["best_mlp"], f"the best single-t MLP (t={out['best_t']:.2f})"),
-                       verdict("Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP"),
-                       verdict("GRU", out["gru"], out["gru_const"], "its constant-curve control"),
+    chance = out["chance"]
+    out["verdicts"] = [verdict("GRU", out["gru"], out["best_mlp"], f"the best single-t MLP (t={out['best_t']:.2f})", chance),
+                       verdict("Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP", chance),
+                       verdict("GRU", out["gru"], out["gru_const"], "its constant-curve control", chance),
                        verdict("Transformer", out["transformer"], out["transformer_const"],
-                               "its constant-curve control"),
-                       verdict("MLP on the concatenated curve", out["concat"], out["best_mlp"], "the best single-t MLP")]
+                               "its constant-curve control", chance),
+                       verdict("MLP on the concatenated curve", out["concat"], out["best_mlp"], "the best single-t MLP",
+                               chance)]
     if "continuous" in out:
         out["verdicts"].append(verdict("grid-free Transformer", out["continuous"], out["transformer"],
-                                       "the index Transformer"))
+                                       "the index Transformer", chance))
     print_table(name, out, times, log)
     return out
 
@@ -222,17 +227,14 @@ def main(argv=None):
         (times / FINE_STEP).round() * FINE_STEP, times, atol=1e-6).all())
     if not args.no_continuous and not on_fine:
         print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for these --times")
-    data = dict(grid={"test": codes("test", times)}, fine=None, test_grids={})
-    if on_fine:  # the regular grid is a subset of the fine one: slice it instead of encoding again
-        data["fine"] = {"train": codes("train", fine_times)}
-        cols = (times / FINE_STEP).round().long()
-        data["grid"]["train"] = dict(data["fine"]["train"], codes=data["fine"]["train"]["codes"][:, cols], times=times)
+    # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
+    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={})
+    data["grid"] = {s: codes(s, times) for s in ("train", "test")}
+    if on_fine:
         rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
         for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", tr.paper_times(51)),
                            ("random11", rand_times)):
             data["test_grids"][name] = codes("test", grid)
-    else:
-        data["grid"]["train"] = codes("train", times)
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
                   times=times.tolist(), protocol=cfg, targets={})
     for name in targets:

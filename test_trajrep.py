@@ -142,6 +142,20 @@ def test_extraction_one_call_equals_per_t_loop():
     assert torch.allclose(batched, loop, atol=1e-5)
 
 
+def test_trajectory_cache_reuses_and_slices_a_finer_grid(tmp_path):
+    model = tiny_model()
+    ds = tr.load_dataset("shapes", "test", num_examples=12)
+    fine = tr.cached_trajectories(str(tmp_path), model.encoder, ds, "test", tr.paper_times(21), step=5, log=print)
+
+    class NoEncoder(nn.Module):  # a second call must not encode again
+        def forward(self, *a):
+            raise AssertionError("re-encoded although the cache holds the grid")
+    coarse = tr.cached_trajectories(str(tmp_path), NoEncoder(), ds, "test", tr.paper_times(11), step=5)
+    assert torch.equal(coarse["codes"], fine["codes"][:, ::2]) and torch.equal(coarse["labels"], fine["labels"])
+    x, _ = tr.dataset_tensors(ds)
+    assert torch.allclose(coarse["codes"], tr.extract_trajectories(model.encoder, x, tr.paper_times(11)), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
@@ -264,6 +278,8 @@ def test_impossible_flags_and_resume_clash(tmp_path):
         run_train(*TINY, "--out", str(tmp_path), "--sigma-min", "5", "--sigma-max", "1")
     with pytest.raises(tr.UserError, match="not divisible"):
         run_train(*TINY, "--out", str(tmp_path), "--image-size", "30", "--ch-mult", "1,2,2")
+    with pytest.raises(tr.UserError, match="CUDA"):
+        run_train(*TINY, "--out", str(tmp_path), "--amp", "--device", "cpu")
     run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
     with pytest.raises(tr.UserError, match="cannot change lr"):
         run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--lr", "0.5", "--resume")
@@ -484,3 +500,12 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
     a, b = tr.load_checkpoint(str(tmp_path / "ddp")), tr.load_checkpoint(str(tmp_path / "one"))
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+    # resume under torchrun: 2 steps, then --resume to 4, equals the 4-step DDP run
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(HERE, "train.py"), *TINY, "--encoder", "vdrl", "--ckpt-every", "2", "--out", str(tmp_path / "r")]
+    for extra in (["--steps", "2"], ["--steps", "4", "--resume"]):
+        p = subprocess.run(torchrun + extra, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    c = tr.load_checkpoint(str(tmp_path / "r"))
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], c["model"][k], atol=1e-6), k

@@ -115,8 +115,6 @@ def check_config(cfg):
         raise tr.UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']} and {cfg['sigma_max']}")
     if not 0 <= cfg["ema"] < 1 or not 0 < cfg["eps"] < 1 or cfg["lr"] <= 0 or cfg["warmup"] < 0:
         raise tr.UserError("need 0 <= --ema < 1, 0 < --eps < 1, --lr > 0 and --warmup >= 0")
-    if cfg["amp"] and not str(cfg["device"]).startswith(("cuda", "auto")):
-        raise tr.UserError("--amp (bf16 autocast) is for CUDA devices; drop it or use --device cuda")
 
 
 def ints(text):
@@ -159,6 +157,8 @@ def main(argv=None):
         cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
     check_config(cfg)
     rank, world, device = setup_distributed(cfg)
+    if cfg["amp"] and device.type != "cuda":
+        raise tr.UserError(f"--amp (bf16 autocast) is for CUDA devices and this run is on {device}; drop --amp")
     log = print if rank == 0 else (lambda *a, **k: None)
     log("config: " + json.dumps(cfg, sort_keys=True))
 
@@ -227,7 +227,7 @@ def main(argv=None):
     # ---- the loop ----
     os.makedirs(cfg["out"], exist_ok=True)
     metrics_path = os.path.join(cfg["out"], "metrics.jsonl")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"] and device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"])
     sums = torch.zeros(3, device=device)  # loss, dsm, reg summed since the last log line
     n_sum, t_last, step_last, t_start = 0, time.time(), step, time.time()
     while step < cfg["steps"]:

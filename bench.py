@@ -11,6 +11,9 @@ Measured side by side in one run on this device (nothing is asserted; tests neve
 
     python bench.py                        # CPU here; prints a table, writes results/bench.json
     python bench.py --device cuda --fast   # adds bf16 autocast + channels-last + torch.compile rows
+
+Rows: `nchw` is PyTorch's default memory format, `cl` channels-last (train.py's and load_encoder's
+default), `fast` channels-last + torch.compile + bf16 autocast (CUDA).
 """
 import argparse
 import json
@@ -60,12 +63,15 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def bench_train(device, size, fast):
+def bench_train(device, size, variant):
+    """variant: 'nchw' (default memory format), 'cl' (channels-last, train.py's default) or 'fast'
+    (channels-last + torch.compile + bf16 autocast on CUDA)."""
     torch.manual_seed(0)
     model = tr.DRLModel(**SIZES[size]).to(device)
     B = BATCH[size]
     x0 = torch.randn(B, 3, 32, 32, device=device)
-    if fast:
+    fast = variant == "fast"
+    if variant != "nchw":
         model = model.to(memory_format=torch.channels_last)
         x0 = x0.contiguous(memory_format=torch.channels_last)
     step_model = torch.compile(model) if fast else model
@@ -86,13 +92,15 @@ def bench_train(device, size, fast):
     return dict(images_per_s=B / sec, flops_per_image=flops, params=tr.count_parameters(model))
 
 
-def bench_extract(device, size, fast):
+def bench_extract(device, size, variant):
     torch.manual_seed(0)
     enc = tr.DRLModel(**SIZES[size]).encoder.to(device).eval()
+    if variant != "nchw":  # as load_encoder returns it
+        enc = enc.to(memory_format=torch.channels_last)
     x = torch.randn(256, 3, 32, 32, device=device)
     times = tr.paper_times(11)
     flops = count_flops(lambda: tr.extract_trajectories(enc, x[:23], times, 256)) / 23
-    sec = timed(lambda: tr.extract_trajectories(enc, x, times, 1024), device, warmup=1, repeat=3)
+    sec = timed(lambda: tr.extract_trajectories(enc, x, times, 256), device, warmup=1, repeat=3)
     return dict(images_per_s=len(x) / sec, flops_per_image=flops)
 
 
@@ -162,15 +170,17 @@ def main():
     result = dict(device=name, torch=torch.__version__, matmul_flops=ceiling, train={}, extract={})
     rows = []
     for size in ("cpu", "paper"):
-        for fast in ([False, True] if args.fast else [False]):
-            key = size + ("+fast" if fast else "")
-            r = in_child("bench_train", device, size, fast)
+        for variant in ["nchw", "cl"] + (["fast"] if args.fast else []):
+            key = f"{size} {variant}"
+            r = in_child("bench_train", device, size, variant)
             r["flops_fraction"] = r["images_per_s"] * r["flops_per_image"] / ceiling
             result["train"][key] = r
             rows.append((f"train {key} (batch {BATCH[size]})", f"{r['images_per_s']:9.1f} img/s",
                          f"{r['flops_per_image'] / 1e9:6.3f} GFLOP/img", f"{r['flops_fraction']:5.2f}",
                          f"{r['peak_memory_mb']:8.0f} MB"))
-            e = in_child("bench_extract", device, size, fast)
+            if variant == "fast":
+                continue  # extraction has no compiled variant
+            e = in_child("bench_extract", device, size, variant)
             e["flops_fraction"] = e["images_per_s"] * e["flops_per_image"] / ceiling
             result["extract"][key] = e
             rows.append((f"extract {key} (11 times)", f"{e['images_per_s']:9.1f} img/s",

@@ -195,6 +195,7 @@ def test_folder_dataset_and_missing_folder(tmp_path):
                 Image.new("RGB", (20, 20), colour).save(tmp_path / split / f"class{c}" / f"{i}.png")
     ds = tr.load_dataset("folder", "train", str(tmp_path), image_size=16)
     assert len(ds) == 6 and ds.num_classes == (2,)
+    assert len(tr.load_dataset("folder", "train", str(tmp_path), image_size=16, num_examples=4)) == 4
     x, y = ds[4]
     assert x.shape == (3, 16, 16) and y.item() == 1 and x[2].min() > 0.99 and x[0].max() < -0.99  # blue
     with pytest.raises(tr.UserError, match="put the images in"):
@@ -509,3 +510,14 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
     c = tr.load_checkpoint(str(tmp_path / "r"))
     for k in a["model"]:
         assert torch.allclose(a["model"][k], c["model"][k], atol=1e-6), k
+
+
+def test_cifar_offline_gives_one_sentence(tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision
+
+    def offline(self):  # what an offline machine does, without relying on this one's network
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(tr.UserError, match="could not be downloaded.*cifar-10-batches-py"):
+        tr.load_dataset("cifar10", "train", str(tmp_path))

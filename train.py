@@ -9,7 +9,7 @@ study.
     python train.py --dataset cifar10 --encoder vdrl         # the paper's configuration (`paper` preset)
     python train.py --resume                                 # continue runs/<dataset>-<encoder> exactly
     torchrun --nproc_per_node=4 train.py --dataset cifar10   # DDP (NCCL on GPUs, gloo on CPU)
-    python train.py --dataset cifar10 --amp --channels-last --compile --workers 8   # one GPU, fast paths
+    python train.py --dataset cifar10 --amp --compile --workers 8   # one GPU, fast paths
 
 Writes <out>/ckpt.pt (model, EMA, optimiser, step, RNG states, config; atomic) and <out>/metrics.jsonl.
 """
@@ -43,7 +43,7 @@ DATASETS = {"shapes": dict(image_size=32), "cifar10": dict(image_size=32), "cifa
             "folder": dict(image_size=64)}
 DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None,
                 lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, seed=0, device="auto",
-                amp=False, channels_last=False, compile=False, workers=0, out=None)
+                amp=False, channels_last=True, compile=False, workers=0, out=None)
 # What a resumed run may change; everything else must match the checkpoint's config.
 RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "device", "amp", "channels_last", "compile",
                     "workers", "out", "data_root"}
@@ -57,7 +57,7 @@ def parse_args(argv):
     g.add_argument("--data-root", help="folder of the data (default ./data; Mini-ImageNet ./data/miniimagenet "
                                        "with train/<class>/ and test/<class>/)")
     g.add_argument("--image-size", type=int, help="image side in pixels (32; Mini-ImageNet 84; folder 64)")
-    g.add_argument("--num-train", type=int, help="shapes only: number of training images (default 10000)")
+    g.add_argument("--num-train", type=int, help="number of training images (shapes: generated, default 10000; others: the first N)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), help="cpu (default on shapes) or paper (default otherwise)")
     g.add_argument("--encoder", choices=["drl", "vdrl"], help="deterministic (DRL) or probabilistic (VDRL) code")
@@ -89,7 +89,9 @@ def parse_args(argv):
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only)")
-    g.add_argument("--channels-last", action="store_true", default=None, help="channels-last memory format (GPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default on: 1.14x / 1.4x faster training of the cpu / "
+                        "paper model on 2 CPU cores, see bench.py)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPU)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (0; with workers, memory is pinned)")
     return p.parse_args(argv)

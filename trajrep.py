@@ -440,7 +440,8 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
     """Returns a LabelledImages for `name` in {shapes, cifar10, cifar100, miniimagenet, folder}.
 
     shapes: generated (num_examples, default 10000 train / 2000 test); the test split uses another
-        seed than the train split, so the split is fixed and disjoint by construction.
+        seed than the train split, so the split is fixed and disjoint by construction. For the other
+        datasets num_examples keeps the first examples of the split (None: all).
     cifar10 / cifar100: torchvision, downloaded into data_root when absent.
     miniimagenet / folder: data_root/train/<class>/*.png|jpg and data_root/test/<class>/..., resized
         to image_size (Mini-ImageNet: 84)."""
@@ -460,7 +461,8 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
                             f"--data-root") from None
         labels = np.asarray(base.targets, dtype=np.int64)[:, None]
         transform = T.Compose([T.Resize(image_size), T.ToTensor()]) if image_size != 32 else T.ToTensor()
-        return LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
+        ds = LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
+        return ds.head(num_examples) if num_examples else ds
     if name in ("miniimagenet", "folder"):
         folder = os.path.join(data_root, split)
         if not os.path.isdir(folder):
@@ -473,7 +475,8 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
                             f"{folder}/<class>/<image>") from None
         labels = np.asarray(base.targets, dtype=np.int64)[:, None]
         transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
-        return LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
+        ds = LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
+        return ds.head(num_examples) if num_examples else ds
     raise UserError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, miniimagenet or folder")
 
 
@@ -498,7 +501,9 @@ def extract_trajectories(encoder, images, times, batch_size=256):
 
     All T times of a chunk of images go through the encoder in ONE pass (images repeated T times);
     the chunk holds batch_size // T images, so a pass has about batch_size rows. For VDRL the
-    representation is the mean mu (REFERENCE s.1). The encoder is put in eval mode.
+    representation is the mean mu (REFERENCE s.1). The encoder is put in eval mode. Inputs are made
+    channels-last; with an encoder in channels-last too (load_encoder does this) the convolutions
+    run about 1.5x faster on CPU (bench.py) for the same result up to float rounding.
     images (N, C, H, W), times (T,) -> (N, T, D)."""
     encoder.eval()
     device = next(encoder.parameters()).device
@@ -509,7 +514,7 @@ def extract_trajectories(encoder, images, times, batch_size=256):
     for start in range(0, len(images), per_pass):
         x = images[start:start + per_pass].to(device)  # (b, C, H, W)
         b = len(x)
-        x_rep = x.repeat_interleave(T, dim=0)  # (b*T, C, H, W), image-major
+        x_rep = x.repeat_interleave(T, dim=0).contiguous(memory_format=torch.channels_last)  # (b*T, C, H, W)
         t_rep = times.repeat(b)  # (b*T,)
         mu, _ = encoder(x_rep, t_rep)  # (b*T, D)
         out.append(mu.reshape(b, T, -1).float().cpu())  # (b, T, D)
@@ -1064,12 +1069,13 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_encoder(path, device="cpu"):
-    """The trained encoder of a checkpoint with its EMA weights, in eval mode, and the checkpoint's
-    config and step: (encoder, config, step)."""
+    """The trained encoder of a checkpoint with its EMA weights, in eval mode and channels-last
+    memory format (faster convolutions), and the checkpoint's config and step: (encoder, config, step)."""
     ckpt = load_checkpoint(path)
     model = DRLModel(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"])
-    return model.encoder.to(device).eval(), ckpt["config"], ckpt["step"]
+    encoder = model.encoder.to(device, memory_format=torch.channels_last).eval()
+    return encoder, ckpt["config"], ckpt["step"]
 
 
 @torch.no_grad()

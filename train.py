@@ -90,8 +90,8 @@ def parse_args(argv):
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default on: 1.14x / 1.4x faster training of the cpu / "
-                        "paper model on 2 CPU cores, see bench.py)")
+                   help="channels-last memory format (default on: 1.04x / 1.15x faster training of the cpu / "
+                        "paper model on 2 CPU cores in bench.py; more on GPUs with --amp)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPU)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (0; with workers, memory is pinned)")
     return p.parse_args(argv)

@@ -502,8 +502,8 @@ def extract_trajectories(encoder, images, times, batch_size=256):
     All T times of a chunk of images go through the encoder in ONE pass (images repeated T times);
     the chunk holds batch_size // T images, so a pass has about batch_size rows. For VDRL the
     representation is the mean mu (REFERENCE s.1). The encoder is put in eval mode. Inputs are made
-    channels-last; with an encoder in channels-last too (load_encoder does this) the convolutions
-    run about 1.5x faster on CPU (bench.py) for the same result up to float rounding.
+    channels-last, the memory format load_encoder gives the encoder (same result up to float
+    rounding; bench.py measures both formats).
     images (N, C, H, W), times (T,) -> (N, T, D)."""
     encoder.eval()
     device = next(encoder.parameters()).device

@@ -178,7 +178,8 @@ def main(argv=None):
     times = tr.paper_times(cfg["num_times"])
     train = tr.cached_trajectories(args.run, encoder, data["train"], "train", times, step)  # probe.py's cache
     codes = train["codes"]  # (N, T, D)
-    codes = (codes - codes.mean((0, 1))) / codes.std((0, 1)).clamp_min(1e-6)  # one scale for all pairs
+    mean, std = tr.standardiser_stats(codes, per_time=False)  # one scale per dimension for all pairs
+    codes = (codes - mean) / std
     nmis, mis = [], []
     for seed in range(cfg["seeds"]):
         t0 = time.time()

@@ -70,11 +70,14 @@ def summary(res, head=0):
 
 def verdict(name, a, b, b_name, chance):
     """One plain sentence: does probe `a` beat `b` by more than their seed spread? Differences
-    between two probes that both sit within 2 points of the majority-class rate are not read."""
+    between two probes both within 2 points of the majority-class rate, or both above 99.5%, are
+    not read."""
     diff = a["mean"] - b["mean"]
     spread = (a["std"] ** 2 + b["std"] ** 2) ** 0.5
     if max(a["mean"], b["mean"]) < chance + 0.02:
         return f"{name} and {b_name} are both at chance (majority class {100 * chance:.1f}%): no comparison"
+    if min(a["mean"], b["mean"]) > 0.995:
+        return f"{name} and {b_name} are both at the ceiling (100%): no comparison"
     word = "beats" if diff > spread else ("is below" if diff < -spread else "is within the seed spread of")
     return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
 
@@ -104,8 +107,10 @@ def probe_target(a, name, k, data, cfg, log):
     x_tr, x_te = grid["train"]["codes"], grid["test"]["codes"]  # (N, T, D)
     times = grid["train"]["times"]
     common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"])
-    run = lambda kind, xtr, xte, seeds, **kw: tr.run_probe_protocol(
-        kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
+
+    def run(kind, xtr, xte, seeds, **kw):
+        return tr.run_probe_protocol(kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
+
     out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
     t0 = time.time()
     mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])

@@ -724,17 +724,11 @@ def build_probe(kind, num_points, d, num_classes, width=256):
 
 
 def standardiser_stats(train, per_time=True):
-    """Mean and std of the TRAINING codes (N, T, D): per (t, d) feature -> (1, T, D) each, or
-    per dimension pooled over t (per_time=False) -> (1, 1, D) each."""
+    """Mean and std of the TRAINING codes (N, T, D) only, so nothing of the validation or test split
+    leaks into training or model selection: per (t, d) feature -> (1, T, D) each, or per dimension
+    pooled over t (per_time=False) -> (1, 1, D) each. Apply as (codes - mean) / std."""
     dims = (0,) if per_time else (0, 1)
     return train.mean(dims, keepdim=True), train.std(dims, keepdim=True).clamp_min(1e-6)
-
-
-def standardise(train, *others, per_time=True):
-    """Standardises codes with the TRAINING split's statistics only, so nothing of the validation or
-    test split leaks into training or model selection. (N, T, D) tensors -> list of the same."""
-    mean, std = standardiser_stats(train, per_time)
-    return [(x - mean) / std for x in (train, *others)]
 
 
 def split_train_val(n, val_fraction=0.1, seed=0):
@@ -825,7 +819,8 @@ def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_class
     mean over seeds or None, states: per seed the weights of the chosen model, mean, std)."""
     tr_idx, va_idx = split_train_val(len(codes_train), val_fraction, split_seed)
     per_time = continuous is None
-    x_tr, x_va, x_te = standardise(codes_train[tr_idx], codes_train[va_idx], codes_test, per_time=per_time)
+    mean, std = standardiser_stats(codes_train[tr_idx], per_time)
+    x_tr, x_va, x_te = [(x - mean) / std for x in (codes_train[tr_idx], codes_train[va_idx], codes_test)]
     train_times_fn = eval_times = None
     if continuous is not None:
         fine = continuous["fine_times"]
@@ -860,7 +855,7 @@ def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_class
     return dict(test_mean=tests.mean(0), test_std=tests.std(0, unbiased=False), tests=tests,
                 val_mean=torch.stack(vals).mean(0), lrs=torch.stack(chosen), states=states,
                 attention=torch.stack(attentions).mean(0) if attentions else None,
-                standardiser=standardiser_stats(codes_train[tr_idx], per_time))
+                standardiser=(mean, std))
 
 
 def grid_sampler(grid_times, k_min=4, k_max=16):

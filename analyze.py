@@ -76,11 +76,15 @@ def lag_profile(nmi):
     return torch.stack([torch.diagonal(nmi, k).mean() for k in range(1, T)])
 
 
-def findings(nmi_mean, nmi_std, times, probe):
+def findings(nmi_mean, nmi_std, times, probe, along, across):
     """The figures in words, computed from the numbers."""
     lags = lag_profile(nmi_mean)
     dt = times[1] - times[0]
-    text = [f"NMI decays away from the diagonal: {lags[0]:.2f} between neighbours (|dt| = {dt:.2f}), "
+    text = [f"The codes move along t by {along:.4f} (std over t, mean over images and dimensions) against "
+            f"{across:.4f} between images (std over images): the curve's extent is {100 * along / across:.1f}% "
+            f"of the spread of the points" + (", so each trajectory is nearly a single point." if along < 0.05 * across
+                                              else "."),
+            f"NMI decays away from the diagonal: {lags[0]:.2f} between neighbours (|dt| = {dt:.2f}), "
             f"{lags[len(lags) // 2]:.2f} at |dt| = {(len(lags) // 2 + 1) * dt:.2f}, {lags[-1]:.2f} between "
             f"t = {times[0]:.1f} and t = {times[-1]:.1f} (seed spread up to {nmi_std.max():.2f})."]
     if lags[-1] >= lags[0] - nmi_std.max():
@@ -178,6 +182,7 @@ def main(argv=None):
     times = tr.paper_times(cfg["num_times"])
     train = tr.cached_trajectories(args.run, encoder, data["train"], "train", times, step)  # probe.py's cache
     codes = train["codes"]  # (N, T, D)
+    along, across = codes.std(1).mean().item(), codes.std(0).mean().item()  # variation along t vs between images
     mean, std = tr.standardiser_stats(codes, per_time=False)  # one scale per dimension for all pairs
     codes = (codes - mean) / std
     nmis, mis = [], []
@@ -203,10 +208,11 @@ def main(argv=None):
         for name in probe["targets"]:
             a = data["train"].attributes.index(name)
             separation[name] = tr.separation_profile(train["codes"], train["labels"][:, a])["ratio"].tolist()
-    text = findings(nmi_mean, nmi_std, times.tolist(), probe)
+    text = findings(nmi_mean, nmi_std, times.tolist(), probe, along, across)
     result = dict(run=args.run, step=step, times=times.tolist(), mine=cfg, nmi_mean=nmi_mean.tolist(),
                   nmi_std=nmi_std.tolist(), mi_mean_nats=torch.stack(mis).mean(0).tolist(),
                   nmi_by_lag=lag_profile(nmi_mean).tolist(), separation_ratio=separation, findings=text,
+                  std_along_t=along, std_between_images=across,
                   heuristic=("NMI uses MINE's I(X;X) in place of H(X), which is infinite for continuous codes; "
                              "the diagonal is ~1 by construction and values depend on the estimator budget."),
                   wall_time_s=time.time() - t_start)

@@ -40,15 +40,18 @@ def sync(device):
 
 
 def timed(fn, device, warmup=2, repeat=5):
-    """Seconds per call of fn, after warm-up."""
+    """Seconds per call of fn after warm-up: the fastest of `repeat` calls, the least disturbed by
+    other work on a shared machine."""
     for _ in range(warmup):
         fn()
-    sync(device)
-    t0 = time.perf_counter()
+    best = float("inf")
     for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
         fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeat
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def matmul_flops(device):
@@ -174,31 +177,29 @@ def main():
     print(f"device: {name}; dense fp32 matmul {ceiling / 1e9:.1f} GFLOP/s (the ceiling below)")
     result = dict(device=name, torch=torch.__version__, matmul_flops=ceiling, train={}, extract={})
     rows = []
+
+    def throughput_row(label, r):
+        r["flops_fraction"] = r["images_per_s"] * r["flops_per_image"] / ceiling
+        rows.append((label, f"{r['images_per_s']:9.1f} img/s", f"{r['flops_per_image'] / 1e9:6.3f} GFLOP/img",
+                     f"{r['flops_fraction']:5.2f}", f"{r['peak_memory_mb']:8.0f} MB"))
+        return r
+
+    def ratio_row(label, r):
+        rows.append((label, f"{r['speedup']:9.2f} x", f"{r['batched_s']:6.2f} s vs {r['loop_s']:.2f} s", "",
+                     f"{r['peak_memory_mb']:8.0f} MB"))
+        return r
+
     for size in ("cpu", "paper"):
         for variant in ["nchw", "cl"] + (["fast"] if args.fast else []):
             key = f"{size} {variant}"
-            r = in_child("bench_train", device, size, variant)
-            r["flops_fraction"] = r["images_per_s"] * r["flops_per_image"] / ceiling
-            result["train"][key] = r
-            rows.append((f"train {key} (batch {BATCH[size]})", f"{r['images_per_s']:9.1f} img/s",
-                         f"{r['flops_per_image'] / 1e9:6.3f} GFLOP/img", f"{r['flops_fraction']:5.2f}",
-                         f"{r['peak_memory_mb']:8.0f} MB"))
-            if variant == "fast":
-                continue  # extraction has no compiled variant
-            e = in_child("bench_extract", device, size, variant)
-            e["flops_fraction"] = e["images_per_s"] * e["flops_per_image"] / ceiling
-            result["extract"][key] = e
-            rows.append((f"extract {key} (11 times)", f"{e['images_per_s']:9.1f} img/s",
-                         f"{e['flops_per_image'] / 1e9:6.3f} GFLOP/img", f"{e['flops_fraction']:5.2f}",
-                         f"{e['peak_memory_mb']:8.0f} MB"))
-    m = in_child("bench_point_mlps", device)
-    result["point_mlps"] = m
-    rows.append(("per-t MLPs, 11 batched vs loop", f"{m['speedup']:9.2f} x", f"{m['batched_s']:6.2f} s vs "
-                 f"{m['loop_s']:.2f} s", "", f"{m['peak_memory_mb']:8.0f} MB"))
-    n = in_child("bench_mine", device)
-    result["mine"] = n
-    rows.append((f"MINE, {n['pairs']} pairs batched vs loop", f"{n['speedup']:9.2f} x", f"{n['batched_s']:6.2f} s vs "
-                 f"{n['loop_s']:.2f} s", "", f"{n['peak_memory_mb']:8.0f} MB"))
+            result["train"][key] = throughput_row(f"train {key} (batch {BATCH[size]})",
+                                                  in_child("bench_train", device, size, variant))
+            if variant != "fast":  # extraction has no compiled variant
+                result["extract"][key] = throughput_row(f"extract {key} (11 times)",
+                                                        in_child("bench_extract", device, size, variant))
+    result["point_mlps"] = ratio_row("per-t MLPs, 11 batched vs loop", in_child("bench_point_mlps", device))
+    mine = in_child("bench_mine", device)
+    result["mine"] = ratio_row(f"MINE, {mine['pairs']} pairs batched vs loop", mine)
     print(f"{'what':<34} {'throughput':>14} {'work':>18} {'FLOP/s frac':>11} {'peak mem':>11}")
     for r in rows:
         print(f"{r[0]:<34} {r[1]:>14} {r[2]:>18} {r[3]:>11} {r[4]:>11}")

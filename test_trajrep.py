@@ -282,6 +282,8 @@ def test_impossible_flags_and_resume_clash(tmp_path):
     with pytest.raises(tr.UserError, match="CUDA"):
         run_train(*TINY, "--out", str(tmp_path), "--amp", "--device", "cpu")
     run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
+    with pytest.raises(tr.UserError, match="already holds a checkpoint"):  # a new run never overwrites
+        run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
     with pytest.raises(tr.UserError, match="cannot change lr"):
         run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--lr", "0.5", "--resume")
 
@@ -521,3 +523,10 @@ def test_cifar_offline_gives_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
     with pytest.raises(tr.UserError, match="could not be downloaded.*cifar-10-batches-py"):
         tr.load_dataset("cifar10", "train", str(tmp_path))
+
+
+def test_dataloader_workers_give_the_same_run(tmp_path):
+    run_train(*TINY, "--out", str(tmp_path / "w0"), "--steps", "3")
+    run_train(*TINY, "--out", str(tmp_path / "w2"), "--steps", "3", "--workers", "2")
+    a, b = tr.load_checkpoint(str(tmp_path / "w0")), tr.load_checkpoint(str(tmp_path / "w2"))
+    assert state_equal(a["model"], b["model"])

@@ -89,7 +89,7 @@ def continuous_on_grid(res, codes, labels, times, num_classes, width):
     mean, std = res["standardiser"]
     accs, dens = [], []
     for state in res["states"]:
-        model = tr.build_probe("continuous", codes.shape[1], codes.shape[2], num_classes, width)
+        model = tr.build_probe("continuous", codes.shape[1], codes.shape[2], num_classes, width).to(codes.device)
         model.load_state_dict(state)
         acc, att = tr.evaluate_probe(model, (codes - mean) / std, labels, times=times)
         accs.append(acc[0].item())

@@ -832,7 +832,7 @@ def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_class
         best = None
         for lr in lrs:
             torch.manual_seed(seed)  # same init for every lr, and for the loop form of per-t MLPs
-            model = build_probe(kind, T, D, num_classes, width)
+            model = build_probe(kind, T, D, num_classes, width).to(codes_train.device)
             res = train_probe(model, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]), (x_te, y_test),
                               epochs, lr, batch_size, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
                               seed=seed, train_times_fn=train_times_fn, eval_times=eval_times)

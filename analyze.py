@@ -51,6 +51,7 @@ def parse_args(argv):
     g.add_argument("--seeds", type=int, help="seeds to average (cpu 2, paper 5)")
     g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 3000, as probe.py)")
     g.add_argument("--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)")
+    g.add_argument("--data-root", help="where the run's dataset lies, if not where train.py read it")
     g.add_argument("--device", default="auto", help="device for encoding: auto, cpu, cuda, mps")
     return p.parse_args(argv)
 
@@ -174,13 +175,9 @@ def main(argv=None):
     t_start = time.time()
     device = tr.pick_device(args.device)
     encoder, train_cfg, step = tr.load_encoder(args.run, device)
-    data = {s: tr.load_dataset(train_cfg["dataset"], s, train_cfg["data_root"], train_cfg["image_size"],
-                               train_cfg["num_train"] if s == "train" else None, train_cfg["seed"])
-            for s in ("train", "test")}
-    if cfg["max_train"] and cfg["max_train"] < len(data["train"]):
-        data["train"] = data["train"].head(cfg["max_train"])
+    train_data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"])["train"]  # MINE uses the train split
     times = tr.paper_times(cfg["num_times"])
-    train = tr.cached_trajectories(args.run, encoder, data["train"], "train", times, step)  # probe.py's cache
+    train = tr.cached_trajectories(args.run, encoder, train_data, "train", times, step)  # probe.py's cache
     codes = train["codes"]  # (N, T, D)
     along, across = codes.std(1).mean().item(), codes.std(0).mean().item()  # variation along t vs between images
     mean, std = tr.standardiser_stats(codes, per_time=False)  # one scale per dimension for all pairs
@@ -195,6 +192,9 @@ def main(argv=None):
         print(f"seed {seed}: {len(times) ** 2} pairs in {time.time() - t0:.1f} s; "
               f"NMI next to the diagonal {lag_profile(nmi)[0]:.3f}, corner {nmi[0, -1]:.3f}", flush=True)
     nmi_mean, nmi_std = torch.stack(nmis).mean(0), torch.stack(nmis).std(0, unbiased=False)  # (T, T)
+    if torch.isnan(nmi_mean).any():
+        raise tr.UserError("MINE's estimate of I(X;X) was not positive at some t, so NMI is undefined there; "
+                           "raise --steps (or --lr) and run again")
     out_dir = os.path.join(args.run, "results")
     os.makedirs(out_dir, exist_ok=True)
     probe_path = os.path.join(out_dir, "probe.json")
@@ -206,7 +206,7 @@ def main(argv=None):
     separation = {}
     if probe is not None:
         for name in probe["targets"]:
-            a = data["train"].attributes.index(name)
+            a = train_data.attributes.index(name)
             separation[name] = tr.separation_profile(train["codes"], train["labels"][:, a])["ratio"].tolist()
     text = findings(nmi_mean, nmi_std, times.tolist(), probe, along, across)
     result = dict(run=args.run, step=step, times=times.tolist(), mine=cfg, nmi_mean=nmi_mean.tolist(),

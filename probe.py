@@ -55,6 +55,7 @@ def parse_args(argv):
     g.add_argument("--batch-size", type=int, default=256, help="probe batch size (256)")
     g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 3000)")
     g.add_argument("--max-test", type=int, help="use at most this many test images, 0 = all (cpu 1000)")
+    g.add_argument("--data-root", help="where the run's dataset lies, if not where train.py read it")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     return p.parse_args(argv)
 
@@ -209,18 +210,12 @@ def main(argv=None):
              else tr.paper_times(args.num_times))
     if times.min() < 0 or times.max() > 1 or not bool((times[1:] > times[:-1]).all()):
         raise tr.UserError("--times must be increasing values in [0, 1]")
-    splits = {s: tr.load_dataset(train_cfg["dataset"], s, train_cfg["data_root"], train_cfg["image_size"],
-                                 train_cfg["num_train"] if s == "train" else None, train_cfg["seed"])
-              for s in ("train", "test")}
+    splits = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"])
     attrs = splits["train"].attributes
     target = args.target or "all"
     targets = list(attrs) if target == "all" else [target]
     if any(t not in attrs for t in targets):
         raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got {target!r}")
-    limit = dict(train=cfg["max_train"], test=cfg["max_test"])
-    for s, ds in splits.items():  # a fixed prefix of each split
-        if limit[s] and limit[s] < len(ds):
-            splits[s] = ds.head(limit[s])
 
     def codes(split, grid):
         c = tr.cached_trajectories(args.run, encoder, splits[split], split, grid, step,

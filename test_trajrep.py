@@ -530,3 +530,25 @@ def test_dataloader_workers_give_the_same_run(tmp_path):
     run_train(*TINY, "--out", str(tmp_path / "w2"), "--steps", "3", "--workers", "2")
     a, b = tr.load_checkpoint(str(tmp_path / "w0")), tr.load_checkpoint(str(tmp_path / "w2"))
     assert state_equal(a["model"], b["model"])
+
+
+def test_probe_and_analyze_scripts_end_to_end(tmp_path):
+    """train.py -> probe.py -> analyze.py on a tiny run: the files appear and agree with the data."""
+    import analyze
+    import probe
+    run = str(tmp_path / "run")
+    run_train(*TINY, "--out", run, "--steps", "2", "--num-train", "120")
+    probe.main([run, "--target", "bg_colour", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--lrs", "1e-3",
+                "--width", "8", "--max-train", "120", "--max-test", "40"])
+    out = json.load(open(os.path.join(run, "results", "probe.json")))["targets"]["bg_colour"]
+    test_labels = tr.load_dataset("shapes", "test").labels[:40, 2]
+    assert out["chance"] == np.bincount(test_labels, minlength=9).max() / 40  # majority class of the test prefix
+    assert out["best_t_index"] == int(np.argmax(out["mlp"]["val_mean"]))  # chosen on validation
+    assert abs(sum(out["attention"]) - 1) < 1e-5 and set(out["continuous_grids"]) == {"5", "11", "51", "random11"}
+    with pytest.raises(tr.UserError, match="raise --steps"):  # too small a budget: said, not hidden
+        analyze.main([run, "--steps", "1", "--seeds", "1", "--hidden", "8", "--max-train", "120"])
+    analyze.main([run, "--steps", "150", "--seeds", "1", "--hidden", "16", "--max-train", "120", "--lr", "3e-3"])
+    nmi = json.load(open(os.path.join(run, "results", "nmi.json")))
+    assert np.allclose(np.diag(nmi["nmi_mean"]), 1.0) and "findings" in nmi
+    for name in ("probe.png", "nmi.png", "attention.png", "attributes.png"):
+        assert os.path.getsize(os.path.join(run, "results", name)) > 1000

@@ -480,6 +480,20 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
     raise UserError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, miniimagenet or folder")
 
 
+def run_datasets(config, data_root=None, max_train=0, max_test=0):
+    """The train and test splits of a training run's dataset (its config from the checkpoint), each
+    cut to its first max_* examples when given; data_root overrides the run's folder.
+    Returns dict(train=LabelledImages, test=LabelledImages)."""
+    root = data_root or config["data_root"]
+    splits = dict(train=load_dataset(config["dataset"], "train", root, config["image_size"],
+                                     config["num_train"], config["seed"]),
+                  test=load_dataset(config["dataset"], "test", root, config["image_size"], None, config["seed"]))
+    for name, limit in (("train", max_train), ("test", max_test)):
+        if limit and limit < len(splits[name]):
+            splits[name] = splits[name].head(limit)
+    return splits
+
+
 def max_pairwise_distance(x):
     """Largest Euclidean distance between two rows of x (N, ...): Song & Ermon's guide for sigma_max."""
     flat = x.flatten(1).double()  # (N, C*H*W)
@@ -974,13 +988,15 @@ def nmi_matrix(codes, **mine_kwargs):
     the entropy H(X) as in the published code. This is a HEURISTIC: for continuous codes H(X) and
     I(X; X) are infinite, and MINE's I(X; X) is only as large as its budget allows, so the diagonal
     is about 1 by construction and off-diagonal values are comparable only at a fixed budget.
-    All T*T ordered pairs are trained as one batched model. codes (N, T, D) -> (NMI (T, T), MI (T, T))."""
+    All T*T ordered pairs are trained as one batched model. Where MINE's I(i; i) is not positive (too
+    small a budget) row and column i are NaN. codes (N, T, D) -> (NMI (T, T), MI (T, T))."""
     if codes.dim() != 3 or codes.shape[1] < 2:
         raise ValueError(f"nmi_matrix needs codes of shape (N, T, D) with T >= 2, got {tuple(codes.shape)}")
     T = codes.shape[1]
     pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))  # (T*T, 2), row-major (i, j)
     mi = mine_pairs(codes, codes, pairs, **mine_kwargs).reshape(T, T)  # (T, T)
-    diag = mi.diagonal().clamp_min(1e-6)  # (T,) I(i; i) as the entropy stand-in
+    diag = mi.diagonal()  # (T,) I(i; i) as the entropy stand-in
+    diag = torch.where(diag > 1e-3, diag, torch.nan)  # a non-positive "entropy" leaves NMI undefined (NaN)
     return mi / torch.sqrt(diag[:, None] * diag[None, :]), mi
 
 

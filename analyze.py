@@ -77,7 +77,7 @@ def lag_profile(nmi):
     return torch.stack([torch.diagonal(nmi, k).mean() for k in range(1, T)])
 
 
-def findings(nmi_mean, nmi_std, times, probe, along, across):
+def findings(nmi_mean, nmi_std, times, probe, along, across, separation):
     """The figures in words, computed from the numbers."""
     lags = lag_profile(nmi_mean)
     dt = times[1] - times[0]
@@ -99,6 +99,10 @@ def findings(nmi_mean, nmi_std, times, probe, along, across):
         text.append(f"{name}: the Transformer attends most to t = {times[int(att.argmax())]:.2f} "
                     f"({100 * att.max():.0f}% of its attention; uniform would be {100 / len(att):.0f}%); "
                     f"the best single-t MLP is at t = {out['best_t']:.2f}.")
+    for name, sep in separation.items():
+        ratio = torch.tensor(sep["ratio"])
+        text.append(f"{name}: classes separate most at t = {times[int(ratio.argmax())]:.2f} (between/within distance "
+                    f"{ratio.max():.3f}; least {ratio.min():.3f} at t = {times[int(ratio.argmin())]:.2f}).")
     return " ".join(text)
 
 
@@ -150,7 +154,7 @@ def plot_probe_figures(probe, separation, out_dir):
             ax.plot(g["times"], g["density"], color="tab:purple", label="grid-free, 51 pts")
         ax.set(xlabel="t", ylabel="attention density")
         ax = axes[2][col]
-        ax.plot(times, separation[name], marker="o", color="tab:green")
+        ax.plot(times, separation[name]["ratio"], marker="o", color="tab:green")
         ax.set(xlabel="t", ylabel="between / within distance (eq. 5)")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
@@ -207,11 +211,14 @@ def main(argv=None):
     if probe is not None:
         for name in probe["targets"]:
             a = train_data.attributes.index(name)
-            separation[name] = tr.separation_profile(train["codes"], train["labels"][:, a])["ratio"].tolist()
-    text = findings(nmi_mean, nmi_std, times.tolist(), probe, along, across)
+            prof = tr.separation_profile(train["codes"], train["labels"][:, a])  # eq. 5
+            separation[name] = dict(ratio=prof["ratio"].tolist(), between=prof["between"].tolist(),
+                                    within=prof["within"].tolist(), argsup_fraction=prof["argsup_hist"].tolist(),
+                                    sup_ge_first=prof["sup_ge_first"])
+    text = findings(nmi_mean, nmi_std, times.tolist(), probe, along, across, separation)
     result = dict(run=args.run, step=step, times=times.tolist(), mine=cfg, nmi_mean=nmi_mean.tolist(),
                   nmi_std=nmi_std.tolist(), mi_mean_nats=torch.stack(mis).mean(0).tolist(),
-                  nmi_by_lag=lag_profile(nmi_mean).tolist(), separation_ratio=separation, findings=text,
+                  nmi_by_lag=lag_profile(nmi_mean).tolist(), separation=separation, findings=text,
                   std_along_t=along, std_between_images=across,
                   heuristic=("NMI uses MINE's I(X;X) in place of H(X), which is infinite for continuous codes; "
                              "the diagonal is ~1 by construction and values depend on the estimator budget."),

@@ -459,11 +459,8 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
             raise UserError(f"{name} is not in {data_root} and could not be downloaded ({type(e).__name__}); "
                             f"put the extracted '{cls.base_folder}' folder in {data_root} or pass "
                             f"--data-root") from None
-        labels = np.asarray(base.targets, dtype=np.int64)[:, None]
         transform = T.Compose([T.Resize(image_size), T.ToTensor()]) if image_size != 32 else T.ToTensor()
-        ds = LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
-        return ds.head(num_examples) if num_examples else ds
-    if name in ("miniimagenet", "folder"):
+    elif name in ("miniimagenet", "folder"):
         folder = os.path.join(data_root, split)
         if not os.path.isdir(folder):
             raise UserError(f"no folder {folder}: put the images in {data_root}/{{train,test}}/<class>/"
@@ -473,11 +470,12 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{folder} holds no images in class sub-folders ({e}); put them in "
                             f"{folder}/<class>/<image>") from None
-        labels = np.asarray(base.targets, dtype=np.int64)[:, None]
         transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
-        ds = LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
-        return ds.head(num_examples) if num_examples else ds
-    raise UserError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, miniimagenet or folder")
+    else:
+        raise UserError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, miniimagenet or folder")
+    labels = np.asarray(base.targets, dtype=np.int64)[:, None]  # (N, 1): one attribute, the class
+    ds = LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
+    return ds.head(num_examples) if num_examples else ds
 
 
 def run_datasets(config, data_root=None, max_train=0, max_test=0):
@@ -560,9 +558,9 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, step, batch_siz
     prefix, suffix = f"traj-{split}{len(dataset)}-", f"-step{step}.pt"
     path = os.path.join(folder, prefix + times_key(times) + suffix)
     times = torch.as_tensor(times, dtype=torch.float32)
-    cached = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(suffix)) \
+    cached = [f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(suffix)] \
         if os.path.isdir(folder) else []
-    for name in sorted(cached, key=lambda f: os.path.join(folder, f) != path):  # exact grid first
+    for name in sorted(cached, key=lambda f: (os.path.join(folder, f) != path, f)):  # exact grid first
         try:
             c = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
         except Exception:
@@ -1081,7 +1079,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 def load_encoder(path, device="cpu"):
     """The trained encoder of a checkpoint with its EMA weights, in eval mode and channels-last
-    memory format (faster convolutions), and the checkpoint's config and step: (encoder, config, step)."""
+    memory format (the format train.py trains in), and the checkpoint's config and step:
+    (encoder, config, step)."""
     ckpt = load_checkpoint(path)
     model = DRLModel(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"])

@@ -6,8 +6,9 @@ points of the trajectory (all T*T pairs trained together as one batched model, o
 split's codes, evaluated on held-out rows), normalises it as NMI(i, j) = I(i;j) / sqrt(I(i;i) I(j;j))
 and reports its decay away from the diagonal, averaged over seeds with the spread. Where probe.py
 has run, also draws the Transformer's attention over t (Figure 3) and, per attribute, accuracy and
-attention along t side by side, with the grid-free probe's attention density. A short paragraph of
-findings is computed from the numbers and saved with them.
+attention along t side by side, with the grid-free probe's attention density. The same movement and
+NMI analysis runs on the control, the same encoder at its random initialisation, and is printed beside
+the trained one. A short paragraph of findings is computed from the numbers and saved with them.
 
     python train.py && python probe.py runs/shapes-drl && python analyze.py runs/shapes-drl
     python analyze.py runs/cifar10-vdrl --preset paper --device cuda     # the published MINE budget
@@ -31,7 +32,8 @@ import torch
 
 import trajrep as tr
 
-PRESETS = {  # MINE budget; `paper` is REFERENCE s.4 (about 100 epochs at batch 256, lr 1e-4)
+# MINE budget; `paper` is the published MINE setting (paper section 3.2: about 100 epochs, batch 256, lr 1e-4)
+PRESETS = {
     "cpu": dict(steps=800, batch_size=256, lr=1e-3, hidden=64, seeds=2, max_train=3000),
     "paper": dict(steps=20000, batch_size=256, lr=1e-4, hidden=256, seeds=5, max_train=0),
 }
@@ -69,6 +71,27 @@ def check_mine(cfg):
         rows.append(dict(d=d, rho=rho, true=true, mine=est))
         print(f"{d:>3} {rho:>5.2f} {true:>8.3f} {est:>8.3f} {est - true:>+7.3f}")
     return rows
+
+
+def nmi_over_seeds(codes, cfg, name):
+    """The NMI matrix of codes (N, T, D), standardised per dimension, for each MINE seed:
+    (mean (T, T), std (T, T), MI in nats (T, T) mean over seeds)."""
+    mean, std = tr.standardiser_stats(codes, per_time=False)  # one scale per dimension for all pairs
+    codes = (codes - mean) / std
+    nmis, mis = [], []
+    for seed in range(cfg["seeds"]):
+        t0 = time.time()
+        nmi, mi = tr.nmi_matrix(codes, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                                hidden=cfg["hidden"], seed=seed)
+        nmis.append(nmi)
+        mis.append(mi)
+        print(f"{name}, seed {seed}: {codes.shape[1] ** 2} pairs in {time.time() - t0:.1f} s; "
+              f"NMI next to the diagonal {lag_profile(nmi)[0]:.3f}, corner {nmi[0, -1]:.3f}", flush=True)
+    nmis = torch.stack(nmis)
+    if torch.isnan(nmis).any():
+        raise tr.UserError(f"MINE's estimate of I(X;X) was about zero at some t ({name} codes), so NMI is "
+                           f"undefined there; raise --steps (or --lr) and run again")
+    return nmis.mean(0), nmis.std(0, unbiased=False), torch.stack(mis).mean(0)
 
 
 def lag_profile(nmi):
@@ -176,29 +199,24 @@ def main(argv=None):
         raise tr.UserError("give a run folder (python analyze.py runs/shapes-drl) or --check-mine")
     if cfg["num_times"] < 2:
         raise tr.UserError("--num-times must be at least 2: NMI needs two points of the trajectory")
+    if os.path.isfile(args.run):
+        raise tr.UserError(f"{args.run} is a file; give the run FOLDER that holds ckpt.pt")
     t_start = time.time()
     device = tr.pick_device(args.device)
     encoder, train_cfg, step = tr.load_encoder(args.run, device)
-    train_data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"])["train"]  # MINE uses the train split
+    init_encoder = tr.load_encoder(args.run, device, weights="init")[0]
+    train_data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
+                                 splits=("train",))["train"]  # MINE uses the train split only
     times = tr.paper_times(cfg["num_times"])
-    train = tr.cached_trajectories(args.run, encoder, train_data, "train", times, step)  # probe.py's cache
-    codes = train["codes"]  # (N, T, D)
-    along, across = codes.std(1).mean().item(), codes.std(0).mean().item()  # variation along t vs between images
-    mean, std = tr.standardiser_stats(codes, per_time=False)  # one scale per dimension for all pairs
-    codes = (codes - mean) / std
-    nmis, mis = [], []
-    for seed in range(cfg["seeds"]):
-        t0 = time.time()
-        nmi, mi = tr.nmi_matrix(codes, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                                hidden=cfg["hidden"], seed=seed)
-        nmis.append(nmi)
-        mis.append(mi)
-        print(f"seed {seed}: {len(times) ** 2} pairs in {time.time() - t0:.1f} s; "
-              f"NMI next to the diagonal {lag_profile(nmi)[0]:.3f}, corner {nmi[0, -1]:.3f}", flush=True)
-    nmi_mean, nmi_std = torch.stack(nmis).mean(0), torch.stack(nmis).std(0, unbiased=False)  # (T, T)
-    if torch.isnan(nmi_mean).any():
-        raise tr.UserError("MINE's estimate of I(X;X) was not positive at some t, so NMI is undefined there; "
-                           "raise --steps (or --lr) and run again")
+    train = tr.cached_trajectories(args.run, encoder, train_data, "train", times, f"step{step}")  # probe.py's cache
+    init = tr.cached_trajectories(args.run, init_encoder, train_data, "train", times, "init")
+    curves = {}
+    for name, c in (("trained", train), ("random init", init)):  # the same analysis on the control
+        along, across = tr.curve_movement(c["codes"])
+        mean, std, mi = nmi_over_seeds(c["codes"], cfg, name)
+        curves[name] = dict(along=along, across=across, nmi_mean=mean, nmi_std=std, mi=mi)
+    nmi_mean, nmi_std = curves["trained"]["nmi_mean"], curves["trained"]["nmi_std"]
+    along, across = curves["trained"]["along"], curves["trained"]["across"]
     out_dir = os.path.join(args.run, "results")
     os.makedirs(out_dir, exist_ok=True)
     probe_path = os.path.join(out_dir, "probe.json")
@@ -213,13 +231,22 @@ def main(argv=None):
             a = train_data.attributes.index(name)
             prof = tr.separation_profile(train["codes"], train["labels"][:, a])  # eq. 5
             separation[name] = dict(ratio=prof["ratio"].tolist(), between=prof["between"].tolist(),
-                                    within=prof["within"].tolist(), argsup_fraction=prof["argsup_hist"].tolist(),
-                                    sup_ge_first=prof["sup_ge_first"])
+                                    within=prof["within"].tolist(), argsup_fraction=prof["argsup_hist"].tolist())
     text = findings(nmi_mean, nmi_std, times.tolist(), probe, along, across, separation)
+    init = curves["random init"]
+    control = (f"Control, the same encoder at random initialisation: codes move "
+               f"{init['along'] / init['across']:.3f} of their spread along t (trained {along / across:.3f}); "
+               f"NMI by lag " +
+               ", ".join(f"{v:.2f}" for v in lag_profile(init["nmi_mean"]).tolist()) + " (trained " +
+               ", ".join(f"{v:.2f}" for v in lag_profile(nmi_mean).tolist()) + ").")
+    text = text + " " + control
     result = dict(run=args.run, step=step, times=times.tolist(), mine=cfg, nmi_mean=nmi_mean.tolist(),
-                  nmi_std=nmi_std.tolist(), mi_mean_nats=torch.stack(mis).mean(0).tolist(),
+                  nmi_std=nmi_std.tolist(), mi_mean_nats=curves["trained"]["mi"].tolist(),
                   nmi_by_lag=lag_profile(nmi_mean).tolist(), separation=separation, findings=text,
                   std_along_t=along, std_between_images=across,
+                  random_init=dict(nmi_mean=init["nmi_mean"].tolist(), nmi_std=init["nmi_std"].tolist(),
+                                   nmi_by_lag=lag_profile(init["nmi_mean"]).tolist(), std_along_t=init["along"],
+                                   std_between_images=init["across"]),
                   heuristic=("NMI uses MINE's I(X;X) in place of H(X), which is infinite for continuous codes; "
                              "the diagonal is ~1 by construction and values depend on the estimator budget."),
                   wall_time_s=time.time() - t_start)

@@ -10,7 +10,10 @@ validation, test accuracy at the best validation epoch, mean and spread over see
       T times): same probe, same capacity, no trajectory. Only a gain over these is a gain of the curve.
     - a grid-free Transformer on the VALUE of t, trained on random sub-grids of a fine grid and tested
       on grids of 5, 11 and 51 points and on random times (answers the paper's closing question).
-The Transformer's attention over t (Figure 3) is saved for analyze.py.
+    - the controls without which no row is a result: the SAME probes on the SAME encoder architecture
+      at its random initialisation (the weights train.py started from), and an MLP on the raw pixels.
+The Transformer's attention over t (Figure 3) is saved for analyze.py. `--probes mlp` runs only the
+per-t MLPs with their random-init and pixel controls: the quick table of an ablation.
 
     python train.py && python probe.py runs/shapes-drl               # CPU default, every attribute
     python probe.py runs/shapes-drl --target shape                    # one attribute of `shapes`
@@ -20,6 +23,7 @@ Writes <run>/results/probe.json and <run>/results/probe.png (accuracy against t,
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -28,9 +32,10 @@ import torch
 
 import trajrep as tr
 
-PRESETS = {  # probe protocol (REFERENCE s.3); `cpu` finishes the shapes table in a few minutes
-    "cpu": dict(epochs=10, lrs="3e-3,1e-3", seeds=2, mlp_seeds=2, max_train=3000, max_test=1000, width=64),
-    "paper": dict(epochs=100, lrs="1e-3,7.5e-4,5e-4,2.5e-4,1e-4,5e-5", seeds=5, mlp_seeds=3,
+# Probe protocol of the published code (paper section 3.1); `cpu` is the same at a CPU budget.
+PRESETS = {
+    "cpu": dict(epochs=10, lrs=[3e-3, 1e-3], seeds=2, mlp_seeds=2, max_train=3000, max_test=1000, width=64),
+    "paper": dict(epochs=100, lrs=[1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5], seeds=5, mlp_seeds=3,
                   max_train=0, max_test=0, width=256),
 }
 FINE_STEP = 0.05  # the continuous probe trains on random sub-grids of 0, 0.05, ..., 1 (contains 5 and 11 points)
@@ -43,12 +48,16 @@ def parse_args(argv):
     g.add_argument("--target", default=None, help="attribute to predict ('class' for CIFAR; for shapes one of "
                                                   "shape, fg_colour, bg_colour, location) or 'all' (default all)")
     g.add_argument("--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)")
-    g.add_argument("--times", default=None, help="explicit comma-separated times instead of --num-times")
+    g.add_argument("--times", type=tr.float_list, default=None,
+                   help="explicit comma-separated times instead of --num-times, e.g. 0,0.25,0.5,0.75,1")
     g.add_argument("--no-continuous", action="store_true", help="skip the grid-free probe (saves encoding time)")
+    g.add_argument("--probes", choices=["all", "mlp"], default="all",
+                   help="all (default) or mlp: only the per-t MLPs and their random-init and pixel controls")
     g = p.add_argument_group("protocol")
     g.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or paper")
     g.add_argument("--epochs", type=int, help="epochs per probe (cpu 10, paper 100)")
-    g.add_argument("--lrs", help="learning-rate grid, comma-separated (cpu 3e-3,1e-3; paper 1e-3,...,5e-5)")
+    g.add_argument("--lrs", type=tr.float_list, help="learning-rate grid, comma-separated (cpu 3e-3,1e-3; "
+                                                      "paper 1e-3,...,5e-5)")
     g.add_argument("--width", type=int, help="GRU hidden size and Transformer width (cpu 64, paper 256)")
     g.add_argument("--seeds", type=int, help="seeds for the GRU / Transformer probes (paper 5)")
     g.add_argument("--mlp-seeds", type=int, help="seeds for the MLP probes (paper 3)")
@@ -101,52 +110,74 @@ def continuous_on_grid(res, codes, labels, times, num_classes, width):
 
 
 def probe_target(a, name, k, data, cfg, log):
-    """The whole table for one attribute a (named name, k classes). data: codes by grid."""
-    lrs = [float(v) for v in cfg["lrs"].split(",")]
-    grid, fine, test_grids = data["grid"], data["fine"], data["test_grids"]
+    """The whole table for one attribute a (named name, k classes). data: codes by grid and encoder."""
+    lrs = cfg["lrs"]
+    grid, init, fine, test_grids = data["grid"], data["init"], data["fine"], data["test_grids"]
     y_tr, y_te = grid["train"]["labels"][:, a], grid["test"]["labels"][:, a]
-    x_tr, x_te = grid["train"]["codes"], grid["test"]["codes"]  # (N, T, D)
+    if len(torch.unique(y_tr)) < 2:
+        raise tr.UserError(f"attribute {name!r} has a single class in the training split: there is "
+                           f"nothing to predict; probe a dataset with at least two classes")
     times = grid["train"]["times"]
     common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"])
 
     def run(kind, xtr, xte, seeds, **kw):
         return tr.run_probe_protocol(kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
 
+    def point_and_sequence(codes):
+        """Per-t MLPs, then (probes=all) the curve probes and their constant-curve controls."""
+        x_tr, x_te = codes["train"]["codes"], codes["test"]["codes"]  # (N, T, D)
+        mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])
+        best = int(mlp["val_mean"].argmax())  # chosen on VALIDATION accuracy, never on test
+        out = dict(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
+                            val_mean=mlp["val_mean"].tolist(), lrs=mlp["lrs"].tolist()),
+                   best_t_index=best, best_t=times[best].item(),
+                   best_mlp=dict(mean=mlp["test_mean"][best].item(), std=mlp["test_std"][best].item()))
+        if cfg["probes"] == "mlp":
+            return out
+        for kind in ("concat", "mean"):
+            out[kind] = summary(run(kind, x_tr, x_te, cfg["mlp_seeds"]))
+        const_tr = x_tr[:, best:best + 1].expand_as(x_tr)  # (N, T, D): the best point repeated T times
+        const_te = x_te[:, best:best + 1].expand_as(x_te)
+        for kind in ("gru", "transformer"):
+            res = run(kind, x_tr, x_te, cfg["seeds"])
+            out[kind] = summary(res)
+            if kind == "transformer":
+                out["attention"] = res["attention"].tolist()  # Figure 3: token's attention over the T points
+            out[kind + "_const"] = summary(run(kind, const_tr, const_te, cfg["seeds"]))
+        return out
+
     out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
     t0 = time.time()
-    mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])
-    best = int(mlp["val_mean"].argmax())  # chosen on VALIDATION accuracy, never on test
-    out["mlp"] = dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
-                      val_mean=mlp["val_mean"].tolist(), lrs=mlp["lrs"].tolist())
-    out["best_t_index"], out["best_t"] = best, times[best].item()
-    out["best_mlp"] = dict(mean=mlp["test_mean"][best].item(), std=mlp["test_std"][best].item())
-    for kind in ("concat", "mean"):
-        out[kind] = summary(run(kind, x_tr, x_te, cfg["mlp_seeds"]))
-    const_tr = x_tr[:, best:best + 1].expand_as(x_tr)  # (N, T, D): the best point repeated T times
-    const_te = x_te[:, best:best + 1].expand_as(x_te)
-    for kind in ("gru", "transformer"):
-        res = run(kind, x_tr, x_te, cfg["seeds"])
-        out[kind] = summary(res)
-        if kind == "transformer":
-            out["attention"] = res["attention"].tolist()  # Figure 3: token's attention over the T points
-        out[kind + "_const"] = summary(run(kind, const_tr, const_te, cfg["seeds"]))
-    if fine is not None:
+    out.update(point_and_sequence(grid))
+    out["init"] = point_and_sequence(init)  # the same probes on the random-init encoder
+    px = run("mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"])  # (N, 1, C*H*W)
+    out["pixels"] = summary(px)
+    if fine is not None and cfg["probes"] == "all":
         cols = (times / FINE_STEP).round().long()
-        res = run("continuous", fine["train"]["codes"], x_te, cfg["seeds"],
+        res = run("continuous", fine["train"]["codes"], grid["test"]["codes"], cfg["seeds"],
                   continuous=dict(fine_times=fine["train"]["times"], eval_cols=cols))
         out["continuous"] = summary(res)
         out["continuous_grids"] = {g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"], k,
                                                           cfg["width"])
                                    for g, d in test_grids.items()}
     out["seconds"] = time.time() - t0
-    chance = out["chance"]
-    out["verdicts"] = [verdict("GRU", out["gru"], out["best_mlp"], f"the best single-t MLP (t={out['best_t']:.2f})", chance),
-                       verdict("Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP", chance),
-                       verdict("GRU", out["gru"], out["gru_const"], "its constant-curve control", chance),
-                       verdict("Transformer", out["transformer"], out["transformer_const"],
-                               "its constant-curve control", chance),
-                       verdict("MLP on the concatenated curve", out["concat"], out["best_mlp"], "the best single-t MLP",
-                               chance)]
+    chance, best_t = out["chance"], f"t={out['best_t']:.2f}"
+    out["verdicts"] = [verdict(f"the trained encoder's best single-t MLP ({best_t})", out["best_mlp"],
+                               out["init"]["best_mlp"], f"the random-init encoder's "
+                               f"(t={out['init']['best_t']:.2f})", chance),
+                       verdict("the trained encoder's best single-t MLP", out["best_mlp"], out["pixels"],
+                               "an MLP on the raw pixels", chance)]
+    if cfg["probes"] == "all":
+        out["verdicts"] += [
+            verdict("GRU", out["gru"], out["best_mlp"], f"the best single-t MLP ({best_t})", chance),
+            verdict("Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP", chance),
+            verdict("GRU", out["gru"], out["gru_const"], "its constant-curve control", chance),
+            verdict("Transformer", out["transformer"], out["transformer_const"], "its constant-curve control",
+                    chance),
+            verdict("MLP on the concatenated curve", out["concat"], out["best_mlp"], "the best single-t MLP",
+                    chance),
+            verdict("Transformer", out["transformer"], out["init"]["transformer"], "the same probe at random init",
+                    chance)]
     if "continuous" in out:
         out["verdicts"].append(verdict("grid-free Transformer", out["continuous"], out["transformer"],
                                        "the index Transformer", chance))
@@ -156,16 +187,22 @@ def probe_target(a, name, k, data, cfg, log):
 
 def print_table(name, out, times, log):
     log(f"\n== target: {name} ({out['num_classes']} classes, majority-class rate {100 * out['chance']:.1f}%) ==")
-    log(f"{'probe':<34} test accuracy % (mean ± std over seeds)")
+    log(f"{'probe':<36} {'trained encoder':>15}   {'random init':>13}   (test accuracy %, mean ± std over seeds)")
+    init = out["init"]
     for i, t in enumerate(times.tolist()):
-        mark = "  <- best single t (validation)" if i == out["best_t_index"] else ""
-        log(f"{'MLP at t=%.2f' % t:<34} {fmt(out['mlp']['mean'][i], out['mlp']['std'][i])}{mark}")
+        mark = " *" if i == out["best_t_index"] else "  "
+        mark_init = " *" if i == init["best_t_index"] else "  "
+        log(f"{'MLP at t=%.2f' % t:<36} {fmt(out['mlp']['mean'][i], out['mlp']['std'][i])}{mark} "
+            f"{fmt(init['mlp']['mean'][i], init['mlp']['std'][i])}{mark_init}")
     rows = [("MLP on concatenated curve (ctrl)", "concat"), ("MLP on mean over t (ctrl)", "mean"),
             ("GRU", "gru"), ("  GRU on constant curve (ctrl)", "gru_const"), ("Transformer", "transformer"),
             ("  Transformer on constant curve", "transformer_const"), ("grid-free Transformer (11 pts)", "continuous")]
     for label, key in rows:
         if key in out:
-            log(f"{label:<34} {fmt(out[key]['mean'], out[key]['std'])}")
+            ctrl = fmt(init[key]["mean"], init[key]["std"]) if key in init else ""
+            log(f"{label:<36} {fmt(out[key]['mean'], out[key]['std'])}   {ctrl}")
+    log(f"{'MLP on raw pixels (ctrl)':<36} {fmt(out['pixels']['mean'], out['pixels']['std'])}")
+    log("  * best single t, chosen on validation accuracy")
     if "continuous_grids" in out:
         log("grid-free Transformer on other grids: " + ", ".join(
             f"{g}: {fmt(v['mean'], v['std'])}" for g, v in out["continuous_grids"].items()))
@@ -178,7 +215,7 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     targets = result["targets"]
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(4.2 * len(targets), 6.5), 3.4), squeeze=False)
     t = result["times"]
     for ax, (name, out) in zip(axes[0], targets.items()):
         m, s = torch.tensor(out["mlp"]["mean"]) * 100, torch.tensor(out["mlp"]["std"]) * 100
@@ -189,9 +226,13 @@ def plot(result, path):
             if key in out:
                 ax.axhline(100 * out[key]["mean"], color=colour, ls=ls, label=key.replace("_const", " (constant curve)"))
         ax.axhline(100 * out["chance"], color="grey", lw=0.8, label="majority class")
+        ax.plot(t, [100 * v for v in out["init"]["mlp"]["mean"]], color="grey", ls="--", marker=".",
+                label="MLP at t, random-init encoder")
+        ax.axhline(100 * out["pixels"]["mean"], color="tab:orange", ls="--", lw=0.8, label="MLP on pixels")
         ax.set(title=name, xlabel="t", ylabel="test accuracy (%)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{result['dataset']} / {result['encoder']}: single points vs whole trajectory (Figure 1)")
+    fig.suptitle(f"{result['dataset']} / {result['encoder']}: points vs trajectory (Figure 1)",
+                 fontsize=10 if len(targets) > 1 else 8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -203,50 +244,74 @@ def main(argv=None):
     if min(cfg["epochs"], cfg["seeds"], cfg["mlp_seeds"], cfg["width"], cfg["batch_size"]) <= 0 or cfg["num_times"] < 2:
         raise tr.UserError("--epochs, --seeds, --mlp-seeds, --width and --batch-size must be positive and "
                            "--num-times at least 2")
+    if not all(lr > 0 and math.isfinite(lr) for lr in cfg["lrs"]):
+        raise tr.UserError(f"--lrs must be positive numbers, got {cfg['lrs']}")
+    if cfg["max_train"] < 0 or cfg["max_test"] < 0:
+        raise tr.UserError("--max-train and --max-test must be 0 (all) or positive")
+    times = torch.tensor(args.times) if args.times else tr.paper_times(args.num_times)
+    if (len(times) < 2 or not bool(torch.isfinite(times).all()) or times.min() < 0 or times.max() > 1
+            or not bool((times[1:] > times[:-1]).all())):
+        raise tr.UserError("--times must be at least 2 increasing finite values in [0, 1], e.g. 0,0.5,1")
+    if os.path.isfile(args.run):
+        raise tr.UserError(f"{args.run} is a file; give the run FOLDER that holds ckpt.pt "
+                           f"(e.g. {os.path.dirname(args.run) or '.'})")
     device = tr.pick_device(args.device)
     t_start = time.time()
     encoder, train_cfg, step = tr.load_encoder(args.run, device)
-    times = (torch.tensor([float(v) for v in args.times.split(",")]) if args.times
-             else tr.paper_times(args.num_times))
-    if times.min() < 0 or times.max() > 1 or not bool((times[1:] > times[:-1]).all()):
-        raise tr.UserError("--times must be increasing values in [0, 1]")
-    splits = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"])
+    init_encoder = tr.load_encoder(args.run, device, weights="init")[0]
+    splits = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"], seed=0)
     attrs = splits["train"].attributes
     target = args.target or "all"
     targets = list(attrs) if target == "all" else [target]
     if any(t not in attrs for t in targets):
         raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got {target!r}")
 
-    def codes(split, grid):
-        c = tr.cached_trajectories(args.run, encoder, splits[split], split, grid, step,
-                                   log=lambda m: print(m, flush=True))
+    def codes(split, grid, init=False):
+        c = tr.cached_trajectories(args.run, init_encoder if init else encoder, splits[split], split, grid,
+                                   "init" if init else f"step{step}", log=lambda m: print(m, flush=True))
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()}
 
     fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
-    on_fine = not args.no_continuous and bool(torch.isclose(
+    on_fine = cfg["probes"] == "all" and not args.no_continuous and bool(torch.isclose(
         (times / FINE_STEP).round() * FINE_STEP, times, atol=1e-6).all())
-    if not args.no_continuous and not on_fine:
+    if cfg["probes"] == "all" and not args.no_continuous and not on_fine:
         print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for these --times")
     # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
     data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={})
     data["grid"] = {s: codes(s, times) for s in ("train", "test")}
+    data["init"] = {s: codes(s, times, init=True) for s in ("train", "test")}
+    data["pixels"] = {s: tr.dataset_tensors(splits[s])[0].flatten(1)[:, None].to(device)  # (N, 1, C*H*W)
+                      for s in ("train", "test")}
     if on_fine:
         rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
         for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", tr.paper_times(51)),
                            ("random11", rand_times)):
             data["test_grids"][name] = codes("test", grid)
+    movement = {}
+    for key in ("grid", "init"):  # how far the codes move along t, relative to the spread between images
+        along, across = tr.curve_movement(data[key]["train"]["codes"])
+        movement[key] = dict(along=along, across=across, ratio=along / max(across, 1e-12))
+    print(f"curve movement (std over t / std between images): trained {movement['grid']['ratio']:.3f}, "
+          f"random init {movement['init']['ratio']:.3f}")
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
-                  times=times.tolist(), protocol=cfg, targets={})
+                  times=times.tolist(), protocol=cfg, movement=movement, targets={})
     for name in targets:
         a = attrs.index(name)
         result["targets"][name] = probe_target(a, name, splits["train"].num_classes[a], data, cfg, print)
     result["wall_time_s"] = time.time() - t_start
+    print("\nwhere each attribute is best read (best single-t MLP, chosen on validation):")
+    for name, out in result["targets"].items():
+        print(f"  {name:<10} t={out['best_t']:.2f}: {fmt(out['best_mlp']['mean'], out['best_mlp']['std'])} "
+              f"(random init {fmt(out['init']['best_mlp']['mean'], out['init']['best_mlp']['std'])} at "
+              f"t={out['init']['best_t']:.2f}; pixels {fmt(out['pixels']['mean'], out['pixels']['std'])}; "
+              f"majority {100 * out['chance']:.1f})")
     out_dir = os.path.join(args.run, "results")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "probe.json"), "w") as f:
+    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces a full one
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, os.path.join(out_dir, "probe.png"))
-    print(f"\nwrote {out_dir}/probe.json and probe.png in {result['wall_time_s'] / 60:.1f} min")
+    plot(result, os.path.join(out_dir, stem + ".png"))
+    print(f"\nwrote {out_dir}/{stem}.json and {stem}.png in {result['wall_time_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ batched computations, bit-exact resume, and the promised error messages. CPU, a 
     python -m pytest -q test_trajrep.py
 """
 import json
+import re
 import math
 import os
 import subprocess
@@ -145,12 +146,14 @@ def test_extraction_one_call_equals_per_t_loop():
 def test_trajectory_cache_reuses_and_slices_a_finer_grid(tmp_path):
     model = tiny_model()
     ds = tr.load_dataset("shapes", "test", num_examples=12)
-    fine = tr.cached_trajectories(str(tmp_path), model.encoder, ds, "test", tr.paper_times(21), step=5, log=print)
+    fine = tr.cached_trajectories(str(tmp_path), model.encoder, ds, "test", tr.paper_times(21), "step5", log=print)
 
     class NoEncoder(nn.Module):  # a second call must not encode again
+        code_dim = 8
+
         def forward(self, *a):
             raise AssertionError("re-encoded although the cache holds the grid")
-    coarse = tr.cached_trajectories(str(tmp_path), NoEncoder(), ds, "test", tr.paper_times(11), step=5)
+    coarse = tr.cached_trajectories(str(tmp_path), NoEncoder(), ds, "test", tr.paper_times(11), "step5")
     assert torch.equal(coarse["codes"], fine["codes"][:, ::2]) and torch.equal(coarse["labels"], fine["labels"])
     x, _ = tr.dataset_tensors(ds)
     assert torch.allclose(coarse["codes"], tr.extract_trajectories(model.encoder, x, tr.paper_times(11)), atol=1e-5)
@@ -160,19 +163,28 @@ def test_trajectory_cache_reuses_and_slices_a_finer_grid(tmp_path):
 # Data
 # ------------------------------------------------------------------------------------------------
 
-def test_shapes_labels_match_pixels():
-    images, labels = tr.make_shapes(300, 32, seed=3)
-    images2, labels2 = tr.make_shapes(300, 32, seed=3)
+@pytest.mark.parametrize("object_scale", [0.7, 1.0, 1.5])
+def test_shapes_labels_match_pixels(object_scale):
+    images, labels = tr.make_shapes(600, 32, seed=3, object_scale=object_scale)
+    images2, labels2 = tr.make_shapes(600, 32, seed=3, object_scale=object_scale)
     assert np.array_equal(images, images2) and np.array_equal(labels, labels2)  # deterministic
     shape, fg, bg, loc = labels.T
     assert (fg != bg).all()
+    centroids = np.zeros((len(images), 2))
     for i in range(len(images)):
-        assert (images[i, 0, 0] == tr.COLOURS[bg[i]]).all()  # corner pixel is the background colour
+        border = np.concatenate([images[i, 0], images[i, -1], images[i, :, 0], images[i, :, -1]])
+        assert (border == tr.COLOURS[bg[i]]).all()  # the whole border is background: no object is clipped
         mask = (images[i] == tr.COLOURS[fg[i]]).all(-1)  # (H, W) object pixels
-        assert mask.sum() >= 20
+        assert mask.sum() >= 20 * object_scale ** 2
         ys, xs = np.nonzero(mask)
-        col, row = int((xs.mean() + 0.5 - 4) // 6), int((ys.mean() + 0.5 - 4) // 6)
-        assert row * 4 + col == loc[i]  # the object's centroid lies in the labelled cell
+        centroids[i] = xs.mean(), ys.mean()
+    # the 16 cells form a 4 x 4 grid: the cell means are ordered in x by loc % 4 and in y by loc // 4,
+    # and every object's centroid is nearest to its own cell's mean
+    cells = np.stack([centroids[loc == c].mean(0) for c in range(16)])  # (16, 2)
+    grid = cells.reshape(4, 4, 2)
+    assert (np.diff(grid[:, :, 0], axis=1) > 1).all() and (np.diff(grid[:, :, 1], axis=0) > 1).all()
+    nearest = np.linalg.norm(centroids[:, None] - cells[None], axis=-1).argmin(1)
+    assert (nearest == loc).mean() > 0.97
     # the five shapes differ in how much of their bounding box they fill (a human sees the shape)
     fill = np.zeros(5)
     for k in range(5):
@@ -210,10 +222,10 @@ def test_folder_dataset_and_missing_folder(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_training_reduces_loss(tmp_path):
-    run_train("--out", str(tmp_path), "--steps", "40", "--lr", "2e-3", "--nf", "8", "--code-dim", "8",
-              "--num-train", "256", "--log-every", "10", "--batch-size", "16", "--warmup", "5")
+    run_train("--out", str(tmp_path), "--steps", "60", "--lr", "2e-3", "--nf", "8", "--code-dim", "8",
+              "--num-train", "256", "--log-every", "20", "--batch-size", "16", "--warmup", "5")
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")]
-    assert losses[-1] < 0.7 * losses[0]  # 1485 -> 869 when written
+    assert losses[-1] < 0.85 * losses[0]  # `cpu` preset: 3110 (steps 1-10) -> 2510 (31-40) when written
 
 
 def state_equal(a, b):
@@ -266,10 +278,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return (loss * float("nan"), dsm, reg) if calls["n"] >= 2 else (loss, dsm, reg)
 
     monkeypatch.setattr(tr.DRLModel, "forward", poisoned)
-    with pytest.raises(tr.UserError, match="non-finite.*last good checkpoint"):
+    with pytest.raises(tr.UserError, match="non-finite.*last good checkpoint .step 2.*--resume"):
         run_train(*TINY, "--out", str(tmp_path), "--steps", "6", "--ckpt-every", "2", "--resume")
     assert open(tmp_path / "ckpt.pt", "rb").read() == before
     assert tr.load_checkpoint(str(tmp_path))["step"] == 2
+    monkeypatch.setattr(tr.DRLModel, "forward", forward)
+    run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--ckpt-every", "2", "--resume", "--lr", "1e-4",
+              "--warmup", "10")  # the advice is possible: lr and warm-up may change on resume
+    assert tr.load_checkpoint(str(tmp_path))["config"]["lr"] == 1e-4
 
 
 def test_impossible_flags_and_resume_clash(tmp_path):
@@ -284,8 +300,8 @@ def test_impossible_flags_and_resume_clash(tmp_path):
     run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
     with pytest.raises(tr.UserError, match="already holds a checkpoint"):  # a new run never overwrites
         run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
-    with pytest.raises(tr.UserError, match="cannot change lr"):
-        run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--lr", "0.5", "--resume")
+    with pytest.raises(tr.UserError, match="cannot change code_dim"):
+        run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--code-dim", "16", "--resume")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,13 +480,13 @@ def test_grid_free_probe_finds_a_narrow_band_from_unseen_grids():
     assert accs["5"] < 0.45  # no point of 0, .25, .5, .75, 1 lies in the band: it cannot know (chance .25)
 
 
-def test_separation_profile_eq5_on_real_encoder_output():
+def test_separation_profile_on_real_encoder_output():
     model = tiny_model()
     ds = tr.load_dataset("shapes", "test", num_examples=64)
     x, y = tr.dataset_tensors(ds)
     traj = tr.extract_trajectories(model.encoder, x, tr.paper_times(11))  # (64, 11, D)
     prof = tr.separation_profile(traj, y[:, 2], max_pairs=300)
-    assert prof["sup_ge_first"] == 1.0  # eq. 5: sup over t >= the distance at t = 0
+    assert abs(prof["argsup_hist"].sum() - 1) < 1e-6  # where each between-class pair is farthest: a histogram
     # loop form of the between-class mean distance at one t
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randint(64, (1200,), generator=gen), torch.randint(64, (1200,), generator=gen)
@@ -541,8 +557,10 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path):
     probe.main([run, "--target", "bg_colour", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--lrs", "1e-3",
                 "--width", "8", "--max-train", "120", "--max-test", "40"])
     out = json.load(open(os.path.join(run, "results", "probe.json")))["targets"]["bg_colour"]
-    test_labels = tr.load_dataset("shapes", "test").labels[:40, 2]
-    assert out["chance"] == np.bincount(test_labels, minlength=9).max() / 40  # majority class of the test prefix
+    cfg = tr.load_checkpoint(run)["config"]
+    test_labels = tr.run_datasets(cfg, max_test=40)["test"].labels[:, 2]  # the probe's stratified subset
+    assert out["chance"] == np.bincount(test_labels, minlength=9).max() / 40  # its majority-class rate
+    assert set(out["init"]) >= {"mlp", "best_t", "gru", "transformer"} and 0 < out["pixels"]["mean"] <= 1
     assert out["best_t_index"] == int(np.argmax(out["mlp"]["val_mean"]))  # chosen on validation
     assert abs(sum(out["attention"]) - 1) < 1e-5 and set(out["continuous_grids"]) == {"5", "11", "51", "random11"}
     with pytest.raises(tr.UserError, match="raise --steps"):  # too small a budget: said, not hidden
@@ -552,3 +570,328 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path):
     assert np.allclose(np.diag(nmi["nmi_mean"]), 1.0) and "findings" in nmi
     for name in ("probe.png", "nmi.png", "attention.png", "attributes.png"):
         assert os.path.getsize(os.path.join(run, "results", name)) > 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# Making the encoder learn: training-time distributions, EDM weighting and preconditioning, controls
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t_dist", tr.T_DISTRIBUTIONS)
+def test_training_time_distributions_match_their_closed_form_cdf(t_dist):
+    """Kolmogorov-Smirnov distance between 200k draws and the CDF written from the definitions:
+    uniform t: (t - eps) / (1 - eps); sigma uniform: (sigma(t) - sigma_min) / (sigma_max - sigma_min);
+    mixture: their average. A wrong inversion (e.g. t = u for 'sigma') is off by ~0.5."""
+    eps, smin, smax, n = 1e-5, 0.01, 50.0, 200_000
+    gen = torch.Generator().manual_seed(0)
+    u, coin = torch.rand(2, n, generator=gen, dtype=torch.float64)
+    t = tr.times_from_uniform(u, coin, t_dist, eps, smin, smax).sort().values
+    assert t.min() >= eps and t.max() <= 1
+    cdf_unif = (t - eps) / (1 - eps)
+    cdf_sigma = (smin * (smax / smin) ** t - smin) / (smax - smin)
+    cdf = dict(uniform=cdf_unif, sigma=cdf_sigma, mixture=(cdf_unif + cdf_sigma) / 2)[t_dist]
+    empirical = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert (empirical - cdf).abs().max() < 0.006  # KS 99.9% bound at n = 200k is 0.0044
+    with pytest.raises(ValueError, match="unknown time distribution"):
+        tr.times_from_uniform(u, coin, "beta")
+
+
+@pytest.mark.parametrize("weighting", tr.WEIGHTINGS)
+def test_weighted_dsm_with_exact_score_of_gaussian_data(weighting):
+    """x0 ~ N(m, s^2 I): with the optimal score, lambda(sigma) ||s - target||^2 averages to
+    lambda / sigma^2 * 0.5 d s^2 / (s^2 + sigma^2): sigma2 weighting lambda = sigma^2, EDM weighting
+    lambda = sigma^2 (sigma^2 + sd^2) / sd^2 (Karras et al. eq. 8 written in score space)."""
+    gen = torch.Generator().manual_seed(2)
+    m, s, sd, B, d = 0.3, 0.7, 0.5, 40000, 12
+    x0 = m + s * torch.randn(B, 3, 2, 2, generator=gen)
+    for t_val in (0.3, 0.8):
+        sigma = tr.ve_sigma(torch.tensor(t_val), 0.01, 2.0).item()
+        noise = torch.randn(B, 3, 2, 2, generator=gen)
+        exact = lambda xt, z, t: -(xt - m) / (s ** 2 + sigma ** 2)
+        dsm = tr.drl_loss(ZeroEncoder(), exact, x0, torch.full((B,), t_val), noise, None, 0.0, 0.01, 2.0,
+                          weighting, sd)[1]
+        lam_over_s2 = 1.0 if weighting == "sigma2" else 1 + sigma ** 2 / sd ** 2
+        assert abs(dsm.item() / (lam_over_s2 * 0.5 * d * s ** 2 / (s ** 2 + sigma ** 2)) - 1) < 0.02
+
+
+def test_edm_preconditioning_is_karras_denoiser():
+    """With precond='edm' the score is (D - x_t) / sigma^2 for D = c_skip x_t + c_out F(c_in x_t):
+    with F forced to 0, s = (c_skip - 1) x_t / sigma^2 exactly; with F = 1 the code path adds c_out."""
+    torch.manual_seed(0)
+    net = tr.ScoreNet(3, 4, 8, (1, 2), 1, (), 16, 0.01, 50.0, precond="edm", sigma_data=0.5)
+    xt, z, t = torch.randn(5, 3, 16, 16) * 3, torch.randn(5, 4), torch.linspace(0.1, 0.9, 5)
+    sigma = tr.ve_sigma(t)[:, None, None, None]
+    c_skip = 0.25 / (sigma ** 2 + 0.25)
+    c_out = sigma * 0.5 / torch.sqrt(sigma ** 2 + 0.25)
+    assert torch.allclose(net(xt, z, t) * sigma ** 2, (c_skip - 1) * xt, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        net.conv_out.bias.fill_(1.0)  # F = 1 everywhere (weights are zero-initialised)
+    assert torch.allclose(net(xt, z, t) * sigma ** 2, (c_skip - 1) * xt + c_out, rtol=1e-4, atol=1e-4)
+
+
+def test_flatten_head_keeps_position_that_pooling_loses():
+    """A one-pixel object at two places away from the borders: convolutions are shift-equivariant, so
+    the pooled features are the same for both places; the flattened head's code differs."""
+    torch.manual_seed(0)
+    kw = dict(in_channels=3, code_dim=4, widths=(8, 8), blocks=1, probabilistic=False, sigma_min=0.01,
+              sigma_max=50.0)
+    pool, flat = tr.Encoder(**kw, head="pool"), tr.Encoder(**kw, head="flatten", image_size=32)
+    x = -torch.ones(2, 3, 32, 32)
+    x[0, :, 12, 12] = x[1, :, 12, 20] = 1.0  # one object, shifted by 8 pixels, far from the borders
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        h = pool.stem(x)
+        for block in pool.blocks:
+            h = block(h, pool.temb(t))
+    pooled = h.mean((2, 3))  # the pool head's input: identical for both positions (up to rounding)
+    assert torch.allclose(pooled[0], pooled[1], atol=1e-5)
+    code = flat(x, t)[0]
+    assert (code[0] - code[1]).abs().max() > 1e-3
+
+
+def test_random_init_control_is_train_py_starting_point(tmp_path):
+    """load_encoder(weights='init') rebuilds the weights train.py started from: a run whose updates
+    are ~0 (lr 1e-30) ends where it began, and its 'init' and 'ema' encoders give the same codes."""
+    run_train(*TINY, "--out", str(tmp_path), "--steps", "1", "--lr", "1e-30", "--warmup", "0")
+    ema, _, _ = tr.load_encoder(str(tmp_path))
+    state = torch.random.get_rng_state()
+    init, _, _ = tr.load_encoder(str(tmp_path), weights="init")
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random state is untouched
+    x = tr.dataset_tensors(tr.load_dataset("shapes", "test", num_examples=8))[0]
+    a, b = (tr.extract_trajectories(e, x, tr.paper_times(3)) for e in (ema, init))
+    assert torch.allclose(a, b, atol=1e-6)
+    other = tr.DRLModel(**tr.load_checkpoint(str(tmp_path))["model_kwargs"]).encoder  # another draw
+    assert not torch.allclose(a, tr.extract_trajectories(other, x, tr.paper_times(3)), atol=1e-3)
+
+
+def test_informative_encoder_beats_the_random_init_control():
+    """The control is computed with the probe protocol itself: codes that carry the label beat the
+    codes of the real encoder architecture at random init on the location of `shapes` objects."""
+    ds = tr.load_dataset("shapes", "train", num_examples=900)
+    x, y = tr.dataset_tensors(ds)
+    loc = y[:, 3]
+    torch.manual_seed(0)
+    enc = tr.Encoder(3, 8, (8, 16), 1, False, 0.01, 50.0)
+    random_codes = tr.extract_trajectories(enc, x, tr.paper_times(2))  # (N, 2, 8)
+    gen = torch.Generator().manual_seed(1)
+    informative = torch.randn(900, 2, 8, generator=gen) * 0.3
+    informative[:, :, :4] += torch.stack([loc % 4, loc // 4, loc % 4, loc // 4], 1)[:, None].float()
+    accs = {}
+    for name, codes in (("random", random_codes), ("informative", informative)):
+        res = tr.run_probe_protocol("mlp", codes[:700], loc[:700], codes[700:], loc[700:], 16, lrs=[3e-3],
+                                    epochs=15, seeds=[0])
+        accs[name] = res["test_mean"].max().item()
+    assert accs["informative"] > 0.9 and accs["informative"] > accs["random"] + 0.3
+
+
+def test_stratified_subset_keeps_every_class_in_proportion():
+    labels = np.repeat(np.arange(5), [400, 300, 200, 90, 10])  # sorted by class, as an ImageFolder
+    idx = tr.stratified_indices(labels, 100, seed=0)
+    counts = np.bincount(labels[idx.numpy()], minlength=5)
+    assert counts.tolist() == [40, 30, 20, 9, 1] and len(set(idx.tolist())) == 100
+    assert not torch.equal(idx, tr.stratified_indices(labels, 100, seed=1))  # seeded
+    assert torch.equal(idx, tr.stratified_indices(labels, 100, seed=0))
+    assert (np.diff(labels[idx.numpy()]) != 0).sum() > 10  # shuffled: not grouped by class
+    small = np.bincount(labels[tr.stratified_indices(labels, 6, seed=0).numpy()], minlength=5)
+    assert (small >= 1).all() and small.sum() == 6  # every class, even at 6 of 1000
+
+
+def test_folder_subset_and_probe_subset_keep_every_class(tmp_path):
+    from PIL import Image
+    for split in ("train", "test"):
+        for c in range(4):
+            os.makedirs(tmp_path / split / f"c{c}")
+            for i in range(5):
+                Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    ds = tr.load_dataset("folder", "train", str(tmp_path), image_size=8, num_examples=8)
+    assert sorted(ds.labels[:, 0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # "the first 8" would be classes 0, 1
+    cfg = dict(dataset="folder", data_root=str(tmp_path), image_size=8, num_train=None, seed=0)
+    splits = tr.run_datasets(cfg, max_train=12, max_test=4)
+    assert set(splits["train"].labels[:, 0].tolist()) == {0, 1, 2, 3} and len(splits["test"]) == 4
+    assert set(splits["test"].labels[:, 0].tolist()) == {0, 1, 2, 3}
+    only_train = tr.run_datasets(cfg, splits=("train",))  # analyze.py needs no test/ folder
+    assert list(only_train) == ["train"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one sentence, nothing lost
+# ------------------------------------------------------------------------------------------------
+
+def run_script(script, *argv):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def one_sentence(p, match):
+    assert p.returncode != 0 and "Traceback" not in p.stderr and re.search(match, p.stderr), p.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("tiny") / "run")
+    run_train(*TINY, "--out", run, "--steps", "2", "--num-train", "120")
+    return run
+
+
+@pytest.mark.parametrize("missing", ["model_kwargs", "config", "ema"])
+def test_incomplete_checkpoint_is_one_sentence(tmp_path, tiny_run, missing):
+    ckpt = tr.load_checkpoint(tiny_run)
+    del ckpt[missing]
+    os.makedirs(tmp_path / "run")
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(tr.UserError, match="incomplete trajrep checkpoint.*" + missing):
+        tr.load_checkpoint(str(tmp_path / "run"))
+    for p in (run_script("probe.py", str(tmp_path / "run")),
+              run_script("train.py", "--resume", "--out", str(tmp_path / "run"))):
+        one_sentence(p, "incomplete trajrep checkpoint")
+    ckpt = tr.load_checkpoint(tiny_run)
+    ckpt["ema"] = {"nothing": torch.zeros(1)}  # the right keys, the wrong weights
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(tr.UserError, match="do not fit"):
+        tr.load_encoder(str(tmp_path / "run"))
+
+
+def test_corrupt_image_in_folder_is_named_before_training(tmp_path):
+    from PIL import Image
+    for c in range(2):
+        os.makedirs(tmp_path / "train" / f"c{c}")
+        Image.new("RGB", (8, 8), (200 * c, 0, 0)).save(tmp_path / "train" / f"c{c}" / "ok.png")
+    (tmp_path / "train" / "c1" / "bad.png").write_bytes(os.urandom(300))
+    with pytest.raises(tr.UserError, match="bad.png is not a readable image"):
+        tr.load_dataset("folder", "train", str(tmp_path), image_size=8)
+
+
+@pytest.mark.parametrize("argv", [["--enc-widths", "abc"], ["--ch-mult", "1,x"], ["--lr", "fast"]])
+def test_non_numeric_train_flags_are_argparse_errors(tmp_path, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train(*TINY, "--out", str(tmp_path / "r"), *argv)
+    assert e.value.code == 2 and "invalid" in capsys.readouterr().err and not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--lr", "nan"], "lr must be a finite"), (["--num-train", "-5"], "num-train must be positive"),
+    (["--num-train", "0"], "num-train must be positive"), (["--dropout", "2"], "dropout"),
+    (["--clip", "-1"], "clip must be positive"), (["--clip", "0"], "clip must be positive"),
+    (["--device", "cuda"], "CUDA device"), (["--device", "tpu9"], "unknown device"),
+    (["--enc-widths", ""], "enc-widths needs positive"), (["--sigma-data", "0"], "sigma-data")])
+def test_impossible_train_values_are_one_sentence_and_leave_no_folder(tmp_path, flags, match):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(tr.UserError, match=match):
+        run_train(*TINY, "--out", str(tmp_path / "r"), "--steps", "2", *flags)
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_divergence_before_any_checkpoint_says_so_and_leaves_no_folder(tmp_path):
+    with pytest.raises(tr.UserError, match="before any checkpoint was written; start again"):
+        run_train(*TINY, "--out", str(tmp_path / "r"), "--steps", "4", "--sigma-min", "1e-30",
+                  "--sigma-max", "1e30")
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_run_folder_lock_metrics_and_stale_temp_files(tmp_path):
+    import fcntl
+    out = tmp_path / "r"
+    os.makedirs(out)
+    with open(out / ".lock", "w") as held:  # another train.py holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(tr.UserError, match="another train.py is writing"):
+            run_train(*TINY, "--out", str(out), "--steps", "2")
+    # a killed run left rows without a checkpoint and a 0-byte temp file: a new run starts clean
+    (out / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 2.0}\n{"st')
+    (out / ".tmp-abc.pt").write_bytes(b"")
+    run_train(*TINY, "--out", str(out), "--steps", "4", "--ckpt-every", "2")
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4] and rows[0]["loss"] != 1.0
+    assert not os.path.exists(out / ".tmp-abc.pt")
+    # a resume from step 2 after rows up to step 4 were written keeps each step once
+    ckpt4 = tr.load_checkpoint(str(out))
+    run_train(*TINY, "--out", str(tmp_path / "two"), "--steps", "2", "--ckpt-every", "2")
+    os.replace(tmp_path / "two" / "ckpt.pt", out / "ckpt.pt")  # as if killed after step 4's log row
+    run_train(*TINY, "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--resume")
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [2, 4]
+    assert state_equal(tr.load_checkpoint(str(out))["model"], ckpt4["model"])  # and the same run
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--times", "nan,0.5"], "at least 2 increasing finite"), (["--times", "0.5"], "at least 2 increasing"),
+    (["--times", "0.5,0.2"], "increasing"), (["--lrs", "0"], "lrs must be positive")])
+def test_bad_probe_flags_are_one_sentence(tiny_run, argv, match):
+    import probe
+    with pytest.raises(tr.UserError, match=match):
+        probe.main([tiny_run, *argv])
+
+
+@pytest.mark.parametrize("argv", [["--times", "a,b"], ["--lrs", "abc"]])
+def test_non_numeric_probe_flags_are_argparse_errors(tiny_run, argv):
+    p = run_script("probe.py", tiny_run, *argv)
+    assert p.returncode == 2 and "invalid float_list value" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_probe_given_the_checkpoint_file_says_give_the_folder(tiny_run):
+    import probe
+    with pytest.raises(tr.UserError, match="is a file; give the run FOLDER"):
+        probe.main([os.path.join(tiny_run, "ckpt.pt")])
+
+
+def test_cache_is_keyed_by_content_and_bad_cache_files_are_re_encoded(tmp_path):
+    model = tiny_model()
+    a = tr.load_dataset("shapes", "test", num_examples=12)
+    b = tr.LabelledImages(a.images[::-1].copy(), a.labels[::-1].copy(), a.attributes, a.num_classes)  # same size
+    times = tr.paper_times(3)
+    ca = tr.cached_trajectories(str(tmp_path), model.encoder, a, "test", times, "s1")
+    cb = tr.cached_trajectories(str(tmp_path), model.encoder, b, "test", times, "s1")
+    assert torch.allclose(cb["codes"], ca["codes"].flip(0), atol=1e-5)  # b's own codes, not a's cache
+    assert torch.equal(cb["labels"], torch.from_numpy(b.labels))
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 2
+    lines = []
+    for bad in ({"not": "a cache"}, dict(codes=torch.zeros(12, 3, 5), labels=ca["labels"], times=times)):
+        for f in files:
+            torch.save(bad, f)  # a foreign torch file; a cache of another code size
+        out = tr.cached_trajectories(str(tmp_path), model.encoder, a, "test", times, "s1", log=lines.append)
+        assert torch.allclose(out["codes"], ca["codes"], atol=1e-6)
+    assert sum("not a cache of this split and encoder" in l for l in lines) >= 2
+
+
+def test_one_class_attribute_cannot_be_probed(tmp_path):
+    from PIL import Image
+    import probe
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / "data" / split / "only")
+        for i in range(12):
+            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / "data" / split / "only" / f"{i}.png")
+    run = str(tmp_path / "run")
+    run_train("--dataset", "folder", "--preset", "cpu", "--data-root", str(tmp_path / "data"), "--image-size", "8",
+              *TINY, "--ch-mult", "1", "--steps", "1", "--num-train", "12", "--out", run)
+    with pytest.raises(tr.UserError, match="single class"):
+        probe.main([run, "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--width", "8", "--no-continuous"])
+
+
+def test_library_functions_leave_the_global_random_state_alone():
+    codes, y = synthetic_curves(200, T=3, k=1)
+    state = torch.random.get_rng_state()
+    tr.mine_pairs(codes, codes, [[0, 1]], steps=5, hidden=8)
+    tr.run_probe_protocol("mlp", codes[:150], y[:150], codes[150:], y[150:], 4, lrs=[1e-3], epochs=1, seeds=[0])
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_probe_figure_title_fits_a_one_panel_figure(tmp_path, monkeypatch):
+    """A `folder` run has one attribute: the suptitle must lie inside the one-panel figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    import probe
+    seen = {}
+    save = Figure.savefig
+
+    def capture(fig, *a, **k):
+        fig.canvas.draw()
+        seen["title"] = fig._suptitle.get_window_extent()
+        seen["fig"] = fig.bbox
+        return save(fig, *a, **k)
+    monkeypatch.setattr(Figure, "savefig", capture)
+    point = dict(mlp=dict(mean=[0.5, 0.6], std=[0.0, 0.0]), best_t_index=1, best_t=1.0)
+    out = dict(point, chance=0.1, init=point, pixels=dict(mean=0.7, std=0.0))
+    result = dict(dataset="folder", encoder="vdrl", times=[0.0, 1.0], targets={"class": out})
+    probe.plot(result, str(tmp_path / "p.png"))
+    assert seen["title"].x0 >= seen["fig"].x0 and seen["title"].x1 <= seen["fig"].x1

@@ -5,7 +5,7 @@ sigma^2-weighted denoising score matching loss of eq. 4 plus lambda_z times the 
 (L1 for DRL, KL for VDRL). The trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py
 study.
 
-    python train.py                                          # shapes, `cpu` preset, ~4 min on 2 cores
+    python train.py                                          # shapes, `cpu` preset, ~8 min on 2 cores
     python train.py --dataset cifar10 --encoder vdrl         # the paper's configuration (`paper` preset)
     python train.py --resume                                 # continue runs/<dataset>-<encoder> exactly
     torchrun --nproc_per_node=4 train.py --dataset cifar10   # DDP (NCCL on GPUs, gloo on CPU)
@@ -16,8 +16,10 @@ Writes <out>/ckpt.pt (model, EMA, optimiser, step, RNG states, config; atomic) a
 import argparse
 import copy
 import json
+import fcntl
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -27,26 +29,41 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import trajrep as tr
 
-# Presets: every value can be overridden by its flag. `paper` is REFERENCE s.1; `cpu` is a small model
-# that trains on `shapes` in about 4 minutes on 2 CPU cores.
+# Presets: every value can be overridden by its flag. `paper` is the published DRL configuration (paper
+# section 3). `cpu` is what made the encoder learn on `shapes` in under 8 minutes on 2 CPU cores (README,
+# "Making the encoder learn"); its departures from the published settings, each a flag:
+#   weighting / precond edm  Karras et al.'s loss weight and parameterisation: at high noise the denoiser
+#                            is the decoder of an autoencoder, so the code must carry the image
+#   t_dist mixture           half of the training times drawn with sigma uniform (high noise)
+#   enc_head flatten         the encoder keeps where things are instead of average-pooling it away
+#   lambda_z 0.3             a regulariser with weight: each t keeps only what the denoiser needs there
+#   nf 8, batch 32, lr 2e-3  a small score network and many small steps: more updates per minute
 PRESETS = {
-    "cpu": dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,
-                enc_widths="16,32,64", enc_blocks=1, nf=16, ch_mult="1,2,2", num_res_blocks=1,
-                attn_res="", dropout=0.0, log_every=50, ckpt_every=250),
+    "cpu": dict(steps=2200, batch_size=32, lr=2e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,
+                enc_widths=[16, 32, 64], enc_blocks=1, nf=8, ch_mult=[1, 2, 2], num_res_blocks=1,
+                attn_res=[], dropout=0.0, enc_head="flatten", weighting="edm", precond="edm",
+                t_dist="mixture", lambda_z=0.3, log_every=100, ckpt_every=500),
     "paper": dict(steps=250_000, batch_size=100, lr=2e-4, warmup=5000, clip=1.0, ema=0.999, code_dim=128,
-                  enc_widths="32,64,128", enc_blocks=4, nf=16, ch_mult="1,2,2,2", num_res_blocks=2,
-                  attn_res="16", dropout=0.1, log_every=100, ckpt_every=5000),
+                  enc_widths=[32, 64, 128], enc_blocks=4, nf=16, ch_mult=[1, 2, 2, 2], num_res_blocks=2,
+                  attn_res=[16], dropout=0.1, enc_head="pool", weighting="sigma2", precond="sigma",
+                  t_dist="uniform", lambda_z=1e-5, log_every=100, ckpt_every=5000),
 }
-# Per-dataset defaults applied under the preset: image size, and Mini-ImageNet's 3-level U-Net (84 px).
-DATASETS = {"shapes": dict(image_size=32), "cifar10": dict(image_size=32), "cifar100": dict(image_size=32),
-            "miniimagenet": dict(image_size=84, ch_mult="1,2,2", data_root="./data/miniimagenet"),
+# Per-dataset defaults applied under the preset: image size, Mini-ImageNet's 3-level U-Net (84 px), and
+# the size of the `shapes` object (1.5 times the first version's: see make_shapes).
+DATASETS = {"shapes": dict(image_size=32, object_scale=1.5), "cifar10": dict(image_size=32),
+            "cifar100": dict(image_size=32),
+            "miniimagenet": dict(image_size=84, ch_mult=[1, 2, 2], data_root="./data/miniimagenet"),
             "folder": dict(image_size=64)}
-DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None,
-                lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, seed=0, device="auto",
+# Fallbacks for flags no preset sets, and for checkpoints written before a flag existed (their runs
+# used the published setting).
+DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None, object_scale=1.0,
+                lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, t_dist="uniform", weighting="sigma2",
+                precond="sigma", sigma_data=0.5, enc_head="pool", seed=0, device="auto",
                 amp=False, channels_last=True, compile=False, workers=0, out=None)
-# What a resumed run may change; everything else must match the checkpoint's config.
+# What a resumed run may change; everything else must match the checkpoint's config. The learning rate,
+# warm-up and clip may change so that a run that diverged can go on from its last good checkpoint.
 RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "device", "amp", "channels_last", "compile",
-                    "workers", "out", "data_root"}
+                    "workers", "out", "data_root", "lr", "warmup", "clip"}
 
 
 def parse_args(argv):
@@ -57,23 +74,35 @@ def parse_args(argv):
     g.add_argument("--data-root", help="folder of the data (default ./data; Mini-ImageNet ./data/miniimagenet "
                                        "with train/<class>/ and test/<class>/)")
     g.add_argument("--image-size", type=int, help="image side in pixels (32; Mini-ImageNet 84; folder 64)")
-    g.add_argument("--num-train", type=int, help="number of training images (shapes: generated, default 10000; others: the first N)")
+    g.add_argument("--num-train", type=int, help="number of training images (shapes: generated, default 10000; "
+                                                 "others: a seeded class-stratified subset)")
+    g.add_argument("--object-scale", type=float, help="shapes only: size of the object relative to the "
+                                                      "original 4-5.5 px radius (1.0)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), help="cpu (default on shapes) or paper (default otherwise)")
     g.add_argument("--encoder", choices=["drl", "vdrl"], help="deterministic (DRL) or probabilistic (VDRL) code")
     g.add_argument("--code-dim", type=int, help="code size D (paper 128)")
-    g.add_argument("--enc-widths", help="encoder stage widths, comma-separated (paper 32,64,128 = WRN-28-2)")
+    g.add_argument("--enc-widths", type=tr.int_list, help="encoder stage widths, comma-separated (paper 32,64,128 = WRN-28-2)")
     g.add_argument("--enc-blocks", type=int, help="residual blocks per encoder stage (paper 4)")
     g.add_argument("--nf", type=int, help="score U-Net base channels (paper 16)")
-    g.add_argument("--ch-mult", help="score U-Net channel multipliers per level (paper 1,2,2,2)")
+    g.add_argument("--ch-mult", type=tr.int_list, help="score U-Net channel multipliers per level (paper 1,2,2,2)")
     g.add_argument("--num-res-blocks", type=int, help="score U-Net residual blocks per level (paper 2)")
-    g.add_argument("--attn-res", help="resolutions with self-attention, comma-separated, '' for none (paper 16)")
+    g.add_argument("--attn-res", type=tr.int_list, help="resolutions with self-attention, comma-separated, '' for none (paper 16)")
     g.add_argument("--dropout", type=float, help="score U-Net dropout (paper 0.1)")
+    g.add_argument("--enc-head", choices=["pool", "flatten"], help="encoder head: global average pooling "
+                   "(paper) or the flattened last feature map, which keeps where things are")
     g = p.add_argument_group("diffusion and loss (eq. 1-4)")
     g.add_argument("--sigma-min", type=float, help="VE-SDE sigma_min (0.01)")
     g.add_argument("--sigma-max", type=float, help="VE-SDE sigma_max (50)")
     g.add_argument("--eps", type=float, help="training times t ~ U(eps, 1) (1e-5)")
     g.add_argument("--lambda-z", type=float, help="weight of the L1 (DRL) or KL (VDRL) regulariser (1e-5)")
+    g.add_argument("--t-dist", choices=tr.T_DISTRIBUTIONS, help="training times: uniform t (paper), sigma "
+                   "(sigma(t) uniform), mixture (half each)")
+    g.add_argument("--weighting", choices=tr.WEIGHTINGS, help="loss weight lambda(t): sigma2 (paper, "
+                   "lambda = sigma^2) or edm (Karras et al.: reconstruction-like at high noise)")
+    g.add_argument("--precond", choices=["sigma", "edm"], help="score parameterisation: sigma (paper, "
+                   "s = F / sigma) or edm (Karras et al.'s c_skip / c_out / c_in)")
+    g.add_argument("--sigma-data", type=float, help="data std assumed by edm weighting and preconditioning (0.5)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="training steps (cpu 1500, paper 250000)")
     g.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over DDP ranks (cpu 64, paper 100)")
@@ -84,7 +113,9 @@ def parse_args(argv):
     g.add_argument("--seed", type=int, help="random seed (0)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder, created if absent (default runs/<dataset>-<encoder>)")
-    g.add_argument("--resume", action="store_true", default=False, help="continue from <out>/ckpt.pt exactly")
+    g.add_argument("--resume", action="store_true", default=False,
+                   help="continue from <out>/ckpt.pt exactly; may change only --steps, --lr, --warmup, --clip "
+                        "and the flags of this group")
     g.add_argument("--log-every", type=int, help="steps between log lines")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -108,19 +139,33 @@ def resolve_config(args):
 
 
 def check_config(cfg):
-    """Impossible values end with one sentence."""
+    """Impossible values end with one sentence, before anything is built or written."""
     for key in ("steps", "batch_size", "code_dim", "nf", "enc_blocks", "num_res_blocks", "image_size",
-                "log_every", "ckpt_every"):
+                "log_every", "ckpt_every", "num_train"):
         if cfg[key] is not None and cfg[key] <= 0:
             raise tr.UserError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
+    for key in ("enc_widths", "ch_mult"):
+        if not ints(cfg[key]) or min(ints(cfg[key])) <= 0:
+            raise tr.UserError(f"--{key.replace('_', '-')} needs positive integers, e.g. 16,32,64")
+    if not 0.5 <= cfg["object_scale"] <= 1.5:
+        raise tr.UserError(f"--object-scale must be in [0.5, 1.5] (beyond, objects of neighbouring location "
+                           f"cells overlap or become too small to show their shape), got {cfg['object_scale']}")
+    for key in ("lr", "clip", "ema", "eps", "lambda_z", "sigma_min", "sigma_max", "dropout", "sigma_data"):
+        if not math.isfinite(cfg[key]):
+            raise tr.UserError(f"--{key.replace('_', '-')} must be a finite number, got {cfg[key]}")
     if not 0 < cfg["sigma_min"] < cfg["sigma_max"]:
         raise tr.UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']} and {cfg['sigma_max']}")
     if not 0 <= cfg["ema"] < 1 or not 0 < cfg["eps"] < 1 or cfg["lr"] <= 0 or cfg["warmup"] < 0:
         raise tr.UserError("need 0 <= --ema < 1, 0 < --eps < 1, --lr > 0 and --warmup >= 0")
+    if cfg["clip"] <= 0:
+        raise tr.UserError(f"--clip must be positive (it is the largest gradient norm), got {cfg['clip']}")
+    if not 0 <= cfg["dropout"] < 1 or cfg["lambda_z"] < 0 or cfg["sigma_data"] <= 0 or cfg["workers"] < 0:
+        raise tr.UserError("need 0 <= --dropout < 1, --lambda-z >= 0, --sigma-data > 0 and --workers >= 0")
 
 
-def ints(text):
-    return tuple(int(v) for v in str(text).split(",") if v.strip())
+def ints(value):
+    """A list of ints from the config (a list; '16,32,64' in checkpoints of earlier versions)."""
+    return tuple(tr.int_list(value) if isinstance(value, str) else value)
 
 
 def model_kwargs(cfg, in_channels=3):
@@ -128,7 +173,8 @@ def model_kwargs(cfg, in_channels=3):
                 code_dim=cfg["code_dim"], enc_widths=ints(cfg["enc_widths"]), enc_blocks=cfg["enc_blocks"],
                 nf=cfg["nf"], ch_mult=ints(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
                 attn_resolutions=ints(cfg["attn_res"]), dropout=cfg["dropout"], lambda_z=cfg["lambda_z"],
-                sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
+                sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"], enc_head=cfg["enc_head"],
+                precond=cfg["precond"], weighting=cfg["weighting"], sigma_data=cfg["sigma_data"])
 
 
 def setup_distributed(cfg):
@@ -146,9 +192,64 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def claim_run_folder(out):
+    """Creates the run folder if absent and takes an exclusive lock on it (out/.lock, flock): a second
+    train.py into the same folder stops with one sentence instead of overwriting the first's files.
+    The kernel drops the lock when this process ends, even by kill -9. Then removes temporary files
+    that a killed checkpoint write left behind (safe: no other run holds the folder).
+    Returns (lock file, whether the folder was created here)."""
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise tr.UserError(f"another train.py is writing to {out}; wait for it to finish or pass another --out") from None
+    for name in os.listdir(out):
+        if name.startswith(".tmp-") and name.endswith(".pt"):
+            os.remove(os.path.join(out, name))
+    return lock, created
+
+
+def cut_metrics(path, step):
+    """Keeps the rows of metrics.jsonl up to `step` (a resumed checkpoint's step; 0 for a new run), so
+    that rows written after the last checkpoint by a killed run are not mixed with the new ones."""
+    if not os.path.exists(path):
+        return
+    rows = [line for line in open(path) if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a row cut by a kill mid-write
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
 def main(argv=None):
+    """Parses flags, claims the run folder, trains; a run that fails before its first checkpoint
+    removes the folder it created (it holds nothing worth keeping), so a retry starts clean."""
     args = parse_args(argv)
     cfg, given = resolve_config(args)
+    lock, created = None, False
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        check_config(cfg)  # before anything is written
+        lock, created = claim_run_folder(cfg["out"])
+    try:
+        train(args, cfg, given)
+    except BaseException:
+        if created and not os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
+            shutil.rmtree(cfg["out"], ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train(args, cfg, given):
     ckpt = None
     if args.resume:
         ckpt = tr.load_checkpoint(os.path.join(cfg["out"], "ckpt.pt"))
@@ -156,7 +257,7 @@ def main(argv=None):
         if clash:
             raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was trained with "
                                f"{ {k: ckpt['config'].get(k) for k in clash} }; drop those flags")
-        cfg = {**ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
+        cfg = {**DEFAULTS, **ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
     elif os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
         raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue it, or --out "
                            f"to start a new run elsewhere (nothing was overwritten)")
@@ -166,9 +267,12 @@ def main(argv=None):
         raise tr.UserError(f"--amp (bf16 autocast) is for CUDA devices and this run is on {device}; drop --amp")
     log = print if rank == 0 else (lambda *a, **k: None)
     log("config: " + json.dumps(cfg, sort_keys=True))
+    if device.type == "cpu" and cfg["preset"] == "paper":
+        log(f"note: the `paper` preset ({cfg['steps']} steps of a 2.3M-parameter model at {cfg['image_size']} px) "
+            f"is a GPU job that takes days on a CPU; for a CPU run add --preset cpu --image-size 32")
 
     # ---- data: a seeded DistributedSampler gives every rank its shard, epoch by epoch ----
-    data = tr.load_dataset(cfg["dataset"], "train", cfg["data_root"], cfg["image_size"], cfg["num_train"], cfg["seed"])
+    data = tr.run_datasets(cfg, splits=("train",))["train"]
     per_rank = cfg["batch_size"] // world
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
@@ -190,17 +294,22 @@ def main(argv=None):
     noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # shared by all ranks (see below)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        noise_gen.set_state(ckpt["rng"]["noise"])
+        try:  # load_checkpoint checked the structure; this checks that the contents fit the model
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            noise_gen.set_state(ckpt["rng"]["noise"])
+            ranks = ckpt["rng"]["ranks"]
+            if len(ranks) == world:
+                torch.set_rng_state(ranks[rank]["cpu"])
+                if device.type == "cuda" and ranks[rank].get("cuda") is not None:
+                    torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise tr.UserError(f"{cfg['out']}/ckpt.pt does not fit the model it describes ({type(e).__name__}); "
+                               f"it is damaged or from another version: resume from an intact copy or "
+                               f"start a new run with another --out") from None
         step = ckpt["step"]
-        ranks = ckpt["rng"]["ranks"]
-        if len(ranks) == world:
-            torch.set_rng_state(ranks[rank]["cpu"])
-            if device.type == "cuda" and ranks[rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
-        else:
+        if len(ranks) != world:
             log(f"checkpoint saved with {len(ranks)} ranks, running {world}: dropout RNG reseeded")
             torch.manual_seed(cfg["seed"] + 7919 * rank + step)
         log(f"resumed from {cfg['out']}/ckpt.pt at step {step}")
@@ -230,8 +339,9 @@ def main(argv=None):
                            os.path.join(cfg["out"], "ckpt.pt"))
 
     # ---- the loop ----
-    os.makedirs(cfg["out"], exist_ok=True)
     metrics_path = os.path.join(cfg["out"], "metrics.jsonl")
+    if rank == 0:
+        cut_metrics(metrics_path, step)  # a new run starts an empty file; a resume keeps rows up to its step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"])
     sums = torch.zeros(3, device=device)  # loss, dsm, reg summed since the last log line
     n_sum, t_last, step_last, t_start = 0, time.time(), step, time.time()
@@ -252,7 +362,8 @@ def main(argv=None):
             # takes the rows of its own images (DistributedSampler deals rows round-robin), so N ranks
             # compute exactly the gradient of one process with the same global batch.
             t, noise, code_noise = tr.sample_training_noise(cfg["batch_size"], image_shape, D, cfg["eps"],
-                                                            noise_gen, device)
+                                                            noise_gen, device, cfg["t_dist"], cfg["sigma_min"],
+                                                            cfg["sigma_max"])
             t, noise, code_noise = t[rank::world], noise[rank::world], code_noise[rank::world]  # (B/world, ...)
             for group in opt.param_groups:  # linear warm-up
                 group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
@@ -274,8 +385,14 @@ def main(argv=None):
                     sums /= world
                 mean = (sums / n_sum).tolist()
                 if not all(math.isfinite(v) for v in mean):
-                    raise tr.UserError(f"the loss became non-finite before step {step}; the last good checkpoint "
-                                       f"in {cfg['out']} is intact: lower --lr or raise --warmup, then --resume")
+                    ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
+                    if os.path.exists(ckpt_path):
+                        raise tr.UserError(
+                            f"the loss became non-finite before step {step}; the last good checkpoint (step "
+                            f"{tr.load_checkpoint(ckpt_path)['step']}) in {cfg['out']} is intact: continue it "
+                            f"with --resume and a lower --lr or a longer --warmup")
+                    raise tr.UserError(f"the loss became non-finite before step {step}, before any checkpoint "
+                                       f"was written; start again with a lower --lr or a longer --warmup")
                 now = time.time()
                 ips = (step - step_last) * cfg["batch_size"] / max(now - t_last, 1e-9)
                 eta = (cfg["steps"] - step) * cfg["batch_size"] / max(ips, 1e-9)

@@ -67,14 +67,43 @@ def ve_marginal(x0, t, sigma_min=0.01, sigma_max=50.0):
     return x0, ve_sigma(t, sigma_min, sigma_max)
 
 
-def sample_training_noise(batch_size, image_shape, code_dim, eps=1e-5, generator=None, device=None):
+T_DISTRIBUTIONS = ("uniform", "sigma", "mixture")
+
+
+def times_from_uniform(u, coin, t_dist="uniform", eps=1e-5, sigma_min=0.01, sigma_max=50.0):
+    """Training times from uniform draws u, coin in [0, 1) (B,), by the distribution `t_dist`:
+
+    'uniform'  t ~ U(eps, 1), the published choice: log sigma is uniform, so most draws are at noise
+               levels where x_t still shows the image and the denoiser hardly needs the code.
+    'sigma'    sigma(t) ~ U(sigma_min, sigma_max), the DRL paper's remedy (its section 2.3): nearly
+               all draws at high noise, where the code must carry the image. Density in t:
+               p(t) = sigma(t) log(sigma_max / sigma_min) / (sigma_max - sigma_min).
+    'mixture'  'uniform' where coin < 1/2, else 'sigma': high noise is trained often, and every
+               t in [0, 1] is still trained (the trajectory is read on all of [0, 1]).
+    Times are clipped to [eps, 1]. Returns t (B,)."""
+    if t_dist not in T_DISTRIBUTIONS:
+        raise ValueError(f"unknown time distribution {t_dist!r}; choose from {T_DISTRIBUTIONS}")
+    t_unif = eps + (1.0 - eps) * u  # (B,)
+    sigma = sigma_min + (sigma_max - sigma_min) * u  # (B,) uniform on [sigma_min, sigma_max]
+    t_sigma = (torch.log(sigma / sigma_min) / math.log(sigma_max / sigma_min)).clamp(eps, 1.0)  # (B,)
+    if t_dist == "uniform":
+        return t_unif
+    if t_dist == "sigma":
+        return t_sigma
+    return torch.where(coin < 0.5, t_unif, t_sigma)
+
+
+def sample_training_noise(batch_size, image_shape, code_dim, eps=1e-5, generator=None, device=None,
+                          t_dist="uniform", sigma_min=0.01, sigma_max=50.0):
     """All randomness of one training step, drawn in one place so that it can be sliced per rank.
 
-    t ~ U(eps, 1) (the published code's eps = 1e-5 keeps sigma away from its floor), the Gaussian
-    noise of the kernel, and the Gaussian of the VDRL reparameterisation. Drawing the GLOBAL batch on
-    every rank from one shared generator and slicing it (train.py) makes N ranks bit-compatible with
-    one process at the same global batch. Returns t (B,), noise (B, C, H, W), code_noise (B, D)."""
-    t = eps + (1.0 - eps) * torch.rand(batch_size, generator=generator, device=device)  # (B,)
+    t from `t_dist` (see times_from_uniform; the published code's t ~ U(eps, 1), eps = 1e-5 keeping
+    sigma away from its floor), the Gaussian noise of the kernel, and the Gaussian of the VDRL
+    reparameterisation. Drawing the GLOBAL batch on every rank from one shared generator and slicing
+    it (train.py) makes N ranks bit-compatible with one process at the same global batch.
+    Returns t (B,), noise (B, C, H, W), code_noise (B, D)."""
+    u, coin = torch.rand(2, batch_size, generator=generator, device=device)  # 2 x (B,)
+    t = times_from_uniform(u, coin, t_dist, eps, sigma_min, sigma_max)  # (B,)
     noise = torch.randn(batch_size, *image_shape, generator=generator, device=device)  # (B, C, H, W)
     code_noise = torch.randn(batch_size, code_dim, generator=generator, device=device)  # (B, D)
     return t, noise, code_noise
@@ -157,12 +186,19 @@ class SelfAttention2d(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Time-aware encoder E_phi(x0, t) on the CLEAN image x0 (paper eq. 4, REFERENCE s.1).
+    """Time-aware encoder E_phi(x0, t) on the CLEAN image x0 (paper eq. 4).
 
     A wide ResNet: a 3x3 stem, then one stage per entry of `widths`, each of `blocks` CondResBlocks
     conditioned on the time embedding (the first block of every stage after the first halves the
-    resolution), then GroupNorm, SiLU, global average pooling and a Linear head. widths=(32, 64, 128)
-    with blocks=4 is the published WRN-28-2 (code size 64 * 2 = 128).
+    resolution), then GroupNorm, SiLU and a Linear head. widths=(32, 64, 128) with blocks=4 is the
+    published WRN-28-2 (code size 64 * 2 = 128).
+
+    Time conditioning departs from the published code, which adds a bias Linear(emb(t)) after the
+    first conv of each block: here emb(t) SCALES and shifts the features before a non-linearity
+    (CondResBlock), so that the curve is not one point plus an image-independent offset.
+    head='pool' (published): global average pooling, then Linear; WHERE something is survives only
+    through padding effects. head='flatten': the last feature map, flattened, then Linear, so the
+    code can say where the object is (needs image_size to size the Linear).
 
     probabilistic=False (DRL): the head gives the code z = mu, and logvar is None.
     probabilistic=True (VDRL): the head gives mu and log-variance; training samples
@@ -170,9 +206,11 @@ class Encoder(nn.Module):
     Input x0 (B, C, H, W), t (B,) -> mu (B, D), logvar (B, D) or None."""
 
     def __init__(self, in_channels, code_dim, widths, blocks, probabilistic,
-                 sigma_min, sigma_max, temb_dim=64, dropout=0.0):
+                 sigma_min, sigma_max, temb_dim=64, dropout=0.0, head="pool", image_size=32):
         super().__init__()
-        self.code_dim, self.probabilistic = code_dim, probabilistic
+        if head not in ("pool", "flatten"):
+            raise ValueError(f"unknown encoder head {head!r}; choose pool or flatten")
+        self.code_dim, self.probabilistic, self.head_kind = code_dim, probabilistic, head
         self.temb = TimeEmbedding(temb_dim, sigma_min, sigma_max)
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         layers, c = [], widths[0]
@@ -183,14 +221,16 @@ class Encoder(nn.Module):
                 c = w
         self.blocks = nn.ModuleList(layers)
         self.norm = group_norm(c)
-        self.head = nn.Linear(c, code_dim * (2 if probabilistic else 1))
+        r = image_size // 2 ** (len(widths) - 1)  # side of the last feature map
+        self.head = nn.Linear(c * (r * r if head == "flatten" else 1), code_dim * (2 if probabilistic else 1))
 
     def forward(self, x0, t):
         temb = self.temb(t)  # (B, temb_dim)
         h = self.stem(x0)  # (B, W0, H, W)
         for block in self.blocks:
             h = block(h, temb)
-        h = F.silu(self.norm(h)).mean(dim=(2, 3))  # (B, C_last), global average pool
+        h = F.silu(self.norm(h))  # (B, C_last, r, r)
+        h = h.flatten(1) if self.head_kind == "flatten" else h.mean(dim=(2, 3))  # (B, C*r*r) or (B, C)
         out = self.head(h)  # (B, D) or (B, 2D)
         if not self.probabilistic:
             return out, None
@@ -207,20 +247,29 @@ class ScoreNet(nn.Module):
     published code adds a per-channel bias only; scale-and-shift lets z act multiplicatively);
     (2) Linear(c) is reshaped to a map of `map_channels` x r x r (r the lowest resolution) and
     concatenated to the bottleneck features. Route (1) is spatially uniform: it can say WHAT (a
-    colour) but hardly WHERE; route (2) gives the code a direct spatial path to the decoder. (At the
-    `cpu` budget of 1500 steps neither variant made the object's location decodable from the code:
-    the encoder learns the colours first; the architecture can represent location, since trained
-    supervised it reaches 73% on `shapes` in 300 steps.)
-    The output is divided by sigma(t) as in the published code, so the network predicts -noise and
-    the sigma^2-weighted loss is O(1) at all t.
+    colour) but hardly WHERE; route (2) gives the code a direct spatial path to the decoder.
+
+    How the network's output F becomes a score (`precond`):
+    'sigma' (published): s = F(x_t) / sigma, so F predicts -noise; the denoised image is
+        D = x_t + sigma^2 s = x_t + sigma F. At sigma = 50 an error of 0.01 in F is an error of 0.5
+        in D: the network can hardly express what the code says about x0 at high noise.
+    'edm' (Karras et al. 2022, "Elucidating the design space", eq. 7): D = c_skip x_t + c_out F(c_in x_t)
+        with c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+        c_in = 1 / sqrt(sigma^2 + sd^2) (sd = sigma_data, the data's std), and s = (D - x_t) / sigma^2.
+        At high noise F predicts x0 / sd directly, from the code: the denoiser there is the decoder of
+        an autoencoder whose encoder is E(x0, t).
     Input x_t (B, C, H, W), z (B, D), t (B,) -> score (B, C, H, W)."""
 
     def __init__(self, in_channels, code_dim, nf, ch_mult, num_res_blocks, attn_resolutions,
-                 image_size, sigma_min, sigma_max, dropout=0.0, map_channels=32):
+                 image_size, sigma_min, sigma_max, dropout=0.0, map_channels=32, precond="sigma",
+                 sigma_data=0.5):
         super().__init__()
+        if precond not in ("sigma", "edm"):
+            raise ValueError(f"unknown preconditioning {precond!r}; choose sigma or edm")
         temb_dim = 4 * nf
         cond_dim = 2 * temb_dim
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.precond, self.sigma_data = precond, sigma_data
         self.temb = TimeEmbedding(temb_dim, sigma_min, sigma_max)
         self.code_proj = nn.Linear(code_dim, temb_dim)
         self.conv_in = nn.Conv2d(in_channels, nf, 3, padding=1)
@@ -260,8 +309,10 @@ class ScoreNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, xt, z, t):
+        sigma = ve_sigma(t, self.sigma_min, self.sigma_max)[:, None, None, None]  # (B, 1, 1, 1)
+        c_in = 1.0 if self.precond == "sigma" else torch.rsqrt(sigma ** 2 + self.sigma_data ** 2)
         c = torch.cat([self.temb(t), self.code_proj(z)], dim=1)  # (B, 2 * temb_dim)
-        h = self.conv_in(xt)
+        h = self.conv_in(xt * c_in)
         skips = [h]
         for layer in self.down:
             if isinstance(layer, nn.ModuleList):
@@ -276,8 +327,12 @@ class ScoreNet(nn.Module):
                 h = layer[1](layer[0](torch.cat([h, skips.pop()], dim=1), c))
             else:
                 h = layer(h)  # 2x nearest upsampling
-        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
-        return out / ve_sigma(t, self.sigma_min, self.sigma_max)[:, None, None, None]
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W), the network output F
+        if self.precond == "sigma":
+            return out / sigma  # s = F / sigma
+        sd2 = self.sigma_data ** 2
+        denoised = sd2 / (sigma ** 2 + sd2) * xt + sigma * self.sigma_data * torch.rsqrt(sigma ** 2 + sd2) * out
+        return (denoised - xt) / sigma ** 2  # Tweedie: s = (D - x_t) / sigma^2
 
 
 class DRLModel(nn.Module):
@@ -289,35 +344,62 @@ class DRLModel(nn.Module):
     def __init__(self, in_channels=3, image_size=32, probabilistic=False, code_dim=128,
                  enc_widths=(32, 64, 128), enc_blocks=4, nf=16, ch_mult=(1, 2, 2, 2),
                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, lambda_z=1e-5,
-                 sigma_min=0.01, sigma_max=50.0):
+                 sigma_min=0.01, sigma_max=50.0, enc_head="pool", precond="sigma", weighting="sigma2",
+                 sigma_data=0.5):
         super().__init__()
         if image_size % 2 ** (len(ch_mult) - 1):
             raise UserError(f"image size {image_size} is not divisible by 2^{len(ch_mult) - 1} for "
                             f"channel multipliers {tuple(ch_mult)}; pick another --image-size or --ch-mult")
         self.lambda_z, self.sigma_min, self.sigma_max = lambda_z, sigma_min, sigma_max
+        self.weighting, self.sigma_data = weighting, sigma_data
         self.encoder = Encoder(in_channels, code_dim, tuple(enc_widths), enc_blocks, probabilistic,
-                               sigma_min, sigma_max)
+                               sigma_min, sigma_max, head=enc_head, image_size=image_size)
         self.score = ScoreNet(in_channels, code_dim, nf, tuple(ch_mult), num_res_blocks,
-                              tuple(attn_resolutions), image_size, sigma_min, sigma_max, dropout)
+                              tuple(attn_resolutions), image_size, sigma_min, sigma_max, dropout,
+                              precond=precond, sigma_data=sigma_data)
 
     def forward(self, x0, t, noise, code_noise):
-        return drl_loss(self.encoder, self.score, x0, t, noise, code_noise,
-                        self.lambda_z, self.sigma_min, self.sigma_max)
+        return drl_loss(self.encoder, self.score, x0, t, noise, code_noise, self.lambda_z,
+                        self.sigma_min, self.sigma_max, self.weighting, self.sigma_data)
 
 
 # =================================================================================================
 # Losses: paper eq. 3-4 and the DRL / VDRL regularisers
 # =================================================================================================
 
-def dsm_loss(score, noise, sigma):
-    """sigma^2-weighted denoising score matching (eq. 3-4) for x_t = x0 + sigma * noise.
+WEIGHTINGS = ("sigma2", "edm")
+
+
+def loss_weight(sigma, weighting="sigma2", sigma_data=0.5):
+    """lambda(sigma) / sigma^2 for the weighting lambda of the score-matching loss (eq. 3-4).
+
+    The paper gives no lambda(t); these are the two offered:
+    'sigma2' (the published code): lambda = sigma^2, i.e. ||sigma s + noise||^2, the error of the
+        predicted noise. In terms of the denoised image D = x_t + sigma^2 s it is ||D - x0||^2 / sigma^2:
+        at high noise, the only place where the denoiser NEEDS the code, errors count 1/sigma^2 as
+        much (1/2500 at sigma = 50). The code then learns what helps at low noise: the background.
+    'edm' (Karras et al. 2022, eq. 8): lambda = sigma^2 (sigma^2 + sd^2) / sd^2, i.e. the D-space weight
+        (sigma^2 + sd^2) / (sigma sd)^2: errors in D count about 1/sd^2 at high noise, so there the loss
+        is an autoencoder's reconstruction error through the code, and 1/sigma^2 at low noise as before.
+    sigma (B,) -> (B,)."""
+    if weighting == "sigma2":
+        return torch.ones_like(sigma)
+    if weighting == "edm":
+        return 1.0 + sigma ** 2 / sigma_data ** 2
+    raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
+
+
+def dsm_loss(score, noise, sigma, weight=None):
+    """Weighted denoising score matching (eq. 3-4) for x_t = x0 + sigma * noise.
 
     The kernel's score is grad log p_0t(x_t | x0) = -(x_t - x0) / sigma^2 = -noise / sigma, so
-    lambda(t) ||s - target||^2 with lambda = sigma^2 is ||sigma * s + noise||^2.
+    lambda(t) ||s - target||^2 is (lambda / sigma^2) ||sigma * s + noise||^2; weight = lambda / sigma^2
+    per example (loss_weight; None: lambda = sigma^2, the published code's).
     Per example 0.5 * sum over pixels, averaged over the batch (as the published code).
-    score, noise (B, C, H, W), sigma (B,) -> scalar."""
+    score, noise (B, C, H, W), sigma (B,), weight (B,) or None -> scalar."""
     err = sigma[:, None, None, None] * score + noise  # (B, C, H, W)
-    return 0.5 * err.pow(2).flatten(1).sum(1).mean()
+    per_example = 0.5 * err.pow(2).flatten(1).sum(1)  # (B,)
+    return (per_example if weight is None else weight * per_example).mean()
 
 
 def kl_std_normal(mu, logvar):
@@ -333,8 +415,8 @@ def code_regulariser(mu, logvar):
 
 
 def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
-             sigma_min=0.01, sigma_max=50.0):
-    """The DRL / VDRL objective, eq. 4 plus lambda_z times the code regulariser.
+             sigma_min=0.01, sigma_max=50.0, weighting="sigma2", sigma_data=0.5):
+    """The DRL / VDRL objective, eq. 4 (weighted by loss_weight) plus lambda_z times the regulariser.
 
     x_t = x0 + sigma(t) * noise is a draw of the kernel of eq. 1; the score network sees the code
     E(x0, t) of the clean image (DRL: the code itself; VDRL: mu + exp(logvar/2) * code_noise).
@@ -343,7 +425,7 @@ def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
     xt = x0 + sigma[:, None, None, None] * noise  # (B, C, H, W), eq. 1 kernel
     mu, logvar = encoder(x0, t)  # (B, D), (B, D) or None
     z = mu if logvar is None else mu + torch.exp(0.5 * logvar) * code_noise  # reparameterisation
-    dsm = dsm_loss(score_net(xt, z, t), noise, sigma)
+    dsm = dsm_loss(score_net(xt, z, t), noise, sigma, loss_weight(sigma, weighting, sigma_data))
     reg = code_regulariser(mu, logvar)
     return dsm + lambda_z * reg, dsm, reg
 
@@ -354,7 +436,8 @@ def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
 # Images are scaled to [-1, 1] (ToTensor, then 2x - 1), not by per-channel mean/std as the published
 # code: the same transform then serves every dataset, including `shapes`, whose colours are saturated.
 # sigma_max = 50 stays sensible: the largest pairwise distance between 32x32x3 images in [-1, 1] is
-# at most 2 * sqrt(3072) = 111 and is about 50-80 in practice (train.py prints the measured value).
+# at most 2 * sqrt(3072) = 111; train.py prints the measured value (about 100 for `shapes`, whose
+# saturated colours fill most of the range).
 
 SHAPE_NAMES = ("square", "circle", "triangle", "diamond", "cross")
 COLOURS = np.array([[230, 25, 25], [25, 200, 25], [30, 60, 230], [240, 220, 20], [20, 210, 220],
@@ -377,12 +460,17 @@ def shape_mask(kind, dx, dy, r):
     return ((np.abs(dx) <= 0.3 * r) & (np.abs(dy) <= r)) | ((np.abs(dy) <= 0.3 * r) & (np.abs(dx) <= r))
 
 
-def make_shapes(n, image_size=32, seed=0):
+def make_shapes(n, image_size=32, seed=0, object_scale=1.5):
     """The embedded synthetic dataset: n RGB images of one object with four labelled attributes.
 
     shape (5 kinds), foreground colour (9), background colour (9, never the foreground), location
     (16 cells of a 4x4 grid over the central part of the image, so that no object is clipped); the
     object's radius and its centre jitter a little inside the cell. Deterministic per seed.
+    object_scale multiplies the radius (4 to 5.5 px at 32 px for 1.0, the first version's size) and
+    the grid shrinks so that the object stays inside: a larger object is a larger share of the pixels,
+    hence of the loss (1.5, the default: about 11% of the pixels instead of 5%; the encoder learnt
+    faster, see the README). Beyond 1.5 the centres of neighbouring cells come closer than the
+    jitter and the shape's own off-centre mass (a triangle's), and location becomes ambiguous.
     Returns images (n, H, W, 3) uint8 and labels (n, 4) int64 in SHAPES_ATTRIBUTES order."""
     rng = np.random.default_rng(seed)
     s = image_size / 32.0  # all geometry is laid out for 32 px and scaled
@@ -390,8 +478,11 @@ def make_shapes(n, image_size=32, seed=0):
     fg = rng.integers(0, 9, n)
     bg = (fg + rng.integers(1, 9, n)) % 9  # never equal to fg
     loc = rng.integers(0, 16, n)
-    radius = s * rng.uniform(4.0, 5.5, n)
-    centres = s * (7.0 + 6.0 * np.stack([loc % 4, loc // 4], 1) + rng.uniform(-1, 1, (n, 2)))  # (n, 2) x, y
+    radius = s * object_scale * rng.uniform(4.0, 5.5, n)
+    margin = 5.5 * object_scale + 1.5  # largest radius + jitter (<= 1 px) + half a pixel: 7 at scale 1
+    spacing = (32.0 - 2 * margin) / 3  # 4 cells per axis: 6 px at scale 1
+    jitter = rng.uniform(-1, 1, (n, 2)) * min(1.0, spacing / 6)  # +-1 px at scale 1, less when cells are closer
+    centres = s * (margin + spacing * np.stack([loc % 4, loc // 4], 1) + jitter)  # (n, 2) x, y
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64) + 0.5  # pixel centres (H, W)
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     for i in range(n):
@@ -414,11 +505,14 @@ class LabelledImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def head(self, n):
-        """The first n examples, as a LabelledImages (the generators already shuffle)."""
-        images = (self.images[:n] if isinstance(self.images, np.ndarray)
-                  else torch.utils.data.Subset(self.images, range(n)))
-        return LabelledImages(images, self.labels[:n], self.attributes, self.num_classes, self.transform)
+    def subset(self, n, seed=0):
+        """A seeded random subset of n examples, stratified by the first attribute (the class of an
+        image folder), as a LabelledImages. Never "the first n": an image folder is sorted by class,
+        so its first n would drop whole classes. See stratified_indices."""
+        idx = stratified_indices(self.labels[:, 0], n, seed)  # (n,)
+        images = (self.images[idx] if isinstance(self.images, np.ndarray)
+                  else torch.utils.data.Subset(self.images, idx.tolist()))
+        return LabelledImages(images, self.labels[idx], self.attributes, self.num_classes, self.transform)
 
     def __getitem__(self, i):
         return self.__getitems__([i])[0]
@@ -436,21 +530,58 @@ class LabelledImages(torch.utils.data.Dataset):
         return out
 
 
-def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0):
+def stratified_indices(labels, n, seed=0):
+    """n indices into labels (N,), drawn at random without replacement so that every class keeps its
+    share (largest-remainder rounding of n * count / N; every class keeps at least one example when
+    n >= number of classes), returned in a seeded random order. Uses its own generator: the
+    caller's random state is left alone. labels (N,) int -> (n,) int64."""
+    labels = np.asarray(labels)
+    if not 0 < n <= len(labels):
+        raise ValueError(f"cannot take {n} of {len(labels)} examples")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / len(labels)
+    take = np.floor(quota).astype(int)
+    if n >= len(classes):
+        take = np.maximum(take, 1)
+    while take.sum() > n:  # the floor of 1 can overshoot: take back where most above quota
+        take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
+    for c in np.argsort(-(quota - take))[: n - take.sum()]:  # largest remainders get the rest
+        take[c] += 1
+    idx = np.concatenate([rng.choice(np.nonzero(labels == c)[0], k, replace=False)
+                          for c, k in zip(classes, take)])
+    return torch.from_numpy(rng.permutation(idx)).long()
+
+
+def float_list(text):
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; an argparse type, so that a bad list is argparse's one line."""
+    return [float(v) for v in str(text).split(",") if v.strip()]
+
+
+def int_list(text):
+    """'16,32,64' -> [16, 32, 64]; an argparse type (see float_list)."""
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0, object_scale=1.5):
     """Returns a LabelledImages for `name` in {shapes, cifar10, cifar100, miniimagenet, folder}.
 
     shapes: generated (num_examples, default 10000 train / 2000 test); the test split uses another
-        seed than the train split, so the split is fixed and disjoint by construction. For the other
-        datasets num_examples keeps the first examples of the split (None: all).
+        seed than the train split, so the split is fixed and disjoint by construction; object_scale:
+        see make_shapes. For the other
+        datasets num_examples keeps a seeded, class-stratified random subset (None: all).
     cifar10 / cifar100: torchvision, downloaded into data_root when absent.
     miniimagenet / folder: data_root/train/<class>/*.png|jpg and data_root/test/<class>/..., resized
-        to image_size (Mini-ImageNet: 84)."""
-    import torchvision  # here, not at import: shapes needs no torchvision
-    import torchvision.transforms as T
+        to image_size (Mini-ImageNet: 84). Every image is opened once here: a file that is not a
+        readable image stops with its name before any training starts."""
+    if num_examples is not None and num_examples <= 0:
+        raise UserError(f"the number of examples must be positive, got {num_examples}")
     if name == "shapes":
         n = num_examples or (10000 if split == "train" else 2000)
-        images, labels = make_shapes(n, image_size, seed=seed * 1000 + (0 if split == "train" else 1))
+        images, labels = make_shapes(n, image_size, seed * 1000 + (0 if split == "train" else 1), object_scale)
         return LabelledImages(images, labels, SHAPES_ATTRIBUTES, SHAPES_CLASSES)
+    import torchvision  # here, not at import and not for shapes: only the other datasets need it
+    import torchvision.transforms as T
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
@@ -471,25 +602,42 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
             raise UserError(f"{folder} holds no images in class sub-folders ({e}); put them in "
                             f"{folder}/<class>/<image>") from None
         transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
+        check_images(base.samples)
     else:
         raise UserError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, miniimagenet or folder")
     labels = np.asarray(base.targets, dtype=np.int64)[:, None]  # (N, 1): one attribute, the class
     ds = LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
-    return ds.head(num_examples) if num_examples else ds
+    if num_examples and num_examples < len(ds):
+        return ds.subset(num_examples, seed)
+    return ds
 
 
-def run_datasets(config, data_root=None, max_train=0, max_test=0):
-    """The train and test splits of a training run's dataset (its config from the checkpoint), each
-    cut to its first max_* examples when given; data_root overrides the run's folder.
-    Returns dict(train=LabelledImages, test=LabelledImages)."""
+def check_images(samples):
+    """Opens every (path, class) of an image folder's list and verifies it decodes; a broken file
+    stops with its name (before training, not hours into it). Costs one header read per image."""
+    from PIL import Image
+    for path, _ in samples:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as e:
+            raise UserError(f"{path} is not a readable image ({type(e).__name__}); delete or replace it "
+                            f"and run again") from None
+
+
+def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits=("train", "test")):
+    """The splits of a training run's dataset (its config from the checkpoint), each cut to a seeded,
+    class-stratified subset of max_* examples when given; data_root overrides the run's folder.
+    Returns dict(train=LabelledImages, test=LabelledImages) (the names in `splits`)."""
     root = data_root or config["data_root"]
-    splits = dict(train=load_dataset(config["dataset"], "train", root, config["image_size"],
-                                     config["num_train"], config["seed"]),
-                  test=load_dataset(config["dataset"], "test", root, config["image_size"], None, config["seed"]))
-    for name, limit in (("train", max_train), ("test", max_test)):
-        if limit and limit < len(splits[name]):
-            splits[name] = splits[name].head(limit)
-    return splits
+    limits = dict(train=(config["num_train"], max_train), test=(None, max_test))
+    out = {}
+    for name in splits:
+        out[name] = load_dataset(config["dataset"], name, root, config["image_size"], limits[name][0],
+                                 config["seed"], config.get("object_scale", 1.0))
+        if limits[name][1] and limits[name][1] < len(out[name]):
+            out[name] = out[name].subset(limits[name][1], seed)
+    return out
 
 
 def max_pairwise_distance(x):
@@ -513,7 +661,7 @@ def extract_trajectories(encoder, images, times, batch_size=256):
 
     All T times of a chunk of images go through the encoder in ONE pass (images repeated T times);
     the chunk holds batch_size // T images, so a pass has about batch_size rows. For VDRL the
-    representation is the mean mu (REFERENCE s.1). The encoder is put in eval mode. Inputs are made
+    representation is the mean mu (as in the published code). The encoder is put in eval mode. Inputs are made
     channels-last, the memory format load_encoder gives the encoder (same result up to float
     rounding; bench.py measures both formats).
     images (N, C, H, W), times (T,) -> (N, T, D)."""
@@ -548,14 +696,28 @@ def times_key(times):
     return hashlib.sha1(np.asarray(times, dtype=np.float64).round(9).tobytes()).hexdigest()[:10]
 
 
-def cached_trajectories(run_dir, encoder, dataset, split, times, step, batch_size=256, log=print):
-    """extract_trajectories for a whole split, cached in run_dir/cache by (split, size, times, step).
+def tensors_key(*tensors):
+    """A short hash of the CONTENT of tensors (here: a split's images and labels), so that a cache
+    made from one set of images is never read for another with the same size."""
+    h = hashlib.sha1()
+    for x in tensors:
+        h.update(str((x.dtype, tuple(x.shape))).encode())
+        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
-    A second probe or analysis run of the same checkpoint reads the file instead of re-encoding; a
-    grid that is a subset of a cached finer grid (11 points inside the 21-point grid) is sliced
-    from it. Returns dict(codes (N, T, D), labels (N, A), times (T,))."""
+
+def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size=256, log=print):
+    """extract_trajectories for a whole split, cached in run_dir/cache.
+
+    The file name holds the split, a hash of the split's images and labels (another --data-root or
+    subset never reuses a cache), `tag` naming the weights (e.g. 'step1500', 'init') and the grid.
+    A second probe or analysis run reads the file instead of re-encoding; a grid that is a subset of
+    a cached finer grid (11 points inside the 21-point grid) is sliced from it. A file that is not a
+    cache of this split and encoder (wrong content, wrong code size) is ignored with a line saying so,
+    and the split is encoded again. Returns dict(codes (N, T, D), labels (N, A), times (T,))."""
+    images, labels = dataset_tensors(dataset)  # (N, C, H, W), (N, A)
     folder = os.path.join(run_dir, "cache")
-    prefix, suffix = f"traj-{split}{len(dataset)}-", f"-step{step}.pt"
+    prefix, suffix = f"traj-{split}-{tensors_key(images, labels)}-{tag}-", ".pt"
     path = os.path.join(folder, prefix + times_key(times) + suffix)
     times = torch.as_tensor(times, dtype=torch.float32)
     cached = [f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(suffix)] \
@@ -563,15 +725,19 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, step, batch_siz
     for name in sorted(cached, key=lambda f: (os.path.join(folder, f) != path, f)):  # exact grid first
         try:
             c = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            ok = (isinstance(c, dict) and c["codes"].dim() == 3 and len(c["codes"]) == len(images)
+                  and c["codes"].shape[2] == encoder.code_dim and c["times"].dim() == 1
+                  and c["codes"].shape[1] == len(c["times"]) and torch.equal(c["labels"], labels))
         except Exception:
-            log(f"cache file {name} is unreadable; ignoring it")
+            ok = False
+        if not ok:
+            log(f"cache file {name} is unreadable or not a cache of this split and encoder; ignoring it")
             continue
         match = (c["times"][None, :] - times[:, None]).abs() < 1e-6  # (T, T_cached)
         if bool(match.any(1).all()):
             cols = match.float().argmax(1)  # (T,) column of each wanted time
-            return dict(codes=c["codes"][:, cols], labels=c["labels"], times=times)  # (N, T, D)
-    images, labels = dataset_tensors(dataset)
-    log(f"encoding {len(images)} {split} images at {len(times)} times ...")
+            return dict(codes=c["codes"][:, cols], labels=labels, times=times)  # (N, T, D)
+    log(f"encoding {len(images)} {split} images at {len(times)} times ({tag}) ...")
     out = dict(codes=extract_trajectories(encoder, images, times, batch_size), labels=labels, times=times)
     atomic_save(out, path)
     return out
@@ -602,7 +768,7 @@ class GroupedLinear(nn.Module):
 
 
 class PointMLP(nn.Module):
-    """MLP probe on single points of the trajectory (REFERENCE s.3): Linear(D, 512), ReLU,
+    """MLP probe on single points of the trajectory (paper section 3.1, published sizes): Linear(D, 512), ReLU,
     Dropout 0.25, Linear(512, K) -- one independent MLP per time point, all T trained together.
     codes (B, T, D) -> logits (B, T, K)."""
 
@@ -634,7 +800,7 @@ class FlatMLP(nn.Module):
 
 
 class GRUProbe(nn.Module):
-    """Recurrent probe (REFERENCE s.3): a GRU with 256 hidden units runs along the trajectory from
+    """Recurrent probe (paper section 3.1, published sizes): a GRU with 256 hidden units runs along the trajectory from
     t = 0 to t = 1; dropout 0.25 and a linear head read the last state.
     codes (B, T, D) -> logits (B, 1, K)."""
 
@@ -668,7 +834,7 @@ class TrajectoryTransformer(nn.Module):
 
     Codes are embedded by Linear(D, width) + dropout, plus a position embedding: of the INDEX of the
     point (time_embedding='index', the paper's probe), or of the VALUE of t (time_embedding='value',
-    the grid-free probe of issue "beyond the paper"). One post-LN block (`heads` heads, feed-forward
+    the grid-free probe for the paper's closing question, section 4). One post-LN block (`heads` heads, feed-forward
     2 * width) is applied `rounds` times with shared weights; the token is read out by a linear head.
 
     Departure, for Figure 3: keys and values are the T trajectory points only. The points attend to
@@ -773,7 +939,7 @@ def train_probe(model, train, val, test, epochs, lr, batch_size=256, weight_deca
     train/val/test are (codes (N, T, D), labels (N,)) pairs. The loss is the SUM over heads of each
     head's mean cross-entropy, so each head gets exactly the gradient it would get alone, and Adam's
     element-wise update keeps the heads independent: the batched per-t MLPs equal T separate runs.
-    clip: gradient-norm clipping (RNN / Transformer, REFERENCE s.3); it couples heads, so it is
+    clip: gradient-norm clipping (RNN / Transformer, as the published probes); it couples heads, so it is
     only used with G = 1. train_times_fn(generator) -> (column indices (k,), times (k,)) draws a
     random sub-grid per batch (continuous probe); eval_times are the times of val/test columns.
     Returns dict(val (G,), test (G,), epoch (G,), attention (T,) and state (weights) at the best
@@ -817,7 +983,7 @@ def train_probe(model, train, val, test, epochs, lr, batch_size=256, weight_deca
 
 def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, lrs, epochs,
                        seeds, batch_size=256, val_fraction=0.1, split_seed=0, continuous=None, width=256):
-    """The paper's protocol (REFERENCE s.3) for one probe kind on one label.
+    """The paper's protocol (section 3.1) for one probe kind on one label.
 
     Holds out a validation split of the training codes, standardises with training statistics only,
     and for every seed and every learning rate trains the probe; per head, the learning rate with
@@ -843,11 +1009,13 @@ def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_class
     for seed in seeds:
         best = None
         for lr in lrs:
-            torch.manual_seed(seed)  # same init for every lr, and for the loop form of per-t MLPs
-            model = build_probe(kind, T, D, num_classes, width).to(codes_train.device)
-            res = train_probe(model, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]), (x_te, y_test),
-                              epochs, lr, batch_size, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
-                              seed=seed, train_times_fn=train_times_fn, eval_times=eval_times)
+            # Seeded init and dropout inside fork_rng: the caller's random state is left alone.
+            with torch.random.fork_rng(devices=[codes_train.device] if codes_train.is_cuda else []):
+                torch.manual_seed(seed)  # same init for every lr, and for the loop form of per-t MLPs
+                model = build_probe(kind, T, D, num_classes, width).to(codes_train.device)
+                res = train_probe(model, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]), (x_te, y_test),
+                                  epochs, lr, batch_size, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
+                                  seed=seed, train_times_fn=train_times_fn, eval_times=eval_times)
             res["lr"] = torch.full_like(res["val"], lr)
             if best is None:
                 best = res
@@ -886,7 +1054,7 @@ def grid_sampler(grid_times, k_min=4, k_max=16):
 # =================================================================================================
 
 class StatisticsNetwork(nn.Module):
-    """MINE's statistics network T(x, y), one per pair, all P in one batched model (REFERENCE s.4):
+    """MINE's statistics network T(x, y), one per pair, all P in one batched model (paper section 3.2):
     concat(x, y) -> hidden -> hidden -> 1 with ELU, Xavier init (the same initial weights for
     every pair, see GroupedLinear). (B, P, Dx + Dy) -> (B, P)."""
 
@@ -926,16 +1094,18 @@ def mine_pairs(x, y, pairs, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_
     batches, so this equals running the pairs one by one (tested)."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y need the same number of rows (samples), got {x.shape[0]} and {y.shape[0]}")
-    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)  # (P, 2)
+    device = x.device
+    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2).to(device)  # (P, 2)
     P = len(pairs)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
+    gen = torch.Generator().manual_seed(seed)  # its own generator: the caller's RNG is left alone
+    perm = torch.randperm(len(x), generator=gen).to(device)
     n_hold = max(2, int(len(x) * holdout))
     hold, train = perm[:n_hold], perm[n_hold:]
-    torch.manual_seed(seed)
-    net = StatisticsNetwork(P, x.shape[2] + y.shape[2], hidden)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, without touching the global RNG
+        torch.manual_seed(seed)
+        net = StatisticsNetwork(P, x.shape[2] + y.shape[2], hidden).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    log_ma = torch.zeros(P)  # log of the moving average of E[e^T], per pair
+    log_ma = torch.zeros(P, device=device)  # log of the moving average of E[e^T], per pair
 
     def joint_and_marginal(rows, shuffled):
         xs = x[rows][:, pairs[:, 0]]  # (b, P, Dx)
@@ -944,8 +1114,8 @@ def mine_pairs(x, y, pairs, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_
         return joint, marginal
 
     for step in range(steps):
-        rows = train[torch.randint(len(train), (batch_size,), generator=gen)]  # (b,)
-        shuffled = train[torch.randint(len(train), (batch_size,), generator=gen)]  # independent rows
+        rows = train[torch.randint(len(train), (batch_size,), generator=gen).to(device)]  # (b,)
+        shuffled = train[torch.randint(len(train), (batch_size,), generator=gen).to(device)]  # independent rows
         joint, marginal = joint_and_marginal(rows, shuffled)
         lme = log_mean_exp(marginal, 0)  # (P,) log E_marg[e^T]
         log_ma = lme.detach() if step == 0 else torch.logaddexp(
@@ -958,7 +1128,7 @@ def mine_pairs(x, y, pairs, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_
     with torch.no_grad():
         estimates = []
         for _ in range(eval_shuffles):
-            shuffled = hold[torch.randperm(len(hold), generator=gen)]
+            shuffled = hold[torch.randperm(len(hold), generator=gen).to(device)]
             joint, marginal = joint_and_marginal(hold, shuffled)
             estimates.append(joint.mean(0) - log_mean_exp(marginal, 0))  # (P,)
     return torch.stack(estimates).mean(0)  # (P,)
@@ -986,8 +1156,8 @@ def nmi_matrix(codes, **mine_kwargs):
     the entropy H(X) as in the published code. This is a HEURISTIC: for continuous codes H(X) and
     I(X; X) are infinite, and MINE's I(X; X) is only as large as its budget allows, so the diagonal
     is about 1 by construction and off-diagonal values are comparable only at a fixed budget.
-    All T*T ordered pairs are trained as one batched model. Where MINE's I(i; i) is not positive (too
-    small a budget) row and column i are NaN. codes (N, T, D) -> (NMI (T, T), MI (T, T))."""
+    All T*T ordered pairs are trained as one batched model. Where MINE's I(i; i) is below 1e-3 nats
+    (about zero: too small a budget to stand in for an entropy) row and column i are NaN. codes (N, T, D) -> (NMI (T, T), MI (T, T))."""
     if codes.dim() != 3 or codes.shape[1] < 2:
         raise ValueError(f"nmi_matrix needs codes of shape (N, T, D) with T >= 2, got {tuple(codes.shape)}")
     T = codes.shape[1]
@@ -1010,14 +1180,22 @@ def attention_density(attention, times):
     return density / (density * w).sum()
 
 
+def curve_movement(codes):
+    """How far codes move along t, relative to how far apart images are: the std of a code over t
+    (mean over images and dimensions) and the std over images (mean over t and dimensions).
+    A ratio near 0 means each trajectory is nearly a single point. codes (N, T, D) -> (along, across)."""
+    return codes.std(1).mean().item(), codes.std(0).mean().item()
+
+
 def separation_profile(codes, labels, max_pairs=2000, seed=0):
-    """Where along the curve classes separate (paper eq. 5).
+    """Where along the curve classes separate (the distances of paper eq. 5).
 
     For random pairs of examples from DIFFERENT classes and from the SAME class, the distance
     ||E(x, t) - E(x', t)|| at every t. Returns dict with, per t, the mean between-class distance,
-    the mean within-class distance and their ratio (a scale-free separation index), and, per pair,
-    the fraction for which sup_t distance >= distance at the first time (eq. 5, which holds for any
-    grid containing that time) and where the sup is reached. codes (N, T, D), labels (N,)."""
+    the mean within-class distance and their ratio (a scale-free separation index), and where along
+    t each between-class pair is farthest apart (a histogram over the T times). Eq. 5 itself (the
+    sup over t is at least the value at t = 0) holds for any curve, so there is nothing to check on
+    data; what is informative is WHERE the separation is largest. codes (N, T, D), labels (N,)."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
     b = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
@@ -1030,7 +1208,6 @@ def separation_profile(codes, labels, max_pairs=2000, seed=0):
         dist = (codes[ia] - codes[ib]).norm(dim=-1)  # (pairs, T)
         out[name] = dist.mean(0)  # (T,)
         if name == "between":
-            out["sup_ge_first"] = (dist.max(1).values >= dist[:, 0]).float().mean().item()
             out["argsup_hist"] = torch.bincount(dist.argmax(1), minlength=codes.shape[1]).float() / len(dist)
     out["ratio"] = out["between"] / out["within"].clamp_min(1e-12)  # (T,)
     return out
@@ -1074,16 +1251,43 @@ def load_checkpoint(path, map_location="cpu"):
                         f"retrain, or resume from an intact copy") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise UserError(f"{path} is not a trajrep training checkpoint; give a ckpt.pt written by train.py")
+    expected = dict(config=dict, model_kwargs=dict, step=int, model=dict, ema=dict, optimizer=dict, rng=dict)
+    broken = [k for k, kind in expected.items() if not isinstance(ckpt.get(k), kind)]
+    if not broken and not isinstance(ckpt["rng"].get("ranks"), list):
+        broken = ["rng"]
+    if broken:
+        raise UserError(f"{path} is an incomplete trajrep checkpoint (missing or malformed: {', '.join(broken)}); "
+                        f"retrain, or resume from an intact copy")
     return ckpt
 
 
-def load_encoder(path, device="cpu"):
-    """The trained encoder of a checkpoint with its EMA weights, in eval mode and channels-last
-    memory format (the format train.py trains in), and the checkpoint's config and step:
-    (encoder, config, step)."""
+def build_model(ckpt, state="ema"):
+    """The DRLModel of a loaded checkpoint with its `state` weights ('model', 'ema' or None for the
+    architecture only); a checkpoint whose weights do not fit its own architecture is a UserError."""
+    try:
+        model = DRLModel(**ckpt["model_kwargs"])
+        if state is not None:
+            model.load_state_dict(ckpt[state])
+    except (TypeError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"the checkpoint's weights do not fit its model description ({type(e).__name__}); "
+                        f"it was written by another version of trajrep or damaged: retrain") from None
+    return model
+
+
+def load_encoder(path, device="cpu", weights="ema"):
+    """The encoder of a checkpoint in eval mode and channels-last memory format (the format train.py
+    trains in), with its config and step: (encoder, config, step).
+
+    weights='ema': the trained EMA weights. weights='init': the same architecture at the random
+    initialisation train.py started from (same seed): the control that every representation result
+    needs, since a random convolutional encoder already separates colours and positions."""
     ckpt = load_checkpoint(path)
-    model = DRLModel(**ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["ema"])
+    if weights == "init":
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(ckpt["config"].get("seed", 0))  # as train.py before building the model
+            model = build_model(ckpt, None)
+    else:
+        model = build_model(ckpt, "ema")
     encoder = model.encoder.to(device, memory_format=torch.channels_last).eval()
     return encoder, ckpt["config"], ckpt["step"]
 
@@ -1095,14 +1299,21 @@ def ema_update(ema_params, params, decay):
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda if available, then mps, then cpu; anything else is passed to torch.device."""
+    """'auto' -> cuda if available, then mps, then cpu; anything else is passed to torch.device, and a
+    device this machine does not have (or a name torch does not know) is a UserError."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                        f"use --device cpu or auto")
+    if device.type == "mps" and not has_mps:
+        raise UserError(f"--device {name} but MPS is not available here; use --device cpu or auto")
+    return device
 
 
 def count_parameters(module):

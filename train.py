@@ -77,7 +77,7 @@ def parse_args(argv):
     g.add_argument("--num-train", type=int, help="number of training images (shapes: generated, default 10000; "
                                                  "others: a seeded class-stratified subset)")
     g.add_argument("--object-scale", type=float, help="shapes only: size of the object relative to the "
-                                                      "original 4-5.5 px radius (1.0)")
+                                                      "first version's 4-5.5 px radius (default 1.5)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), help="cpu (default on shapes) or paper (default otherwise)")
     g.add_argument("--encoder", choices=["drl", "vdrl"], help="deterministic (DRL) or probabilistic (VDRL) code")
@@ -100,7 +100,7 @@ def parse_args(argv):
                    "(sigma(t) uniform), mixture (half each)")
     g.add_argument("--weighting", choices=tr.WEIGHTINGS, help="loss weight lambda(t): sigma2 (paper, "
                    "lambda = sigma^2) or edm (Karras et al.: reconstruction-like at high noise)")
-    g.add_argument("--precond", choices=["sigma", "edm"], help="score parameterisation: sigma (paper, "
+    g.add_argument("--precond", choices=tr.PRECONDS, help="score parameterisation: sigma (paper, "
                    "s = F / sigma) or edm (Karras et al.'s c_skip / c_out / c_in)")
     g.add_argument("--sigma-data", type=float, help="data std assumed by edm weighting and preconditioning (0.5)")
     g = p.add_argument_group("optimisation")
@@ -114,8 +114,8 @@ def parse_args(argv):
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder, created if absent (default runs/<dataset>-<encoder>)")
     g.add_argument("--resume", action="store_true", default=False,
-                   help="continue from <out>/ckpt.pt exactly; may change only --steps, --lr, --warmup, --clip "
-                        "and the flags of this group")
+                   help="continue from <out>/ckpt.pt exactly; may change only --steps, --lr, --warmup, --clip, "
+                        "--data-root and the flags of this group")
     g.add_argument("--log-every", type=int, help="steps between log lines")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")

@@ -238,6 +238,9 @@ class Encoder(nn.Module):
         return mu, logvar
 
 
+PRECONDS = ("sigma", "edm")  # how the network output becomes a score; see ScoreNet
+
+
 class ScoreNet(nn.Module):
     """Encoder-conditioned score network s_theta(x_t, z, t) of paper eq. 4: a small NCSN++-like U-Net.
 
@@ -264,8 +267,8 @@ class ScoreNet(nn.Module):
                  image_size, sigma_min, sigma_max, dropout=0.0, map_channels=32, precond="sigma",
                  sigma_data=0.5):
         super().__init__()
-        if precond not in ("sigma", "edm"):
-            raise ValueError(f"unknown preconditioning {precond!r}; choose sigma or edm")
+        if precond not in PRECONDS:
+            raise ValueError(f"unknown preconditioning {precond!r}; choose from {PRECONDS}")
         temb_dim = 4 * nf
         cond_dim = 2 * temb_dim
         self.sigma_min, self.sigma_max = sigma_min, sigma_max

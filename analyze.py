@@ -2,7 +2,7 @@
 and where classes separate along the curve (paper eq. 5).
 
 For a run of train.py: estimates with MINE the mutual information between the codes at every two
-points of the trajectory (all T*T pairs trained together as one batched model, on the training
+points of the trajectory (all T*T pairs and all seeds trained as the groups of one model, on the training
 split's codes, evaluated on held-out rows), normalises it as NMI(i, j) = I(i;j) / sqrt(I(i;i) I(j;j))
 and reports its decay away from the diagonal, averaged over seeds with the spread. Where probe.py
 has run, also draws the Transformer's attention over t (Figure 3) and, per attribute, accuracy and
@@ -74,24 +74,20 @@ def check_mine(cfg):
 
 
 def nmi_over_seeds(codes, cfg, name):
-    """The NMI matrix of codes (N, T, D), standardised per dimension, for each MINE seed:
-    (mean (T, T), std (T, T), MI in nats (T, T) mean over seeds)."""
+    """The NMI matrix of codes (N, T, D), standardised per dimension, for every MINE seed (all pairs
+    and seeds one grouped model): (mean (T, T), std (T, T), MI in nats (T, T) mean over seeds)."""
     mean, std = tr.standardiser_stats(codes, per_time=False)  # one scale per dimension for all pairs
     codes = (codes - mean) / std
-    nmis, mis = [], []
-    for seed in range(cfg["seeds"]):
-        t0 = time.time()
-        nmi, mi = tr.nmi_matrix(codes, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                                hidden=cfg["hidden"], seed=seed)
-        nmis.append(nmi)
-        mis.append(mi)
-        print(f"{name}, seed {seed}: {codes.shape[1] ** 2} pairs in {time.time() - t0:.1f} s; "
-              f"NMI next to the diagonal {lag_profile(nmi)[0]:.3f}, corner {nmi[0, -1]:.3f}", flush=True)
-    nmis = torch.stack(nmis)
+    t0 = time.time()
+    nmis, mis = tr.nmi_matrix(codes, seeds=tuple(range(cfg["seeds"])), steps=cfg["steps"],
+                              batch_size=cfg["batch_size"], lr=cfg["lr"], hidden=cfg["hidden"])  # (S, T, T) each
+    print(f"{name}: {codes.shape[1] ** 2} pairs x {cfg['seeds']} seeds in {time.time() - t0:.1f} s; NMI next to "
+          f"the diagonal {', '.join(f'{lag_profile(n)[0]:.3f}' for n in nmis)}, corner "
+          f"{', '.join(f'{n[0, -1]:.3f}' for n in nmis)} (per seed)", flush=True)
     if torch.isnan(nmis).any():
         raise tr.UserError(f"MINE's estimate of I(X;X) was about zero at some t ({name} codes), so NMI is "
                            f"undefined there; raise --steps (or --lr) and run again")
-    return nmis.mean(0), nmis.std(0, unbiased=False), torch.stack(mis).mean(0)
+    return nmis.mean(0), nmis.std(0, unbiased=False), mis.mean(0)
 
 
 def lag_profile(nmi):

@@ -1,37 +1,50 @@
-"""What the code costs: throughput, FLOP efficiency, batched-vs-loop ratios and peak memory.
+"""What the code costs: throughput, FLOP efficiency, grouped-vs-loop ratios, wall times, peak memory.
 
-Measured side by side in one run on this device (nothing is asserted; tests never time anything):
-    - training throughput (images/s) of the `cpu` and `paper` model sizes, the model FLOPs per image
-      (torch.utils.flop_counter, forward + backward) and the achieved FLOP/s as a fraction of the
-      device's measured dense fp32 matmul FLOP/s (the practical ceiling);
-    - trajectory extraction throughput (images/s at 11 time points) and its FLOP/s fraction;
-    - the batched per-t MLP probes against training the T MLPs one by one, same steps: time ratio;
-    - the batched all-pairs MINE against pair-by-pair, same steps: time ratio;
-    - peak memory of each (CUDA: max allocated; CPU: peak resident set of a fresh process).
+Measured side by side in one run on this device (nothing is asserted; tests never time anything).
+Every timing is the MEDIAN of several calls after warm-up, with its spread (min - max); the
+ceiling, the device's dense fp32 matmul rate, is measured the same way.
+    - training step (images/s) of the `cpu` and `paper` model sizes with the published optimiser
+      (torch.optim.Adam, default for-each update) and with the fused Adam train.py now uses; model
+      FLOPs per image (torch.utils.flop_counter, forward + backward) and the achieved FLOP/s as a
+      fraction of the ceiling;
+    - trajectory extraction (images/s at 11 time points);
+    - grouped programs against their loop form AT EQUAL WORK, at the `cpu` and `paper` probe
+      protocol sizes: the per-t MLPs, GRU and Transformer probes with every learning rate x seed as
+      groups of one model (loop: each reference probe alone with torch.optim.Adam, the same number
+      of steps), and MINE with every pair x seed as groups (loop: one pair and seed at a time);
+    - peak host memory of the `paper` probe protocol on 45k x 11 x 128 codes (its data and largest step);
+    - with --run RUN: the wall time of probe.py and analyze.py (`cpu` protocol, cached codes).
 
-    python bench.py                        # CPU here; prints a table, writes results/bench.json
-    python bench.py --device cuda --fast   # adds bf16 autocast + channels-last + torch.compile rows
+    python bench.py                                # CPU here; prints a table, writes results/bench.json
+    python bench.py --run runs/shapes-drl          # adds the wall times of probe.py and analyze.py
+    python bench.py --device cuda --fast           # adds bf16 autocast + channels-last + torch.compile rows
 
-Rows: `nchw` is PyTorch's default memory format, `cl` channels-last (train.py's and load_encoder's
-default), `fast` channels-last + torch.compile + bf16 autocast (CUDA).
+Peak memory: CUDA max allocated, or on CPU the growth of the peak resident set of a fresh process.
 """
 import argparse
 import json
 import multiprocessing as mp
 import os
 import resource
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import trajrep as tr
 
 import train
+import probe
+import analyze
 
 # The model sizes and batch sizes of train.py's presets, at 32x32 (CIFAR / shapes).
 SIZES = {size: train.model_kwargs({**train.DEFAULTS, **preset, **train.DATASETS["cifar10"]})
          for size, preset in train.PRESETS.items()}
 BATCH = {size: preset["batch_size"] for size, preset in train.PRESETS.items()}
+CODE = {size: SIZES[size]["code_dim"] for size in SIZES}
 
 
 def sync(device):
@@ -39,29 +52,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup=2, repeat=5):
-    """Seconds per call of fn after warm-up: the fastest of `repeat` calls, the least disturbed by
-    other work on a shared machine."""
+def timed(fn, device, warmup=2, repeat=7):
+    """Seconds per call of fn after warm-up: (median, min, max) over `repeat` calls."""
     for _ in range(warmup):
         fn()
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
 
 
-def matmul_flops(device):
-    """The practical ceiling: the best dense fp32 matmul rate over a few sizes and trials."""
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        for _ in range(3):
-            best = max(best, 2 * n ** 3 / timed(lambda: a @ b, device, warmup=1, repeat=3))
-    return best
+def matmul_flops(device, n=2048):
+    """The practical ceiling: dense fp32 n x n matmul FLOP/s, median (min, max) of several calls."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    med, lo, hi = timed(lambda: a @ b, device, warmup=2, repeat=9)
+    return dict(median=2 * n ** 3 / med, low=2 * n ** 3 / hi, high=2 * n ** 3 / lo)
 
 
 def count_flops(fn):
@@ -71,75 +80,129 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def rate(work, t):
+    """(median, min, max) seconds -> work per second: dict(median, low, high)."""
+    return dict(median=work / t[0], low=work / t[2], high=work / t[1])
+
+
 def bench_train(device, size, variant):
-    """variant: 'nchw' (default memory format), 'cl' (channels-last, train.py's default) or 'fast'
-    (channels-last + torch.compile + bf16 autocast on CUDA)."""
+    """variant: 'foreach' (torch.optim.Adam's default update, the earlier train.py), 'fused' (fused
+    Adam, train.py now) or 'fast' (fused + torch.compile + bf16 autocast, CUDA). Channels-last."""
     torch.manual_seed(0)
-    model = tr.DRLModel(**SIZES[size]).to(device)
+    model = tr.DRLModel(**SIZES[size]).to(device).to(memory_format=torch.channels_last)
     B = BATCH[size]
-    x0 = torch.randn(B, 3, 32, 32, device=device)
+    x0 = torch.randn(B, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     fast = variant == "fast"
-    if variant != "nchw":
-        model = model.to(memory_format=torch.channels_last)
-        x0 = x0.contiguous(memory_format=torch.channels_last)
     step_model = torch.compile(model) if fast else model
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=variant != "foreach")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast and device.type == "cuda")
+    code_dim = SIZES[size]["code_dim"]
 
     def step(m=step_model):
-        t, noise, code_noise = tr.sample_training_noise(B, (3, 32, 32), SIZES[size]["code_dim"], device=device)
+        t, noise, code_noise = tr.sample_training_noise(B, (3, 32, 32), code_dim, device=device)
         with autocast:
             loss = m(x0, t, noise, code_noise)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
 
     flops = count_flops(lambda: step(model)) / B  # forward + backward per image (the eager model)
-    sec = timed(step, device, warmup=3 if fast else 2, repeat=5)
-    return dict(images_per_s=B / sec, flops_per_image=flops, params=tr.count_parameters(model))
+    t = timed(step, device, warmup=3 if fast else 2, repeat=9)
+    return dict(images_per_s=rate(B, t), flops_per_image=flops, params=tr.count_parameters(model))
 
 
-def bench_extract(device, size, variant):
+def bench_extract(device, size):
     torch.manual_seed(0)
-    enc = tr.DRLModel(**SIZES[size]).encoder.to(device).eval()
-    if variant != "nchw":  # as load_encoder returns it
-        enc = enc.to(memory_format=torch.channels_last)
+    enc = tr.DRLModel(**SIZES[size]).encoder.to(device).eval().to(memory_format=torch.channels_last)
     x = torch.randn(256, 3, 32, 32, device=device)
     times = tr.paper_times(11)
     flops = count_flops(lambda: tr.extract_trajectories(enc, x[:23], times, 256)) / 23
-    sec = timed(lambda: tr.extract_trajectories(enc, x, times, 256), device, warmup=1, repeat=3)
-    return dict(images_per_s=len(x) / sec, flops_per_image=flops)
+    t = timed(lambda: tr.extract_trajectories(enc, x, times, 256), device, warmup=1, repeat=5)
+    return dict(images_per_s=rate(len(x), t), flops_per_image=flops)
 
 
-def bench_point_mlps(device, steps=100, T=11, D=128, K=10):
-    """Batched per-t MLPs vs T separate MLPs, the same number of optimiser steps each."""
-    x, y = torch.randn(256, T, D, device=device), torch.randint(K, (256,), device=device)
+GPU_MAX_GROUPS = probe.MAX_GROUPS["other"]
+# Probe protocol sizes: (code size, width of GRU / Transformer, learning rates, seeds); 11 times, 10 classes.
+PROTOCOLS = {name: dict(d=CODE[name], width=p["width"], lrs=len(p["lrs"]), seeds=p["seeds"])
+             for name, p in probe.PRESETS.items()}
 
-    def run(model, inputs):
-        opt = torch.optim.Adam(model.parameters(), 1e-3)
+
+def bench_probe(device, protocol, kind, steps=20, batch=256, T=11, K=10):
+    """A grouped probe (every lr x seed) against each reference probe alone, the same steps each."""
+    p = PROTOCOLS[protocol]
+    G = p["lrs"] * p["seeds"]
+    x, y = torch.randn(G, batch, T, p["d"], device=device), torch.randint(K, (batch,), device=device)
+    probes = [tr.build_probe(kind, T, p["d"], K, p["width"]).to(device) for _ in range(G)]
+    lrs = torch.full((G,), 1e-3, device=device)
+
+    def grouped():
+        model = tr.group_probes(probes).to(device)
+        opt = tr.GroupedAdam(list(model.parameters()), lrs, weight_decay=1e-5)
         for _ in range(steps):
-            logits = model(inputs)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]))
-            opt.zero_grad()
+            logits, _ = model(x)  # (G, b, H, K)
+            loss = F.cross_entropy(logits.flatten(0, 2), y.repeat(G * logits.shape[2]), reduction="sum") / batch
+            for q in model.parameters():
+                q.grad = None
             loss.backward()
+            if kind != "mlp":
+                tr.clip_grad_norm_per_group(list(model.parameters()), 1.0, G)
             opt.step()
-    batched = timed(lambda: run(tr.PointMLP(T, D, K).to(device), x), device, warmup=1, repeat=2)
-    loop = timed(lambda: [run(tr.PointMLP(1, D, K).to(device), x[:, t:t + 1]) for t in range(T)], device,
-                 warmup=1, repeat=2)
-    return dict(batched_s=batched, loop_s=loop, speedup=loop / batched)
+
+    def loop():
+        for g, ref in enumerate(probes):
+            opt = torch.optim.Adam(ref.parameters(), 1e-3, weight_decay=1e-5)
+            for _ in range(steps):
+                logits, _ = ref(x[g])  # (b, H, K)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]), reduction="sum") / batch
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if kind != "mlp":
+                    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+                opt.step()
+    g, l = timed(grouped, device, warmup=1, repeat=3), timed(loop, device, warmup=1, repeat=3)
+    return dict(groups=G, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
 
 
-def bench_mine(device, steps=100, T=5, D=32):
-    """All T*T pairs in one batched MINE vs one MINE per pair, the same steps (statistics on CPU
-    tensors, as analyze.py runs them)."""
-    codes = torch.randn(2000, T, D)
+def bench_mine(device, protocol, steps=20, T=11):
+    """All T*T pairs x seeds as groups of one MINE against one pair and seed at a time, same steps."""
+    hidden, seeds = analyze.PRESETS[protocol]["hidden"], analyze.PRESETS[protocol]["seeds"]
+    codes = torch.randn(3000, T, CODE[protocol], device=device)
     pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))
-    kw = dict(steps=steps, hidden=64, eval_shuffles=1)
-    batched = timed(lambda: tr.mine_pairs(codes, codes, pairs, **kw), device, warmup=0, repeat=1)
-    loop = timed(lambda: [tr.mine(codes[:, i], codes[:, j], **kw) for i, j in pairs.tolist()], device,
-                 warmup=0, repeat=1)
-    return dict(pairs=len(pairs), batched_s=batched, loop_s=loop, speedup=loop / batched)
+    kw = dict(steps=steps, hidden=hidden, eval_shuffles=1, holdout=0.1)
+    g = timed(lambda: tr.mine_pairs(codes, codes, pairs, seeds=tuple(range(seeds)), **kw), device, warmup=1, repeat=3)
+    l = timed(lambda: [tr.mine(codes[:, i], codes[:, j], seed=s, **kw) for s in range(seeds)
+                       for i, j in pairs.tolist()], device, warmup=0, repeat=1)
+    return dict(groups=len(pairs) * seeds, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
+
+
+def bench_paper_memory(device, kind, n=45000, n_test=10000, T=11, D=128, K=10):
+    """Peak memory of the `paper` probe protocol (6 lrs x 5 seeds x V inputs, trained as grouped
+    models of probe.py's chunk size off the CPU) on V x n x T x D codes: what run_probe_protocol holds (the codes, their standardised
+    train / val / test copies) plus its largest transient, one training step on a (30, 256, T, D)
+    batch and one evaluation chunk of 1024 rows. The peak does not grow with further steps and
+    chunks; the full epoch, hours on a CPU, is not run."""
+    p = probe.PRESETS["paper"]
+    V = 2 if kind == "mlp" else 4  # as probe.py: trained + random-init codes (+ their constant curves)
+    gen = torch.Generator().manual_seed(0)
+    x, x_te = torch.randn(V, n, T, D, generator=gen).to(device), torch.randn(V, n_test, T, D, generator=gen).to(device)
+    y = torch.randint(K, (n,), generator=gen).to(device)
+    tr_idx, va_idx = tr.split_train_val(n)
+    mean, std = tr.standardiser_stats(x[:, tr_idx])
+    x_tr, x_va, x_te = [((c - mean) / std) for c in (x[:, tr_idx], x[:, va_idx], x_te)]  # (V, N, T, D)
+    G = GPU_MAX_GROUPS  # probe.py trains the V * 30 groups in chunks of this many off the CPU
+    model = tr.group_probes([tr.build_probe(kind, T, D, K, p["width"]) for _ in range(G)]).to(device)
+    params = list(model.parameters())
+    opt = tr.GroupedAdam(params, torch.full((G,), 1e-3, device=device), weight_decay=1e-5)
+    t0 = time.perf_counter()
+    idx = torch.stack([torch.randperm(len(tr_idx), generator=gen)[:256] for _ in range(G)]).to(device)  # (G, b)
+    inputs = torch.arange(G, device=device) % V  # (G,) which codes each group reads
+    logits, _ = model(x_tr[inputs[:, None], idx])  # (G, b, H, K)
+    loss = F.cross_entropy(logits.flatten(0, 2), y[tr_idx][idx].repeat_interleave(logits.shape[2], 1).flatten())
+    loss.backward()
+    opt.step()
+    tr.evaluate_groups(model, x_te[:, :1024], torch.zeros(1024, dtype=torch.long, device=device), inputs)
+    return dict(seconds=time.perf_counter() - t0, groups=G)
 
 
 def child(name, args, device_name, queue):
@@ -165,44 +228,75 @@ def in_child(name, device, *args):
     return out
 
 
+def script_wall_time(script, run):
+    """Wall seconds of one script on a run (its codes already cached by an earlier probe.py)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, script, run], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--fast", action="store_true", help="also measure bf16 autocast + channels-last + torch.compile")
+    p.add_argument("--run", help="also time probe.py and analyze.py on this run folder (cpu protocol)")
+    p.add_argument("--no-memory", action="store_true", help="skip the paper-protocol memory rows")
     p.add_argument("--out", default="results/bench.json", help="where to write the JSON (folder created)")
     args = p.parse_args()
     device = tr.pick_device(args.device)
     ceiling = matmul_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {os.cpu_count()} cores"
-    print(f"device: {name}; dense fp32 matmul {ceiling / 1e9:.1f} GFLOP/s (the ceiling below)")
-    result = dict(device=name, torch=torch.__version__, matmul_flops=ceiling, train={}, extract={})
+    print(f"device: {name}; dense fp32 matmul {ceiling['median'] / 1e9:.1f} GFLOP/s "
+          f"({ceiling['low'] / 1e9:.1f}-{ceiling['high'] / 1e9:.1f}; the ceiling below)", flush=True)
+    result = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(), matmul_flops=ceiling,
+                  train={}, extract={}, grouped={}, memory={}, scripts={})
     rows = []
 
     def throughput_row(label, r):
-        r["flops_fraction"] = r["images_per_s"] * r["flops_per_image"] / ceiling
-        rows.append((label, f"{r['images_per_s']:9.1f} img/s", f"{r['flops_per_image'] / 1e9:6.3f} GFLOP/img",
-                     f"{r['flops_fraction']:5.2f}", f"{r['peak_memory_mb']:8.0f} MB"))
+        ips = r["images_per_s"]
+        r["flops_fraction"] = ips["median"] * r["flops_per_image"] / ceiling["median"]
+        rows.append((label, f"{ips['median']:8.1f} img/s", f"({ips['low']:.0f}-{ips['high']:.0f})",
+                     f"{r['flops_per_image'] / 1e9:.3f} GFLOP/img, {r['flops_fraction']:.2f} of matmul",
+                     f"{r['peak_memory_mb']:6.0f} MB"))
+        print(*rows[-1], flush=True)
         return r
 
     def ratio_row(label, r):
-        rows.append((label, f"{r['speedup']:9.2f} x", f"{r['batched_s']:6.2f} s vs {r['loop_s']:.2f} s", "",
-                     f"{r['peak_memory_mb']:8.0f} MB"))
+        rows.append((label, f"{r['speedup']:8.2f} x", f"({r['groups']} groups)",
+                     f"{r['grouped_s'][0]:.2f} s vs {r['loop_s'][0]:.2f} s (medians)", f"{r['peak_memory_mb']:6.0f} MB"))
+        print(*rows[-1], flush=True)
         return r
 
     for size in ("cpu", "paper"):
-        for variant in ["nchw", "cl"] + (["fast"] if args.fast else []):
+        for variant in ["foreach", "fused"] + (["fast"] if args.fast else []):
             key = f"{size} {variant}"
             result["train"][key] = throughput_row(f"train {key} (batch {BATCH[size]})",
                                                   in_child("bench_train", device, size, variant))
-            if variant != "fast":  # extraction has no compiled variant
-                result["extract"][key] = throughput_row(f"extract {key} (11 times)",
-                                                        in_child("bench_extract", device, size, variant))
-    result["point_mlps"] = ratio_row("per-t MLPs, 11 batched vs loop", in_child("bench_point_mlps", device))
-    mine = in_child("bench_mine", device)
-    result["mine"] = ratio_row(f"MINE, {mine['pairs']} pairs batched vs loop", mine)
-    print(f"{'what':<34} {'throughput':>14} {'work':>18} {'FLOP/s frac':>11} {'peak mem':>11}")
+        result["train"][f"{size} fused/foreach"] = (result["train"][f"{size} fused"]["images_per_s"]["median"] /
+                                                     result["train"][f"{size} foreach"]["images_per_s"]["median"])
+        result["extract"][size] = throughput_row(f"extract {size} (11 times)", in_child("bench_extract", device, size))
+    for protocol in ("cpu", "paper"):
+        for kind in ("mlp", "gru", "transformer"):
+            result["grouped"][f"{protocol} {kind}"] = ratio_row(f"{protocol} protocol {kind}: grouped vs loop",
+                                                                in_child("bench_probe", device, protocol, kind))
+        result["grouped"][f"{protocol} mine"] = ratio_row(f"{protocol} MINE pairs x seeds: grouped vs loop",
+                                                          in_child("bench_mine", device, protocol))
+    if not args.no_memory:
+        for kind in ("mlp", "gru", "transformer"):
+            r = in_child("bench_paper_memory", device, kind)
+            result["memory"][kind] = r
+            rows.append((f"paper protocol {kind}, 45k x 11 x 128", f"{r['seconds']:8.1f} s", "(1 step)",
+                         f"{r['groups']} groups, largest step + eval chunk", f"{r['peak_memory_mb']:6.0f} MB"))
+            print(*rows[-1], flush=True)
+    if args.run:
+        for script in ("probe.py", "analyze.py"):
+            s = script_wall_time(os.path.join(os.path.dirname(os.path.abspath(__file__)), script), args.run)
+            result["scripts"][script] = s
+            rows.append((f"{script} {args.run} (cpu protocol)", f"{s / 60:8.1f} min", "", "", ""))
+            print(*rows[-1], flush=True)
+    print(f"\n{'what':<46} {'median':>14} {'spread':>14}  {'work':<44} {'peak mem':>9}")
     for r in rows:
-        print(f"{r[0]:<34} {r[1]:>14} {r[2]:>18} {r[3]:>11} {r[4]:>11}")
+        print(f"{r[0]:<46} {r[1]:>14} {r[2]:>14}  {r[3]:<44} {r[4]:>9}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

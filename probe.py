@@ -3,7 +3,7 @@
 For a run of train.py: encodes the train and test splits on the paper's grid of 11 times (cached in
 <run>/cache), then trains, with the paper's protocol (validation split, learning rate chosen on
 validation, test accuracy at the best validation epoch, mean and spread over seeds):
-    - an MLP on each single time point (all T trained together as one batched model),
+    - an MLP on each single time point,
     - a GRU and a Transformer on the whole curve (paper section 3.1),
     - controls the paper lacks: an MLP on all T codes concatenated, an MLP on the mean code, and the
       GRU / Transformer on a CONSTANT curve (the best single-t code, chosen on validation, repeated
@@ -12,6 +12,9 @@ validation, test accuracy at the best validation epoch, mean and spread over see
       on grids of 5, 11 and 51 points and on random times (answers the paper's closing question).
     - the controls without which no row is a result: the SAME probes on the SAME encoder architecture
       at its random initialisation (the weights train.py started from), and an MLP on the raw pixels.
+Each probe kind is ONE grouped program: every learning rate x seed, on the trained and the random-
+init codes (and, for the GRU and Transformer, their constant curves), trains as the groups of one
+model, equal to training each alone (trajrep.run_probe_protocol).
 The Transformer's attention over t (Figure 3) is saved for analyze.py. `--probes mlp` runs only the
 per-t MLPs with their random-init and pixel controls: the quick table of an ablation.
 
@@ -39,6 +42,10 @@ PRESETS = {
                   max_train=0, max_test=0, width=256),
 }
 FINE_STEP = 0.05  # the continuous probe trains on random sub-grids of 0, 0.05, ..., 1 (contains 5 and 11 points)
+# Probes trained as one grouped model at most (--max-groups): on a CPU the element-wise work of larger
+# groups leaves the cache and runs slower; elsewhere 30 (the paper's 6 lrs x 5 seeds) keeps the
+# `paper` protocol on 45k codes under 8 GB (bench.py measures both).
+MAX_GROUPS = {"cpu": 4, "other": 30}
 
 
 def parse_args(argv):
@@ -62,6 +69,10 @@ def parse_args(argv):
     g.add_argument("--seeds", type=int, help="seeds for the GRU / Transformer probes (paper 5)")
     g.add_argument("--mlp-seeds", type=int, help="seeds for the MLP probes (paper 3)")
     g.add_argument("--batch-size", type=int, default=256, help="probe batch size (256)")
+    g.add_argument("--max-groups", type=int, default=None,
+                   help="train at most this many probes (learning rate x seed x input) as one grouped model; "
+                        "0 = all at once (default: 4 on a CPU, where larger groups leave the cache and run "
+                        "slower; 30 elsewhere, which keeps the paper protocol under 8 GB; see bench.py)")
     g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 3000)")
     g.add_argument("--max-test", type=int, help="use at most this many test images, 0 = all (cpu 1000)")
     g.add_argument("--data-root", help="where the run's dataset lies, if not where train.py read it")
@@ -73,9 +84,11 @@ def fmt(mean, std):
     return f"{100 * mean:5.1f} ± {100 * std:4.1f}"
 
 
-def summary(res, head=0):
-    return dict(mean=res["test_mean"][head].item(), std=res["test_std"][head].item(),
-                seeds=res["tests"][:, head].tolist(), lrs=res["lrs"][:, head].tolist())
+def summary(res, head=0, v=None):
+    """Mean, spread, per-seed accuracies and chosen lrs of one head (of input v, for grouped inputs)."""
+    pick = (lambda x: x) if v is None else (lambda x: x[v])
+    return dict(mean=pick(res["test_mean"])[head].item(), std=pick(res["test_std"])[head].item(),
+                seeds=pick(res["tests"])[:, head].tolist(), lrs=pick(res["lrs"])[:, head].tolist())
 
 
 def verdict(name, a, b, b_name, chance):
@@ -93,17 +106,16 @@ def verdict(name, a, b, b_name, chance):
 
 
 @torch.no_grad()
-def continuous_on_grid(res, codes, labels, times, num_classes, width):
-    """Accuracy of the trained grid-free probes (one per seed) on codes (N, T', D) at `times` (T',),
-    and their mean attention density over t."""
+def continuous_on_grid(res, codes, labels, times):
+    """Accuracy of the trained grid-free probes (the chosen one per seed) on codes (N, T', D) at
+    `times` (T',), and their mean attention density over t."""
     mean, std = res["standardiser"]
     accs, dens = [], []
-    for state in res["states"]:
-        model = tr.build_probe("continuous", codes.shape[1], codes.shape[2], num_classes, width).to(codes.device)
-        model.load_state_dict(state)
-        acc, att = tr.evaluate_probe(model, (codes - mean) / std, labels, times=times)
-        accs.append(acc[0].item())
-        dens.append(tr.attention_density(att, times))
+    for model, group in res["chosen_models"]:
+        groups = model.token.shape[0]  # (G, W): one group per learning rate
+        acc, att = tr.evaluate_groups(model, ((codes - mean) / std)[None], labels, [0] * groups, times=times)
+        accs.append(acc[group, 0].item())
+        dens.append(tr.attention_density(att[group], times))
     accs = torch.tensor(accs)
     return dict(mean=accs.mean().item(), std=accs.std(unbiased=False).item(), seeds=accs.tolist(),
                 times=times.tolist(), density=torch.stack(dens).mean(0).tolist())
@@ -118,38 +130,40 @@ def probe_target(a, name, k, data, cfg, log):
         raise tr.UserError(f"attribute {name!r} has a single class in the training split: there is "
                            f"nothing to predict; probe a dataset with at least two classes")
     times = grid["train"]["times"]
-    common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"])
+    common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"],
+                  max_groups=cfg["max_groups"] or None)
 
     def run(kind, xtr, xte, seeds, **kw):
         return tr.run_probe_protocol(kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
 
-    def point_and_sequence(codes):
-        """Per-t MLPs, then (probes=all) the curve probes and their constant-curve controls."""
-        x_tr, x_te = codes["train"]["codes"], codes["test"]["codes"]  # (N, T, D)
-        mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])
-        best = int(mlp["val_mean"].argmax())  # chosen on VALIDATION accuracy, never on test
-        out = dict(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
-                            val_mean=mlp["val_mean"].tolist(), lrs=mlp["lrs"].tolist()),
-                   best_t_index=best, best_t=times[best].item(),
-                   best_mlp=dict(mean=mlp["test_mean"][best].item(), std=mlp["test_std"][best].item()))
-        if cfg["probes"] == "mlp":
-            return out
-        for kind in ("concat", "mean"):
-            out[kind] = summary(run(kind, x_tr, x_te, cfg["mlp_seeds"]))
-        const_tr = x_tr[:, best:best + 1].expand_as(x_tr)  # (N, T, D): the best point repeated T times
-        const_te = x_te[:, best:best + 1].expand_as(x_te)
-        for kind in ("gru", "transformer"):
-            res = run(kind, x_tr, x_te, cfg["seeds"])
-            out[kind] = summary(res)
-            if kind == "transformer":
-                out["attention"] = res["attention"].tolist()  # Figure 3: token's attention over the T points
-            out[kind + "_const"] = summary(run(kind, const_tr, const_te, cfg["seeds"]))
-        return out
-
-    out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
+    # The trained and the random-init encoder's codes are two inputs of one grouped program per
+    # probe kind (and, for the curve probes, their constant-curve controls two more).
+    x_tr = torch.stack([grid["train"]["codes"], init["train"]["codes"]])  # (2, N, T, D): trained, init
+    x_te = torch.stack([grid["test"]["codes"], init["test"]["codes"]])
     t0 = time.time()
-    out.update(point_and_sequence(grid))
-    out["init"] = point_and_sequence(init)  # the same probes on the random-init encoder
+    mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])
+    out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
+    out["init"], best = {}, []
+    for v, o in enumerate((out, out["init"])):
+        b = int(mlp["val_mean"][v].argmax())  # chosen on VALIDATION accuracy, never on test
+        best.append(b)
+        o.update(mlp=dict(mean=mlp["test_mean"][v].tolist(), std=mlp["test_std"][v].tolist(),
+                          val_mean=mlp["val_mean"][v].tolist(), lrs=mlp["lrs"][v].tolist()),
+                 best_t_index=b, best_t=times[b].item(),
+                 best_mlp=dict(mean=mlp["test_mean"][v, b].item(), std=mlp["test_std"][v, b].item()))
+    if cfg["probes"] == "all":
+        for kind in ("concat", "mean"):
+            res = run(kind, x_tr, x_te, cfg["mlp_seeds"])
+            out[kind], out["init"][kind] = summary(res, v=0), summary(res, v=1)
+        # constant curves: each encoder's best single-t code (chosen on validation) repeated T times
+        const = lambda x: torch.stack([x[v][:, b:b + 1].expand_as(x[v]) for v, b in enumerate(best)])
+        seq_tr, seq_te = torch.cat([x_tr, const(x_tr)]), torch.cat([x_te, const(x_te)])  # (4, N, T, D)
+        for kind in ("gru", "transformer"):
+            res = run(kind, seq_tr, seq_te, cfg["seeds"])
+            for v, o in enumerate((out, out["init"])):
+                o[kind], o[kind + "_const"] = summary(res, v=v), summary(res, v=v + 2)
+                if kind == "transformer":
+                    o["attention"] = res["attention"][v].tolist()  # Figure 3: token's attention over the T points
     px = run("mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"])  # (N, 1, C*H*W)
     out["pixels"] = summary(px)
     if fine is not None and cfg["probes"] == "all":
@@ -157,8 +171,7 @@ def probe_target(a, name, k, data, cfg, log):
         res = run("continuous", fine["train"]["codes"], grid["test"]["codes"], cfg["seeds"],
                   continuous=dict(fine_times=fine["train"]["times"], eval_cols=cols))
         out["continuous"] = summary(res)
-        out["continuous_grids"] = {g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"], k,
-                                                          cfg["width"])
+        out["continuous_grids"] = {g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"])
                                    for g, d in test_grids.items()}
     out["seconds"] = time.time() - t0
     chance, best_t = out["chance"], f"t={out['best_t']:.2f}"
@@ -246,8 +259,8 @@ def main(argv=None):
                            "--num-times at least 2")
     if not all(lr > 0 and math.isfinite(lr) for lr in cfg["lrs"]):
         raise tr.UserError(f"--lrs must be positive numbers, got {cfg['lrs']}")
-    if cfg["max_train"] < 0 or cfg["max_test"] < 0:
-        raise tr.UserError("--max-train and --max-test must be 0 (all) or positive")
+    if cfg["max_train"] < 0 or cfg["max_test"] < 0 or (cfg.get("max_groups") or 0) < 0:
+        raise tr.UserError("--max-train, --max-test and --max-groups must be 0 (all) or positive")
     times = torch.tensor(args.times) if args.times else tr.paper_times(args.num_times)
     if (len(times) < 2 or not bool(torch.isfinite(times).all()) or times.min() < 0 or times.max() > 1
             or not bool((times[1:] > times[:-1]).all())):
@@ -256,6 +269,8 @@ def main(argv=None):
         raise tr.UserError(f"{args.run} is a file; give the run FOLDER that holds ckpt.pt "
                            f"(e.g. {os.path.dirname(args.run) or '.'})")
     device = tr.pick_device(args.device)
+    if cfg.get("max_groups") is None:
+        cfg["max_groups"] = MAX_GROUPS["cpu" if device.type == "cpu" else "other"]
     t_start = time.time()
     encoder, train_cfg, step = tr.load_encoder(args.run, device)
     init_encoder = tr.load_encoder(args.run, device, weights="init")[0]

@@ -12,8 +12,8 @@ Sections, in reading order (each banner-marked below):
     losses              sigma^2-weighted denoising score matching + code regulariser (eq. 3-4)
     data                embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any image folder
     trajectories        E(x0, t) on a grid of times, as one (B, T, D) tensor         (section 2.1)
-    probes              per-t MLPs (batched), GRU, Transformer, controls, training   (Figure 1, 3)
-    mutual information  MINE, batched over pairs, the NMI matrix                     (Figure 2)
+    probes              MLPs, GRU, Transformer; grouped forms; the protocol          (Figure 1, 3)
+    mutual information  MINE, grouped over pairs and seeds, the NMI matrix           (Figure 2)
     curve analysis      attention densities, the eq. 5 separation profile
     checkpoints         atomic save, safe load (weights_only=True), EMA, errors
 
@@ -22,8 +22,10 @@ train.py (eq. 4 training), probe.py (Figure 1 and 3), analyze.py (Figure 2) and 
 
 Shape legend, used in every shape comment:
     B batch, T time points on a trajectory, D code size, C/H/W image channels/height/width,
-    K classes, G independent groups trained together (per-t probes, MINE pairs), P pairs,
-    N examples in a whole split, A attributes (labels per example).
+    K classes, G independent models trained together as groups of one (probes: inputs x seeds x
+    learning rates; MINE: seeds x pairs), H heads of one probe (T for per-t MLPs, else 1), V inputs
+    sharing labels (e.g. trained and random-init codes), S seeds, P pairs, N examples in a whole
+    split, A attributes (labels per example).
 """
 import hashlib
 import math
@@ -747,65 +749,46 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
 
 
 # =================================================================================================
-# Probes: per-t MLPs (batched), GRU, Transformer, and their training protocol (Figure 1, 3)
+# Probes: MLPs, GRU, Transformer (reference forms), their grouped forms, and the protocol (Fig. 1, 3)
 # =================================================================================================
-# Every probe maps codes (B, T, D) to logits (B, G, K): G = T independent heads for the per-t MLPs,
-# G = 1 otherwise. One trainer then serves all, choosing the best validation epoch per head.
+# Every probe maps codes (B, T, D) to (logits (B, H, K), attention (B, T) or None): H = T independent
+# heads for the per-t MLPs, H = 1 otherwise; only the Transformer has an attention to return.
+# These reference modules are the paper's probes written plainly, one model each. What probe.py
+# trains are their GROUPED forms: G copies of one probe kind (every learning rate x seed x input of
+# the protocol), each with its own weights, in one model whose every layer is one batched matmul
+# (`bmm`), trained by one grouped Adam. The probes are tiny, so their time is per-call overhead;
+# grouping removes it. Built from G reference modules, a grouped model starts from exactly their
+# weights and equals training them one by one, to float rounding (tested, dropout off).
 
-class GroupedLinear(nn.Module):
-    """G independent Linear layers applied in one batched matmul. (B, G, I) -> (B, G, O).
-
-    Every group starts from the SAME initial weights (nn.Linear's default init drawn once): the
-    groups are independent problems, and this makes the batched model equal, to float rounding, to
-    G separate models each trained from the same seed (tested)."""
-
-    def __init__(self, groups, d_in, d_out):
-        super().__init__()
-        ref = nn.Linear(d_in, d_out)
-        self.weight = nn.Parameter(ref.weight.detach().t().repeat(groups, 1, 1))  # (G, I, O)
-        self.bias = nn.Parameter(ref.bias.detach().repeat(groups, 1))  # (G, O)
-
-    def forward(self, x):
-        out = torch.baddbmm(self.bias[:, None], x.transpose(0, 1), self.weight)  # (G, B, O)
-        return out.transpose(0, 1)  # (B, G, O)
+def probe_mlp(d_in, hidden, num_classes, dropout):
+    """The published probe MLP: Linear(d_in, hidden), ReLU, Dropout, Linear(hidden, K)."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
-class PointMLP(nn.Module):
-    """MLP probe on single points of the trajectory (paper section 3.1, published sizes): Linear(D, 512), ReLU,
-    Dropout 0.25, Linear(512, K) -- one independent MLP per time point, all T trained together.
-    codes (B, T, D) -> logits (B, T, K)."""
+class MLPProbe(nn.Module):
+    """MLP probes (paper section 3.1, published sizes: hidden 512, dropout 0.25) on the curve read
+    three ways, `pool`: 'point' (one independent MLP per time point: H = T heads), 'concat' (one MLP
+    on all T codes side by side, T*D inputs) or 'mean' (one MLP on the average code over t); the
+    last two are controls. codes (B, T, D) -> (logits (B, H, K), None)."""
 
-    def __init__(self, num_points, d, num_classes, hidden=512, dropout=0.25):
-        super().__init__()
-        self.fc1 = GroupedLinear(num_points, d, hidden)
-        self.fc2 = GroupedLinear(num_points, hidden, num_classes)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, codes):
-        return self.fc2(self.dropout(F.relu(self.fc1(codes))))  # (B, T, K)
-
-
-class FlatMLP(nn.Module):
-    """Control probe: the same MLP on a fixed function of the whole curve, `pool` = 'concat'
-    (all T codes side by side, T*D inputs) or 'mean' (the average code over t).
-    codes (B, T, D) -> logits (B, 1, K)."""
-
-    def __init__(self, num_points, d, num_classes, pool="concat", hidden=512, dropout=0.25):
+    def __init__(self, num_points, d, num_classes, pool="point", hidden=512, dropout=0.25):
         super().__init__()
         self.pool = pool
         d_in = num_points * d if pool == "concat" else d
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, num_classes))
+        heads = num_points if pool == "point" else 1
+        self.mlps = nn.ModuleList([probe_mlp(d_in, hidden, num_classes, dropout) for _ in range(heads)])
 
     def forward(self, codes):
+        if self.pool == "point":
+            return torch.stack([mlp(codes[:, t]) for t, mlp in enumerate(self.mlps)], 1), None  # (B, T, K)
         x = codes.flatten(1) if self.pool == "concat" else codes.mean(1)  # (B, T*D) or (B, D)
-        return self.net(x)[:, None]  # (B, 1, K)
+        return self.mlps[0](x)[:, None], None  # (B, 1, K)
 
 
 class GRUProbe(nn.Module):
-    """Recurrent probe (paper section 3.1, published sizes): a GRU with 256 hidden units runs along the trajectory from
-    t = 0 to t = 1; dropout 0.25 and a linear head read the last state.
-    codes (B, T, D) -> logits (B, 1, K)."""
+    """Recurrent probe (paper section 3.1, published sizes): a GRU with 256 hidden units runs along
+    the trajectory from t = 0 to t = 1; dropout 0.25 and a linear head read the last state.
+    codes (B, T, D) -> (logits (B, 1, K), None)."""
 
     def __init__(self, d, num_classes, hidden=256, dropout=0.25):
         super().__init__()
@@ -815,7 +798,7 @@ class GRUProbe(nn.Module):
 
     def forward(self, codes):
         _, h_last = self.gru(codes)  # (1, B, hidden)
-        return self.head(self.dropout(h_last[0]))[:, None]  # (B, 1, K)
+        return self.head(self.dropout(h_last[0]))[:, None], None  # (B, 1, K)
 
 
 def sinusoidal_embedding(x, dim, max_period=10000.0):
@@ -832,6 +815,33 @@ def quadrature_weights(times):
     return (edges[..., 1:] - edges[..., :-1]).clamp_min(1e-6)  # (..., T)
 
 
+def position_and_key_bias(time_embedding, width, T, times, device):
+    """The Transformer's position embedding and attention-logit bias: of the INDEX of each point
+    (pos (T, W), bias 0) or of the VALUE of t (pos (..., T, W) from times (..., T), bias the log
+    quadrature weight of each point, (..., T))."""
+    if time_embedding == "index":
+        return sinusoidal_embedding(torch.arange(T, device=device), width), torch.zeros(T, device=device)
+    times = times.to(device)
+    return sinusoidal_embedding(times * 1000.0, width), quadrature_weights(times).log()
+
+
+def trajectory_attention(qkv, key_bias, heads):
+    """One attention layer's core: queries from all T + 1 rows (points, then the token), keys and
+    values from the T points only: softmax(q k^T / sqrt(d) + key_bias) v, by PyTorch's fused
+    scaled_dot_product_attention, and the token's row of the attention written out.
+    qkv (..., T+1, 3W), key_bias (..., T) -> (mixed values (..., T+1, W), the token's attention over
+    the points (..., T), head-averaged)."""
+    *lead, rows, three_w = qkv.shape
+    width = three_w // 3
+    q, k, v = qkv.reshape(-1, rows, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # (n, nh, T+1, W/nh) each
+    k, v = k[:, :, :rows - 1], v[:, :, :rows - 1]  # keys/values: trajectory points only (n, nh, T, W/nh)
+    bias = key_bias.expand(*lead, rows - 1).reshape(-1, 1, 1, rows - 1)  # (n, 1, 1, T)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(-1, heads, rows, -1))  # (n, nh, T+1, W/nh)
+    token = (q[:, :, -1:] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias).softmax(-1)  # (n, nh, 1, T)
+    out = out.transpose(1, 2).reshape(*lead, rows, width)  # (..., T+1, W)
+    return out, token[:, :, 0].mean(1).reshape(*lead, rows - 1)  # (..., T)
+
+
 class TrajectoryTransformer(nn.Module):
     """Transformer probe with a learned query token that attends over the curve (Figure 3).
 
@@ -846,8 +856,8 @@ class TrajectoryTransformer(nn.Module):
     time_embedding='value', log(quadrature weight) of each point is added to the attention logits:
     then a weighted average over a grid approximates an integral over t, and the same trained probe
     gives nearly the same answer on a coarse, fine or irregular grid (a density rather than weights).
-    codes (B, T, D), times (T,) or (B, T) -> logits (B, 1, K); attention of the last round in
-    self.last_attention, (B, T) averaged over heads."""
+    codes (B, T, D), times (T,) or (B, T) -> (logits (B, 1, K), the token's attention of the last
+    round (B, T), head-averaged)."""
 
     def __init__(self, d, num_classes, width=256, heads=4, rounds=2, dropout=0.25,
                  time_embedding="index"):
@@ -862,53 +872,274 @@ class TrajectoryTransformer(nn.Module):
         self.ff = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Dropout(dropout),
                                 nn.Linear(2 * width, width))
         self.head = nn.Linear(width, num_classes)
-        self.last_attention = None
 
     def forward(self, codes, times=None):
         B, T, _ = codes.shape
-        if self.time_embedding == "index":
-            pos = sinusoidal_embedding(torch.arange(T, device=codes.device), self.width)  # (T, W)
-            key_bias = torch.zeros(B, 1, 1, T, device=codes.device)
-        else:
-            times = times.to(codes.device).expand(B, T)  # (B, T)
-            pos = sinusoidal_embedding(times * 1000.0, self.width)  # (B, T, W): value of t, not index
-            key_bias = quadrature_weights(times).log()[:, None, None, :]  # (B, 1, 1, T)
+        pos, key_bias = position_and_key_bias(self.time_embedding, self.width, T, times, codes.device)
+        key_bias = key_bias.expand(B, T)  # (B, T)
         h = self.dropout(self.embed(codes) + pos)  # (B, T, W)
         h = torch.cat([h, self.token.expand(B, 1, -1)], dim=1)  # (B, T+1, W), token last
         for _ in range(self.rounds):
-            q, k, v = self.qkv(h).reshape(B, T + 1, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T+1, W/nh)
-            k, v = k[:, :, :T], v[:, :, :T]  # keys/values: trajectory points only (B, nh, T, W/nh)
-            logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + key_bias  # (B, nh, T+1, T)
-            attn = logits.softmax(-1)
-            self.last_attention = attn[:, :, -1].mean(1).detach()  # token's row (B, T), head-averaged
-            out = (attn @ v).transpose(1, 2).reshape(B, T + 1, self.width)  # (B, T+1, W)
+            out, attention = trajectory_attention(self.qkv(h), key_bias, self.heads)  # (B, T+1, W), (B, T)
             h = self.norm1(h + self.dropout(self.proj(out)))  # post-LN
             h = self.norm2(h + self.dropout(self.ff(h)))
-        return self.head(h[:, -1])[:, None]  # (B, 1, K)
+        return self.head(h[:, -1])[:, None], attention  # (B, 1, K), (B, T)
 
 
-def build_probe(kind, num_points, d, num_classes, width=256):
+def build_probe(kind, num_points, d, num_classes, width=256, dropout=0.25):
     """The probes of the Figure 1 table by name: 'mlp' (one per t), 'concat', 'mean', 'gru',
     'transformer', 'continuous' (grid-free Transformer on the value of t). `width` is the GRU's
     hidden size and the Transformer's model width (paper 256); the MLPs keep 512 hidden units."""
-    if kind == "mlp":
-        return PointMLP(num_points, d, num_classes)
-    if kind in ("concat", "mean"):
-        return FlatMLP(num_points, d, num_classes, pool=kind)
+    if kind in ("mlp", "concat", "mean"):
+        return MLPProbe(num_points, d, num_classes, pool="point" if kind == "mlp" else kind, dropout=dropout)
     if kind == "gru":
-        return GRUProbe(d, num_classes, hidden=width)
-    if kind == "transformer":
-        return TrajectoryTransformer(d, num_classes, width=width, time_embedding="index")
-    if kind == "continuous":
-        return TrajectoryTransformer(d, num_classes, width=width, time_embedding="value")
+        return GRUProbe(d, num_classes, hidden=width, dropout=dropout)
+    if kind in ("transformer", "continuous"):
+        return TrajectoryTransformer(d, num_classes, width=width, dropout=dropout,
+                                     time_embedding="index" if kind == "transformer" else "value")
     raise ValueError(f"unknown probe {kind!r}")
 
 
+# --- grouped forms: G models of one kind in one -------------------------------------------------
+
+class GroupedLinear(nn.Module):
+    """G independent Linear layers applied in one batched matmul. (G, B, I) -> (G, B, O).
+    Built from G nn.Linear layers, whose weights it starts from (`GroupedLinear.stack`)."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().transpose(1, 2).contiguous())  # (G, I, O) from nn.Linear's (G, O, I)
+        self.bias = nn.Parameter(bias.detach().clone())  # (G, O)
+
+    @classmethod
+    def stack(cls, linears):
+        return cls(torch.stack([l.weight for l in linears]), torch.stack([l.bias for l in linears]))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias[:, None], x, self.weight)  # (G, B, O)
+
+
+class GroupedLayerNorm(nn.Module):
+    """G independent LayerNorms over the last dimension. (G, ..., W) -> (G, ..., W)."""
+
+    def __init__(self, norms):
+        super().__init__()
+        self.eps = norms[0].eps
+        self.weight = nn.Parameter(torch.stack([n.weight.detach() for n in norms]))  # (G, W)
+        self.bias = nn.Parameter(torch.stack([n.bias.detach() for n in norms]))  # (G, W)
+
+    def forward(self, x):
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)  # (G, 1, ..., W)
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class GroupedMLPProbe(nn.Module):
+    """G MLPProbes of one pool in one model. A 'point' probe's T per-t MLPs are G*T groups of
+    the layers. codes (G, B, T, D) -> (logits (G, B, H, K), None); times are not read."""
+
+    def __init__(self, probes):
+        super().__init__()
+        self.pool = probes[0].pool
+        mlps = [mlp for p in probes for mlp in p.mlps]  # G*H MLPs, group-major
+        self.fc1 = GroupedLinear.stack([m[0] for m in mlps])
+        self.dropout = nn.Dropout(mlps[0][2].p)
+        self.fc2 = GroupedLinear.stack([m[3] for m in mlps])
+
+    def forward(self, codes, times=None):
+        G, B, T, D = codes.shape
+        if self.pool == "point":
+            x = codes.transpose(1, 2).reshape(G * T, B, D)  # (G*T, B, D): one group per (model, t)
+        else:
+            x = codes.reshape(G, B, T * D) if self.pool == "concat" else codes.mean(2)  # (G, B, T*D) or (G, B, D)
+        logits = self.fc2(self.dropout(F.relu(self.fc1(x))))  # (G*H, B, K)
+        return logits.reshape(G, -1, B, logits.shape[-1]).transpose(1, 2), None  # (G, B, H, K)
+
+
+class GroupedGRUProbe(nn.Module):
+    """G GRUProbes in one model, the GRU written out (PyTorch's gate order r, z, n):
+        r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  z = sigmoid(W_iz x + b_iz + W_hz h + b_hz),
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),  h' = (1 - z) * n + z * h.
+    codes (G, B, T, D) -> (logits (G, B, 1, K), None); times are not read."""
+
+    def __init__(self, probes):
+        super().__init__()
+        grus = [p.gru for p in probes]
+        self.input = GroupedLinear(torch.stack([g.weight_ih_l0 for g in grus]), torch.stack([g.bias_ih_l0 for g in grus]))
+        self.hidden = GroupedLinear(torch.stack([g.weight_hh_l0 for g in grus]), torch.stack([g.bias_hh_l0 for g in grus]))
+        self.dropout = nn.Dropout(probes[0].dropout.p)
+        self.head = GroupedLinear.stack([p.head for p in probes])
+
+    def forward(self, codes, times=None):
+        G, B, T, D = codes.shape
+        gates_x = self.input(codes.reshape(G, B * T, D)).reshape(G, B, T, -1)  # (G, B, T, 3H): every t at once
+        h = codes.new_zeros(G, B, self.hidden.weight.shape[1])  # (G, B, H)
+        for t in range(T):
+            xr, xz, xn = gates_x[:, :, t].chunk(3, -1)
+            hr, hz, hn = self.hidden(h).chunk(3, -1)  # (G, B, H) each
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+        return self.head(self.dropout(h))[:, :, None], None  # (G, B, 1, K)
+
+
+class GroupedTransformer(nn.Module):
+    """G TrajectoryTransformers in one model; see TrajectoryTransformer for the architecture.
+    codes (G, B, T, D), times (T,) or (B, T) -> (logits (G, B, 1, K), attention (G, B, T))."""
+
+    def __init__(self, probes):
+        super().__init__()
+        p0 = probes[0]
+        self.width, self.heads, self.rounds, self.time_embedding = p0.width, p0.heads, p0.rounds, p0.time_embedding
+        stack = lambda name: GroupedLinear.stack([p.get_submodule(name) for p in probes])
+        self.embed, self.qkv, self.proj, self.head = stack("embed"), stack("qkv"), stack("proj"), stack("head")
+        self.ff1, self.ff2 = stack("ff.0"), stack("ff.3")
+        self.norm1 = GroupedLayerNorm([p.norm1 for p in probes])
+        self.norm2 = GroupedLayerNorm([p.norm2 for p in probes])
+        self.token = nn.Parameter(torch.stack([p.token.detach() for p in probes]))  # (G, W)
+        self.dropout = nn.Dropout(p0.dropout.p)
+
+    def forward(self, codes, times=None):
+        G, B, T, D = codes.shape
+        W = self.width
+        pos, key_bias = position_and_key_bias(self.time_embedding, W, T, times, codes.device)
+        key_bias = key_bias.expand(G, B, T)  # (G, B, T)
+        linear = lambda layer, h: layer(h.reshape(G, -1, h.shape[-1])).reshape(G, B, T + 1, -1)  # rows as batch
+        h = self.dropout(self.embed(codes.reshape(G, B * T, D)).reshape(G, B, T, W) + pos)  # (G, B, T, W)
+        h = torch.cat([h, self.token[:, None, None, :].expand(G, B, 1, W)], dim=2)  # (G, B, T+1, W)
+        for _ in range(self.rounds):
+            out, attention = trajectory_attention(linear(self.qkv, h), key_bias, self.heads)  # (G, B, T+1, W), (G, B, T)
+            h = self.norm1(h + self.dropout(linear(self.proj, out)))  # post-LN
+            h = self.norm2(h + self.dropout(linear(self.ff2, self.dropout(F.relu(linear(self.ff1, h))))))
+        return self.head(h[:, :, -1])[:, :, None], attention  # (G, B, 1, K), (G, B, T)
+
+
+def group_probes(probes):
+    """One grouped model from G reference probes of one kind (their weights, their order)."""
+    kinds = {MLPProbe: GroupedMLPProbe, GRUProbe: GroupedGRUProbe, TrajectoryTransformer: GroupedTransformer}
+    return kinds[type(probes[0])](probes)
+
+
+class GroupedAdam:
+    """torch.optim.Adam's update (L2 weight decay added to the gradient, bias-corrected moments) for
+    parameters whose first dimension is the group (or G*H, group-major), with one learning rate per
+    group, lr (G,)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        (b1, b2), n = self.betas, self.steps
+        bias1, bias2_sqrt = 1 - b1 ** n, math.sqrt(1 - b2 ** n)
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            g = p.grad + self.weight_decay * p if self.weight_decay else p.grad
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            lr = self.lr.repeat_interleave(p.shape[0] // len(self.lr))  # a point MLP's G*T layers: group-major
+            step_size = (lr / bias1).view(-1, *[1] * (p.dim() - 1))  # (G, 1, ...)
+            p.sub_(step_size * m / (v.sqrt() / bias2_sqrt + self.eps))
+
+
+def clip_grad_norm_per_group(params, max_norm, groups):
+    """clip_grad_norm_ applied to each group's gradients separately: the G models stay independent.
+    Every parameter's first dimension is the group (or G*H, group-major)."""
+    norms = sum(p.grad.reshape(groups, -1).pow(2).sum(1) for p in params).sqrt()  # (G,)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
+
+
+@torch.no_grad()
+def evaluate_groups(model, codes, labels, inputs, times=None, batch_size=1024):
+    """Accuracy per group and head, and each group's mean token attention. codes (V, N, T, D), one
+    set of codes per input, read by group g from codes[inputs[g]]; labels (N,)
+    -> accuracy (G, H), attention (G, T) or None."""
+    model.eval()
+    correct, attention = 0, 0
+    for start in range(0, codes.shape[1], batch_size):
+        logits, att = model(codes[:, start:start + batch_size][inputs], times)  # (G, b, H, K), (G, b, T)
+        correct = correct + (logits.argmax(-1) == labels[start:start + batch_size, None]).sum(1)  # (G, H)
+        if att is not None:
+            attention = attention + att.sum(1)  # (G, T)
+    n = codes.shape[1]
+    return correct.float() / n, attention / n if torch.is_tensor(attention) else None
+
+
+def train_probe_groups(model, train, val, test, inputs, lrs, seeds, epochs, batch_size=256, weight_decay=1e-5,
+                       clip=None, train_times_fn=None, eval_times=None):
+    """Trains G grouped probes with Adam and keeps, PER GROUP AND HEAD, the test accuracy at its
+    best validation epoch: what training each of the G x H heads alone would give.
+
+    train/val/test are (codes (V, N, T, D), labels (N,)) pairs; group g reads the input inputs[g],
+    learns at lrs[g] and draws its batch order from a generator seeded with seeds[g] (groups of one
+    seed see the same batches, as the loop form's runs of that seed do). The loss is the SUM over
+    groups and heads of each head's mean cross-entropy, so every head gets exactly its own gradient,
+    and Adam's element-wise update keeps them apart. clip: gradient-norm clipping per group (RNN /
+    Transformer, as the published probes). train_times_fn(generator) -> (column indices (k,), times
+    (k,)) draws a random sub-grid per batch (continuous probe; all groups must share one seed);
+    eval_times are the times of the val/test columns.
+    Returns dict(val (G, H), test (G, H), epoch (G, H), attention (G, T) or None, and state: every
+    group's weights at the best validation epoch of its head 0)."""
+    x_train, y_train = train
+    inputs, seeds = torch.as_tensor(inputs), torch.as_tensor(seeds)
+    if train_times_fn is not None and len(set(seeds.tolist())) > 1:
+        raise ValueError("a random sub-grid per batch needs all groups on one seed")
+    gens = {s: torch.Generator().manual_seed(s) for s in sorted(set(seeds.tolist()))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = GroupedAdam(params, torch.as_tensor(lrs, dtype=x_train.dtype, device=x_train.device),
+                      weight_decay=weight_decay)
+    G, N = len(seeds), x_train.shape[1]
+    group_inputs = inputs.to(x_train.device)[:, None]  # (G, 1)
+    best = None
+    for epoch in range(epochs):
+        model.train()
+        perms = {s: torch.randperm(N, generator=gen) for s, gen in gens.items()}
+        order = torch.stack([perms[s] for s in seeds.tolist()]).to(x_train.device)  # (G, N) each group's order
+        for start in range(0, N, batch_size):
+            idx = order[:, start:start + batch_size]  # (G, b)
+            x = x_train[group_inputs, idx]  # (G, b, T, D)
+            t = None
+            if train_times_fn is not None:
+                cols, t = train_times_fn(gens[int(seeds[0])])
+                x = x[:, :, cols]  # (G, b, k, D)
+            logits, _ = model(x, t)  # (G, b, H, K)
+            H = logits.shape[2]
+            loss = F.cross_entropy(logits.flatten(0, 2), y_train[idx].repeat_interleave(H, dim=1).flatten(),
+                                   reduction="sum") / idx.shape[1]  # sum over groups and heads of mean CE
+            for p in params:
+                p.grad = None
+            loss.backward()
+            if clip is not None:
+                clip_grad_norm_per_group(params, clip, G)
+            opt.step()
+        val_acc, _ = evaluate_groups(model, *val, inputs, times=eval_times)  # (G, H)
+        test_acc, attention = evaluate_groups(model, *test, inputs, times=eval_times)
+        if best is None:
+            best = dict(val=torch.full_like(val_acc, -1.0), test=test_acc.clone(),
+                        epoch=torch.zeros_like(val_acc, dtype=torch.long), attention=attention,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        improved = val_acc > best["val"]  # (G, H)
+        best["val"] = torch.where(improved, val_acc, best["val"])
+        best["test"] = torch.where(improved, test_acc, best["test"])
+        best["epoch"] = torch.where(improved, torch.full_like(best["epoch"], epoch), best["epoch"])
+        head0 = improved[:, 0]  # (G,): the groups whose head 0 improved keep this epoch's weights
+        if attention is not None:
+            best["attention"] = torch.where(head0[:, None], attention, best["attention"])
+        for k, v in model.state_dict().items():
+            if v.shape[0] == G:  # every parameter of the GRU / Transformer (the MLPs' state is not kept)
+                best["state"][k] = torch.where(head0.view(-1, *[1] * (v.dim() - 1)), v, best["state"][k])
+    return best
+
+
 def standardiser_stats(train, per_time=True):
-    """Mean and std of the TRAINING codes (N, T, D) only, so nothing of the validation or test split
-    leaks into training or model selection: per (t, d) feature -> (1, T, D) each, or per dimension
-    pooled over t (per_time=False) -> (1, 1, D) each. Apply as (codes - mean) / std."""
-    dims = (0,) if per_time else (0, 1)
+    """Mean and std of the TRAINING codes (..., N, T, D) only, so nothing of the validation or test
+    split leaks into training or model selection: per (t, d) feature -> (..., 1, T, D) each, or per
+    dimension pooled over t (per_time=False) -> (..., 1, 1, D) each. Apply as (codes - mean) / std."""
+    dims = (-3,) if per_time else (-3, -2)
     return train.mean(dims, keepdim=True), train.std(dims, keepdim=True).clamp_min(1e-6)
 
 
@@ -919,126 +1150,96 @@ def split_train_val(n, val_fraction=0.1, seed=0):
     return perm[n_val:], perm[:n_val]
 
 
-@torch.no_grad()
-def evaluate_probe(model, codes, labels, times=None, batch_size=1024):
-    """Accuracy per head and mean token attention of a probe. codes (N, T, D), labels (N,)
-    -> accuracy (G,), attention (T,) or None."""
-    model.eval()
-    correct, attention = 0, 0
-    for start in range(0, len(codes), batch_size):
-        x = codes[start:start + batch_size]
-        logits = model(x) if times is None else model(x, times)  # (b, G, K)
-        correct = correct + (logits.argmax(-1) == labels[start:start + batch_size, None]).sum(0)  # (G,)
-        if getattr(model, "last_attention", None) is not None:
-            attention = attention + model.last_attention.sum(0)  # (T,)
-    att = attention / len(codes) if torch.is_tensor(attention) else None
-    return correct.float() / len(codes), att
-
-
-def train_probe(model, train, val, test, epochs, lr, batch_size=256, weight_decay=1e-5, clip=None,
-                seed=0, train_times_fn=None, eval_times=None):
-    """Trains one probe with Adam and keeps, PER HEAD, the test accuracy at its best validation epoch.
-
-    train/val/test are (codes (N, T, D), labels (N,)) pairs. The loss is the SUM over heads of each
-    head's mean cross-entropy, so each head gets exactly the gradient it would get alone, and Adam's
-    element-wise update keeps the heads independent: the batched per-t MLPs equal T separate runs.
-    clip: gradient-norm clipping (RNN / Transformer, as the published probes); it couples heads, so it is
-    only used with G = 1. train_times_fn(generator) -> (column indices (k,), times (k,)) draws a
-    random sub-grid per batch (continuous probe); eval_times are the times of val/test columns.
-    Returns dict(val (G,), test (G,), epoch (G,), attention (T,) and state (weights) at the best
-    validation epoch of head 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    x_train, y_train = train
-    best = None
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
-        for start in range(0, len(x_train), batch_size):
-            idx = perm[start:start + batch_size]
-            if train_times_fn is None:
-                logits = model(x_train[idx])  # (b, G, K)
-            else:
-                cols, t = train_times_fn(gen)
-                logits = model(x_train[idx][:, cols], t)  # (b, 1, K)
-            G = logits.shape[1]
-            loss = F.cross_entropy(logits.flatten(0, 1), y_train[idx].repeat_interleave(G),
-                                   reduction="sum") / len(idx)  # sum over heads of mean CE
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-        val_acc, _ = evaluate_probe(model, *val, times=eval_times)
-        test_acc, attention = evaluate_probe(model, *test, times=eval_times)
-        if best is None:
-            best = dict(val=torch.full_like(val_acc, -1.0), test=test_acc.clone(),
-                        epoch=torch.zeros_like(val_acc, dtype=torch.long))
-        improved = val_acc > best["val"]  # (G,)
-        best["val"] = torch.where(improved, val_acc, best["val"])
-        best["test"] = torch.where(improved, test_acc, best["test"])
-        best["epoch"] = torch.where(improved, torch.full_like(best["epoch"], epoch), best["epoch"])
-        if improved[0]:
-            best["attention"] = attention
-            best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return best
-
-
 def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, lrs, epochs,
-                       seeds, batch_size=256, val_fraction=0.1, split_seed=0, continuous=None, width=256):
-    """The paper's protocol (section 3.1) for one probe kind on one label.
+                       seeds, batch_size=256, val_fraction=0.1, split_seed=0, continuous=None, width=256,
+                       dropout=0.25, max_groups=None):
+    """The paper's protocol (section 3.1) for one probe kind on one label, as one grouped program.
 
     Holds out a validation split of the training codes, standardises with training statistics only,
-    and for every seed and every learning rate trains the probe; per head, the learning rate with
-    the best validation accuracy is chosen (per seed) and its test accuracy at the best validation
-    epoch kept. codes (N, T, D), labels (N,); width: see build_probe.
+    and trains the probe for every input x seed x learning rate, all as groups of one model (for the
+    continuous probe, one model per seed: its sub-grids are drawn per seed). Per input, seed and head,
+    the learning rate with the best validation accuracy is chosen (the first on ties, as a loop
+    would) and its test accuracy at the best validation epoch kept. Seed s gives every learning rate
+    the initial weights of build_probe(...) after torch.manual_seed(s) (inside fork_rng: the caller's
+    random state is left alone).
+    codes (N, T, D), or (V, N, T, D) for V inputs sharing labels (N,) (e.g. trained and random-init
+    codes); then every result gains a leading V. width, dropout: see build_probe. max_groups: train
+    the groups in chunks of at most this many (None: all in one; on a CPU, where the probes are bound
+    by element-wise memory traffic, small chunks that stay in cache are faster; see bench.py).
     continuous: for the grid-free probe, dict(fine_times (F,), eval_cols (T,)): codes_train are on
     the fine grid, training draws random sub-grids of it, validation uses the columns eval_cols and
     codes_test lie on fine_times[eval_cols]; features are standardised per dimension pooled over t
     (per-t statistics would not exist on an unseen grid).
-    Returns dict(test_mean, test_std, val_mean (G,), tests (S, G), lrs (S, G), attention (T,)
-    mean over seeds or None, states: per seed the weights of the chosen model, mean, std)."""
-    tr_idx, va_idx = split_train_val(len(codes_train), val_fraction, split_seed)
+    Returns dict(test_mean (H,), test_std (H,), val_mean (H,), tests (S, H), lrs (S, H), attention
+    (T,) mean over seeds or None, standardiser (mean, std)); for the continuous probe also
+    chosen_models: per seed (grouped model at its best epochs, index of the chosen group), to test
+    the trained probe on other grids."""
+    single = codes_train.dim() == 3
+    if continuous is not None and not single:
+        raise ValueError("the continuous probe takes one input, codes (N, T, D)")
+    if single:
+        codes_train, codes_test = codes_train[None], codes_test[None]  # (1, N, T, D)
+    V, S, L = codes_train.shape[0], len(seeds), len(lrs)
+    tr_idx, va_idx = split_train_val(codes_train.shape[1], val_fraction, split_seed)
     per_time = continuous is None
-    mean, std = standardiser_stats(codes_train[tr_idx], per_time)
-    x_tr, x_va, x_te = [(x - mean) / std for x in (codes_train[tr_idx], codes_train[va_idx], codes_test)]
+    mean, std = standardiser_stats(codes_train[:, tr_idx], per_time)  # (V, 1, T, D) or (V, 1, 1, D)
+    x_tr, x_va, x_te = [(x - mean) / std for x in (codes_train[:, tr_idx], codes_train[:, va_idx], codes_test)]
     train_times_fn = eval_times = None
     if continuous is not None:
-        fine = continuous["fine_times"]
-        x_va = x_va[:, continuous["eval_cols"]]  # (n_val, T, D)
-        train_times_fn, eval_times = grid_sampler(fine), fine[continuous["eval_cols"]]
-    T, D = codes_test.shape[1:]
-    tests, vals, chosen, attentions, states = [], [], [], [], []
-    for seed in seeds:
-        best = None
-        for lr in lrs:
-            # Seeded init and dropout inside fork_rng: the caller's random state is left alone.
-            with torch.random.fork_rng(devices=[codes_train.device] if codes_train.is_cuda else []):
-                torch.manual_seed(seed)  # same init for every lr, and for the loop form of per-t MLPs
-                model = build_probe(kind, T, D, num_classes, width).to(codes_train.device)
-                res = train_probe(model, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]), (x_te, y_test),
-                                  epochs, lr, batch_size, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
-                                  seed=seed, train_times_fn=train_times_fn, eval_times=eval_times)
-            res["lr"] = torch.full_like(res["val"], lr)
-            if best is None:
-                best = res
-                continue
-            better = res["val"] > best["val"]  # (G,)
-            for key in ("val", "test", "lr"):
-                best[key] = torch.where(better, res[key], best[key])
-            if better[0]:
-                best["attention"], best["state"] = res["attention"], res["state"]
-        tests.append(best["test"])
-        vals.append(best["val"])
-        chosen.append(best["lr"])
-        states.append(best["state"])
-        if best["attention"] is not None:
-            attentions.append(best["attention"])
-    tests = torch.stack(tests)  # (S, G)
-    return dict(test_mean=tests.mean(0), test_std=tests.std(0, unbiased=False), tests=tests,
-                val_mean=torch.stack(vals).mean(0), lrs=torch.stack(chosen), states=states,
-                attention=torch.stack(attentions).mean(0) if attentions else None,
-                standardiser=(mean, std))
+        x_va = x_va[:, :, continuous["eval_cols"]]  # (V, n_val, T, D)
+        train_times_fn, eval_times = grid_sampler(continuous["fine_times"]), continuous["fine_times"][continuous["eval_cols"]]
+    T, D = codes_test.shape[2:]
+    device = codes_train.device
+    # Every (input, seed, lr) is one group. They train in chunks of at most max_groups groups (all at
+    # once by default; the continuous probe's chunks hold one seed each, as its sub-grids are drawn
+    # per seed). Chunking changes nothing but speed and memory: the groups are independent.
+    groups = [(v, s, l) for v in range(V) for s in range(S) for l in range(L)]
+    if continuous is not None:
+        chunks = [[g for g in groups if g[1] == s] for s in range(S)]
+    else:
+        size = max_groups or len(groups)
+        chunks = [groups[i:i + size] for i in range(0, len(groups), size)]
+    val, test, att, chosen = {}, {}, {}, {}
+    for chunk in chunks:
+        # Seeded initial weights and dropout masks inside fork_rng: the caller's random state is left alone.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            probes = {}
+            for v, s, l in chunk:
+                if s not in probes:
+                    torch.manual_seed(seeds[s])  # the same initial weights for every lr and input of a seed
+                    probes[s] = build_probe(kind, T, D, num_classes, width, dropout)
+            model = group_probes([probes[s] for _, s, _ in chunk]).to(device)
+            torch.manual_seed(seeds[chunk[0][1]])  # dropout masks
+            res = train_probe_groups(model, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]), (x_te, y_test),
+                                     [v for v, _, _ in chunk], [lrs[l] for _, _, l in chunk],
+                                     [seeds[s] for _, s, _ in chunk], epochs, batch_size,
+                                     clip=None if kind in ("mlp", "concat", "mean") else 1.0,
+                                     train_times_fn=train_times_fn, eval_times=eval_times)
+        for i, g in enumerate(chunk):
+            val[g], test[g] = res["val"][i], res["test"][i]  # (H,) each
+            att[g] = None if res["attention"] is None else res["attention"][i]  # (T,)
+            chosen[g] = (model, res["state"], i)
+    grid = lambda d: torch.stack([d[g] for g in groups]).reshape(V, S, L, -1)  # (V, S, L, ...)
+    val, test = grid(val), grid(test)  # (V, S, L, H)
+    pick = val.argmax(2, keepdim=True)  # (V, S, 1, H): first best lr, per input, seed and head
+    tests = test.gather(2, pick)[:, :, 0]  # (V, S, H)
+    out = dict(test_mean=tests.mean(1), test_std=tests.std(1, unbiased=False), tests=tests,
+               val_mean=val.gather(2, pick)[:, :, 0].mean(1),
+               lrs=torch.tensor(lrs, device=val.device)[pick[:, :, 0]], standardiser=(mean, std),
+               attention=None)
+    if att[groups[0]] is not None:
+        att = grid(att)  # (V, S, L, T)
+        out["attention"] = att.gather(2, pick[..., :1].expand(-1, -1, -1, att.shape[-1]))[:, :, 0].mean(1)  # (V, T)
+    if continuous is not None:  # per seed: its grouped model at the best epochs and the group chosen
+        out["chosen_models"] = []
+        for s in range(S):
+            model, state, i = chosen[(0, s, int(pick[0, s, 0, 0]))]
+            model.load_state_dict(state)
+            out["chosen_models"].append((model, i))
+    if single:
+        out = {k: v[0] if torch.is_tensor(v) else v for k, v in out.items()}
+        out["standardiser"] = (mean[0], std[0])
+    return out
 
 
 def grid_sampler(grid_times, k_min=4, k_max=16):
@@ -1053,28 +1254,31 @@ def grid_sampler(grid_times, k_min=4, k_max=16):
 
 
 # =================================================================================================
-# Mutual information: MINE (Belghazi et al. 2018), batched over pairs, and the NMI matrix (Fig. 2)
+# Mutual information: MINE (Belghazi et al. 2018), batched over pairs and seeds, the NMI matrix (Fig. 2)
 # =================================================================================================
 
-class StatisticsNetwork(nn.Module):
-    """MINE's statistics network T(x, y), one per pair, all P in one batched model (paper section 3.2):
-    concat(x, y) -> hidden -> hidden -> 1 with ELU, Xavier init (the same initial weights for
-    every pair, see GroupedLinear). (B, P, Dx + Dy) -> (B, P)."""
+def statistics_network(d_in, hidden=256):
+    """MINE's statistics network T(x, y) for one pair (paper section 3.2): concat(x, y) -> hidden ->
+    hidden -> 1 with ELU, Xavier-uniform weights and zero biases. (B, Dx + Dy) -> (B, 1)."""
+    net = nn.Sequential(nn.Linear(d_in, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, 1))
+    for layer in net[::2]:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return net
 
-    def __init__(self, pairs, d_in, hidden=256):
+
+class GroupedStatisticsNetwork(nn.Module):
+    """G statistics networks (one per pair and seed) in one batched model, starting from the weights
+    of the G given ones. (G, B, Dx + Dy) -> (G, B)."""
+
+    def __init__(self, nets):
         super().__init__()
-        self.layers = nn.ModuleList([GroupedLinear(pairs, d_in, hidden), GroupedLinear(pairs, hidden, hidden),
-                                     GroupedLinear(pairs, hidden, 1)])
-        for layer in self.layers:
-            w = torch.empty(layer.weight.shape[2], layer.weight.shape[1])  # (O, I) like nn.Linear
-            nn.init.xavier_uniform_(w)
-            layer.weight.data.copy_(w.t().expand_as(layer.weight))
-            layer.bias.data.zero_()
+        self.layers = nn.ModuleList([GroupedLinear.stack([net[i] for net in nets]) for i in (0, 2, 4)])
 
     def forward(self, xy):
         h = F.elu(self.layers[0](xy))
         h = F.elu(self.layers[1](h))
-        return self.layers[2](h)[..., 0]  # (B, P)
+        return self.layers[2](h)[..., 0]  # (G, B)
 
 
 def log_mean_exp(x, dim=0):
@@ -1083,68 +1287,84 @@ def log_mean_exp(x, dim=0):
 
 
 def mine_pairs(x, y, pairs, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=0.01,
-               holdout=0.2, eval_shuffles=8, seed=0):
-    """MINE estimates of I(x[:, i]; y[:, j]) in nats for every pair (i, j), all trained together.
+               holdout=0.2, eval_shuffles=8, seeds=(0,), eval_rows=512):
+    """MINE estimates of I(x[:, i]; y[:, j]) in nats for every pair (i, j) and every seed, all
+    trained together as one grouped model.
 
-    x (N, Tx, Dx), y (N, Ty, Dy), pairs (P, 2) of indices (i into Tx, j into Ty) -> (P,) nats.
+    x (N, Tx, Dx), y (N, Ty, Dy), pairs (P, 2) of indices (i into Tx, j into Ty) -> (S, P) nats.
     Donsker-Varadhan bound: I >= E_joint[T] - log E_marginal[e^T]. Marginal samples pair each x row
-    with an independently shuffled y row. The gradient of log E[e^T] is biased on minibatches, so
+    with an independently drawn y row. The gradient of log E[e^T] is biased on minibatches, so
     (Belghazi et al., section 3.2) its denominator is replaced by a moving average of E[e^T] (rate
-    ma_rate), DETACHED from the graph (the published code's is not), kept in log space per pair.
-    Trained on the first 1 - holdout of the rows; the estimate is the bound on the held-out rows,
-    averaged over eval_shuffles independent shufflings (the published code reads it off training
-    batches, which overfits upward). Every pair starts from the same weights and sees the same
-    batches, so this equals running the pairs one by one (tested)."""
+    ma_rate), DETACHED from the graph (the published code's is not), kept in log space per group.
+    Seed s draws its held-out split, its batches and (inside fork_rng, the caller's random state is
+    left alone) the initial weights shared by all its pairs. Trained on the first 1 - holdout of the
+    rows; the estimate is the bound on the held-out rows (in chunks of eval_rows), averaged over
+    eval_shuffles independent shufflings (the published code reads it off training batches, which
+    overfits upward). Equal to running every pair and seed alone (tested)."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y need the same number of rows (samples), got {x.shape[0]} and {y.shape[0]}")
     device = x.device
     pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2).to(device)  # (P, 2)
-    P = len(pairs)
-    gen = torch.Generator().manual_seed(seed)  # its own generator: the caller's RNG is left alone
-    perm = torch.randperm(len(x), generator=gen).to(device)
+    S, P = len(seeds), len(pairs)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]  # own generators: the caller's RNG is left alone
     n_hold = max(2, int(len(x) * holdout))
-    hold, train = perm[:n_hold], perm[n_hold:]
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, without touching the global RNG
-        torch.manual_seed(seed)
-        net = StatisticsNetwork(P, x.shape[2] + y.shape[2], hidden).to(device)
+    perms = [torch.randperm(len(x), generator=g).to(device) for g in gens]
+    hold = torch.stack([p[:n_hold] for p in perms])  # (S, n_hold)
+    train = torch.stack([p[n_hold:] for p in perms])  # (S, n_train)
+    nets = []
+    for s in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            net = statistics_network(x.shape[2] + y.shape[2], hidden)
+        nets += [net] * P  # every pair of a seed starts from the same weights
+    net = GroupedStatisticsNetwork(nets).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    log_ma = torch.zeros(P, device=device)  # log of the moving average of E[e^T], per pair
+    log_ma = torch.zeros(S * P, device=device)  # log of the moving average of E[e^T], per group
 
     def joint_and_marginal(rows, shuffled):
-        xs = x[rows][:, pairs[:, 0]]  # (b, P, Dx)
-        joint = net(torch.cat([xs, y[rows][:, pairs[:, 1]]], -1))  # (b, P)
-        marginal = net(torch.cat([xs, y[shuffled][:, pairs[:, 1]]], -1))  # (b, P)
-        return joint, marginal
+        """rows, shuffled (S, b) -> T on joint and on marginal samples, each (S*P, b)."""
+        b = rows.shape[1]
+        xs = x[rows].transpose(1, 2)[:, pairs[:, 0]]  # (S, P, b, Dx)
+        ys = y[torch.cat([rows, shuffled], 1)].transpose(1, 2)[:, pairs[:, 1]]  # (S, P, 2b, Dy): joint, marginal
+        xy = torch.cat([xs.repeat(1, 1, 2, 1), ys], -1)  # (S, P, 2b, Dx + Dy)
+        out = net(xy.reshape(S * P, 2 * b, -1))  # (S*P, 2b): one pass for both
+        return out[:, :b], out[:, b:]
 
     for step in range(steps):
-        rows = train[torch.randint(len(train), (batch_size,), generator=gen).to(device)]  # (b,)
-        shuffled = train[torch.randint(len(train), (batch_size,), generator=gen).to(device)]  # independent rows
+        draws = [[train[s][torch.randint(train.shape[1], (batch_size,), generator=g).to(device)] for _ in range(2)]
+                 for s, g in enumerate(gens)]  # per seed: its rows, then independent rows for the marginal
+        rows, shuffled = (torch.stack(d) for d in zip(*draws))  # (S, b) each
         joint, marginal = joint_and_marginal(rows, shuffled)
-        lme = log_mean_exp(marginal, 0)  # (P,) log E_marg[e^T]
+        lme = log_mean_exp(marginal, 1)  # (G,) log E_marg[e^T]
         log_ma = lme.detach() if step == 0 else torch.logaddexp(
             log_ma + math.log(1 - ma_rate), lme.detach() + math.log(ma_rate))
         # Bias-corrected surrogate: its gradient is grad E_joint[T] - grad E_marg[e^T] / ma.
-        loss = -(joint.mean(0) - torch.exp(lme - log_ma)).sum()
+        loss = -(joint.mean(1) - torch.exp(lme - log_ma)).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
         estimates = []
         for _ in range(eval_shuffles):
-            shuffled = hold[torch.randperm(len(hold), generator=gen).to(device)]
-            joint, marginal = joint_and_marginal(hold, shuffled)
-            estimates.append(joint.mean(0) - log_mean_exp(marginal, 0))  # (P,)
-    return torch.stack(estimates).mean(0)  # (P,)
+            shuffled = torch.stack([h[torch.randperm(n_hold, generator=g).to(device)] for h, g in zip(hold, gens)])
+            joint_sum, marginal_lse = 0, []
+            for start in range(0, n_hold, eval_rows):
+                joint, marginal = joint_and_marginal(hold[:, start:start + eval_rows], shuffled[:, start:start + eval_rows])
+                joint_sum = joint_sum + joint.sum(1)
+                marginal_lse.append(torch.logsumexp(marginal, 1))  # (G,)
+            lme = torch.logsumexp(torch.stack(marginal_lse), 0) - math.log(n_hold)
+            estimates.append(joint_sum / n_hold - lme)  # (G,)
+    return torch.stack(estimates).mean(0).reshape(S, P)  # (S, P)
 
 
-def mine(x, y, **kwargs):
+def mine(x, y, seed=0, **kwargs):
     """MINE estimate of I(X; Y) in nats from paired samples x (N, Dx), y (N, Dy). See mine_pairs.
 
     >>> x = torch.randn(8000, 1); y = 0.9 * x + math.sqrt(1 - 0.81) * torch.randn(8000, 1)
     >>> mine(x, y)  # true value -0.5 * log(1 - 0.81) = 0.830 nats  # doctest: +SKIP"""
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"mine expects two (N, D) tensors, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-    return mine_pairs(x[:, None], y[:, None], [[0, 0]], **kwargs)[0]
+    return mine_pairs(x[:, None], y[:, None], [[0, 0]], seeds=(seed,), **kwargs)[0, 0]
 
 
 def gaussian_mi(rho, d):
@@ -1152,23 +1372,24 @@ def gaussian_mi(rho, d):
     return -0.5 * d * math.log(1.0 - rho ** 2)
 
 
-def nmi_matrix(codes, **mine_kwargs):
+def nmi_matrix(codes, seeds=(0,), **mine_kwargs):
     """Normalised mutual information between every two points of the trajectories (Figure 2).
 
     NMI(i, j) = I(i; j) / sqrt(I(i; i) I(j; j)), with MINE's estimate of I(X; X) standing in for
     the entropy H(X) as in the published code. This is a HEURISTIC: for continuous codes H(X) and
     I(X; X) are infinite, and MINE's I(X; X) is only as large as its budget allows, so the diagonal
     is about 1 by construction and off-diagonal values are comparable only at a fixed budget.
-    All T*T ordered pairs are trained as one batched model. Where MINE's I(i; i) is below 1e-3 nats
-    (about zero: too small a budget to stand in for an entropy) row and column i are NaN. codes (N, T, D) -> (NMI (T, T), MI (T, T))."""
+    All T*T ordered pairs and all seeds are trained as one grouped model. Where MINE's I(i; i) is
+    below 1e-3 nats (about zero: too small a budget to stand in for an entropy) row and column i
+    are NaN. codes (N, T, D) -> (NMI (S, T, T), MI (S, T, T)), one matrix per seed."""
     if codes.dim() != 3 or codes.shape[1] < 2:
         raise ValueError(f"nmi_matrix needs codes of shape (N, T, D) with T >= 2, got {tuple(codes.shape)}")
     T = codes.shape[1]
     pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))  # (T*T, 2), row-major (i, j)
-    mi = mine_pairs(codes, codes, pairs, **mine_kwargs).reshape(T, T)  # (T, T)
-    diag = mi.diagonal()  # (T,) I(i; i) as the entropy stand-in
+    mi = mine_pairs(codes, codes, pairs, seeds=seeds, **mine_kwargs).reshape(-1, T, T)  # (S, T, T)
+    diag = mi.diagonal(dim1=1, dim2=2)  # (S, T) I(i; i) as the entropy stand-in
     diag = torch.where(diag > 1e-3, diag, torch.nan)  # a non-positive "entropy" leaves NMI undefined (NaN)
-    return mi / torch.sqrt(diag[:, None] * diag[None, :]), mi
+    return mi / torch.sqrt(diag[:, :, None] * diag[:, None, :]), mi
 
 
 # =================================================================================================

@@ -3,10 +3,10 @@
 Measured side by side in one run on this device (nothing is asserted; tests never time anything).
 Every timing is the MEDIAN of several calls after warm-up, with its spread (min - max); the
 ceiling, the device's dense fp32 matmul rate, is measured the same way.
-    - training step (images/s) of the `cpu` and `paper` model sizes with the published optimiser
-      (torch.optim.Adam, default for-each update) and with the fused Adam train.py now uses; model
-      FLOPs per image (torch.utils.flop_counter, forward + backward) and the achieved FLOP/s as a
-      fraction of the ceiling;
+    - training step (images/s) of the `cpu` and `paper` model sizes, channels-last, with train.py's
+      optimiser (torch.optim.Adam, default for-each update) and with the fused Adam, side by side;
+      model FLOPs per image (torch.utils.flop_counter, forward + backward) and the achieved FLOP/s
+      as a fraction of the ceiling;
     - trajectory extraction (images/s at 11 time points);
     - grouped programs against their loop form AT EQUAL WORK, at the `cpu` and `paper` probe
       protocol sizes: the per-t MLPs, GRU and Transformer probes with every learning rate x seed as
@@ -86,8 +86,8 @@ def rate(work, t):
 
 
 def bench_train(device, size, variant):
-    """variant: 'foreach' (torch.optim.Adam's default update, the earlier train.py), 'fused' (fused
-    Adam, train.py now) or 'fast' (fused + torch.compile + bf16 autocast, CUDA). Channels-last."""
+    """variant: 'foreach' (torch.optim.Adam's default update, as train.py), 'fused' (fused Adam) or
+    'fast' (fused + torch.compile + bf16 autocast, CUDA). Channels-last, as train.py."""
     torch.manual_seed(0)
     model = tr.DRLModel(**SIZES[size]).to(device).to(memory_format=torch.channels_last)
     B = BATCH[size]
@@ -128,8 +128,10 @@ PROTOCOLS = {name: dict(d=CODE[name], width=p["width"], lrs=len(p["lrs"]), seeds
              for name, p in probe.PRESETS.items()}
 
 
-def bench_probe(device, protocol, kind, steps=20, batch=256, T=11, K=10):
-    """A grouped probe (every lr x seed) against each reference probe alone, the same steps each."""
+def bench_probe(device, protocol, kind, batch=256, T=11, K=10):
+    """A grouped probe (every lr x seed) against each reference probe alone, the same steps each
+    (20 at the `cpu` size, 3 at the `paper` size: minutes on a CPU)."""
+    steps, repeat = (20, 3) if protocol == "cpu" else (3, 1)
     p = PROTOCOLS[protocol]
     G = p["lrs"] * p["seeds"]
     x, y = torch.randn(G, batch, T, p["d"], device=device), torch.randint(K, (batch,), device=device)
@@ -160,20 +162,23 @@ def bench_probe(device, protocol, kind, steps=20, batch=256, T=11, K=10):
                 if kind != "mlp":
                     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
                 opt.step()
-    g, l = timed(grouped, device, warmup=1, repeat=3), timed(loop, device, warmup=1, repeat=3)
-    return dict(groups=G, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
+    g, l = timed(grouped, device, warmup=1, repeat=repeat), timed(loop, device, warmup=1, repeat=repeat)
+    return dict(groups=G, steps=steps, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
 
 
-def bench_mine(device, protocol, steps=20, T=11):
-    """All T*T pairs x seeds as groups of one MINE against one pair and seed at a time, same steps."""
+def bench_mine(device, protocol, T=11):
+    """All T*T pairs x seeds as groups of one MINE against one pair and seed at a time, same steps
+    (20 at the `cpu` size, 4 at the `paper` size)."""
+    steps = 20 if protocol == "cpu" else 4
     hidden, seeds = analyze.PRESETS[protocol]["hidden"], analyze.PRESETS[protocol]["seeds"]
     codes = torch.randn(3000, T, CODE[protocol], device=device)
     pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))
     kw = dict(steps=steps, hidden=hidden, eval_shuffles=1, holdout=0.1)
-    g = timed(lambda: tr.mine_pairs(codes, codes, pairs, seeds=tuple(range(seeds)), **kw), device, warmup=1, repeat=3)
+    g = timed(lambda: tr.mine_pairs(codes, codes, pairs, seeds=tuple(range(seeds)), **kw), device, warmup=1,
+              repeat=3 if protocol == "cpu" else 1)
     l = timed(lambda: [tr.mine(codes[:, i], codes[:, j], seed=s, **kw) for s in range(seeds)
                        for i, j in pairs.tolist()], device, warmup=0, repeat=1)
-    return dict(groups=len(pairs) * seeds, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
+    return dict(groups=len(pairs) * seeds, steps=steps, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
 
 
 def bench_paper_memory(device, kind, n=45000, n_test=10000, T=11, D=128, K=10):
@@ -262,7 +267,7 @@ def main():
         return r
 
     def ratio_row(label, r):
-        rows.append((label, f"{r['speedup']:8.2f} x", f"({r['groups']} groups)",
+        rows.append((label, f"{r['speedup']:8.2f} x", f"({r['groups']} groups, {r['steps']} steps)",
                      f"{r['grouped_s'][0]:.2f} s vs {r['loop_s'][0]:.2f} s (medians)", f"{r['peak_memory_mb']:6.0f} MB"))
         print(*rows[-1], flush=True)
         return r

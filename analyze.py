@@ -2,8 +2,8 @@
 and where classes separate along the curve (paper eq. 5).
 
 For a run of train.py: estimates with MINE the mutual information between the codes at every two
-points of the trajectory (all T*T pairs and all seeds trained as the groups of one model, on the training
-split's codes, evaluated on held-out rows), normalises it as NMI(i, j) = I(i;j) / sqrt(I(i;i) I(j;j))
+points of the trajectory (all T*T pairs and all seeds trained as the groups of one model, on the
+training split's codes, evaluated on held-out rows), normalises it as NMI(i, j) = I(i;j) / sqrt(I(i;i) I(j;j))
 and reports its decay away from the diagonal, averaged over seeds with the spread. Where probe.py
 has run, also draws the Transformer's attention over t (Figure 3) and, per attribute, accuracy and
 attention along t side by side, with the grid-free probe's attention density. The same movement and

@@ -891,7 +891,8 @@ def test_run_folder_lock_metrics_and_stale_temp_files(tmp_path):
 
 @pytest.mark.parametrize("argv,match", [
     (["--times", "nan,0.5"], "at least 2 increasing finite"), (["--times", "0.5"], "at least 2 increasing"),
-    (["--times", "0.5,0.2"], "increasing"), (["--lrs", "0"], "lrs must be positive")])
+    (["--times", "0.5,0.2"], "increasing"), (["--lrs", "0"], "lrs must be positive"),
+    (["--max-groups", "-1"], "must be 0 \\(all\\) or positive")])
 def test_bad_probe_flags_are_one_sentence(tiny_run, argv, match):
     import probe
     with pytest.raises(tr.UserError, match=match):

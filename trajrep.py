@@ -756,9 +756,11 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
 # These reference modules are the paper's probes written plainly, one model each. What probe.py
 # trains are their GROUPED forms: G copies of one probe kind (every learning rate x seed x input of
 # the protocol), each with its own weights, in one model whose every layer is one batched matmul
-# (`bmm`), trained by one grouped Adam. The probes are tiny, so their time is per-call overhead;
-# grouping removes it. Built from G reference modules, a grouped model starts from exactly their
-# weights and equals training them one by one, to float rounding (tested, dropout off).
+# (`bmm`), trained by one grouped Adam. Where tiny models are bound by per-call overhead (a GPU),
+# grouping removes it; on a CPU they are bound by element-wise work and memory traffic, and groups
+# larger than the cache run slower, so the protocol trains them in chunks (`max_groups`; bench.py).
+# Built from G reference modules, a grouped model starts from exactly their weights and equals
+# training them one by one, to float rounding (tested, dropout off).
 
 def probe_mlp(d_in, hidden, num_classes, dropout):
     """The published probe MLP: Linear(d_in, hidden), ReLU, Dropout, Linear(hidden, K)."""

@@ -13,8 +13,8 @@ validation, test accuracy at the best validation epoch, mean and spread over see
     - the controls without which no row is a result: the SAME probes on the SAME encoder architecture
       at its random initialisation (the weights train.py started from), and an MLP on the raw pixels.
 Each probe kind is ONE grouped program: every learning rate x seed, on the trained and the random-
-init codes (and, for the GRU and Transformer, their constant curves), trains as the groups of one
-model, equal to training each alone (trajrep.run_probe_protocol).
+init codes (and, for the GRU and Transformer, their constant curves), trains in grouped models
+of at most --max-groups probes each, equal to training each alone (trajrep.run_probe_protocol).
 The Transformer's attention over t (Figure 3) is saved for analyze.py. `--probes mlp` runs only the
 per-t MLPs with their random-init and pixel controls: the quick table of an ablation.
 

@@ -1131,9 +1131,9 @@ def train_probe_groups(model, train, val, test, inputs, lrs, seeds, epochs, batc
         head0 = improved[:, 0]  # (G,): the groups whose head 0 improved keep this epoch's weights
         if attention is not None:
             best["attention"] = torch.where(head0[:, None], attention, best["attention"])
-        for k, v in model.state_dict().items():
-            if v.shape[0] == G:  # every parameter of the GRU / Transformer (the MLPs' state is not kept)
-                best["state"][k] = torch.where(head0.view(-1, *[1] * (v.dim() - 1)), v, best["state"][k])
+        for k, v in model.state_dict().items():  # every entry leads with G (or G*H, group-major)
+            best["state"][k] = torch.where(head0[:, None], v.reshape(G, -1),
+                                           best["state"][k].reshape(G, -1)).reshape(v.shape)
     return best
 
 
@@ -1220,7 +1220,8 @@ def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_class
         for i, g in enumerate(chunk):
             val[g], test[g] = res["val"][i], res["test"][i]  # (H,) each
             att[g] = None if res["attention"] is None else res["attention"][i]  # (T,)
-            chosen[g] = (model, res["state"], i)
+            if continuous is not None:  # kept to evaluate the chosen probe on other grids
+                chosen[g] = (model, res["state"], i)
     grid = lambda d: torch.stack([d[g] for g in groups]).reshape(V, S, L, -1)  # (V, S, L, ...)
     val, test = grid(val), grid(test)  # (V, S, L, H)
     pick = val.argmax(2, keepdim=True)  # (V, S, 1, H): first best lr, per input, seed and head

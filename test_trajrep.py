@@ -707,7 +707,9 @@ def test_edm_preconditioning_is_karras_denoiser():
 
 def test_flatten_head_keeps_position_that_pooling_loses():
     """A one-pixel object at two places away from the borders: convolutions are shift-equivariant, so
-    the pooled features are the same for both places; the flattened head's code differs."""
+    the pooled features are the same for both places; the flattened head's code differs. head='both'
+    is Linear([pooled (C), flattened (C*r*r)]): with the weights of its flattened part zeroed the code
+    no longer sees the place, with its pooled part zeroed it does (fails if the parts are swapped)."""
     torch.manual_seed(0)
     kw = dict(in_channels=3, code_dim=4, widths=(8, 8), blocks=1, probabilistic=False, sigma_min=0.01,
               sigma_max=50.0)
@@ -723,6 +725,41 @@ def test_flatten_head_keeps_position_that_pooling_loses():
     assert torch.allclose(pooled[0], pooled[1], atol=1e-5)
     code = flat(x, t)[0]
     assert (code[0] - code[1]).abs().max() > 1e-3
+    both = tr.Encoder(**kw, head="both", image_size=32)
+    C = kw["widths"][-1]
+    assert both.head.in_features == C * (16 * 16 + 1)
+    weight = both.head.weight.detach().clone()
+    with torch.no_grad():
+        both.head.weight[:, C:] = 0.0  # pooled features only
+        code = both(x, t)[0]
+        assert torch.allclose(code[0], code[1], atol=1e-5)
+        both.head.weight.copy_(weight)
+        both.head.weight[:, :C] = 0.0  # the flattened map only
+        code = both(x, t)[0]
+        assert (code[0] - code[1]).abs().max() > 1e-3
+
+
+def test_learning_rate_schedule_closed_form_and_used_by_train_py(tmp_path):
+    """Warm-up (step + 1) / warmup, then constant ('none') or lr (1 + cos(pi p)) / 2 with p the share
+    of the steps after the warm-up; and train.py's logged learning rate is that of its last step."""
+    lr, warmup, steps = 1.0, 10, 110
+    for step in range(warmup):
+        for decay in tr.LR_DECAYS:
+            assert tr.learning_rate(step, lr, warmup, steps, decay) == pytest.approx((step + 1) / warmup)
+    for step in range(warmup, steps + 1):
+        assert tr.learning_rate(step, lr, warmup, steps, "none") == lr
+        expected = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        assert tr.learning_rate(step, lr, warmup, steps, "cosine") == pytest.approx(expected, abs=1e-12)
+    assert tr.learning_rate(60, lr, warmup, steps, "cosine") == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        tr.learning_rate(0, lr, warmup, steps, "linear")
+    run_train(*TINY, "--out", str(tmp_path), "--steps", "6", "--log-every", "1", "--lr", "1e-3",
+              "--lr-decay", "cosine")
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:  # the row of step k is written after the update of step index k - 1
+        assert r["lr"] == pytest.approx(tr.learning_rate(r["step"] - 1, 1e-3, 2, 6, "cosine"), rel=1e-12)
+    assert rows[-1]["lr"] < rows[3]["lr"] < rows[2]["lr"]
 
 
 def test_random_init_control_is_train_py_starting_point(tmp_path):

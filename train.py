@@ -42,11 +42,11 @@ PRESETS = {
     "cpu": dict(steps=2200, batch_size=32, lr=2e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,
                 enc_widths=[16, 32, 64], enc_blocks=1, nf=8, ch_mult=[1, 2, 2], num_res_blocks=1,
                 attn_res=[], dropout=0.0, enc_head="flatten", weighting="edm", precond="edm",
-                t_dist="mixture", lambda_z=0.3, log_every=100, ckpt_every=500),
+                t_dist="mixture", lambda_z=0.3, lr_decay="none", log_every=100, ckpt_every=500),
     "paper": dict(steps=250_000, batch_size=100, lr=2e-4, warmup=5000, clip=1.0, ema=0.999, code_dim=128,
                   enc_widths=[32, 64, 128], enc_blocks=4, nf=16, ch_mult=[1, 2, 2, 2], num_res_blocks=2,
                   attn_res=[16], dropout=0.1, enc_head="pool", weighting="sigma2", precond="sigma",
-                  t_dist="uniform", lambda_z=1e-5, log_every=100, ckpt_every=5000),
+                  t_dist="uniform", lambda_z=1e-5, lr_decay="none", log_every=100, ckpt_every=5000),
 }
 # Per-dataset defaults applied under the preset: image size, Mini-ImageNet's 3-level U-Net (84 px), and
 # the size of the `shapes` object (1.5 times the first version's: see make_shapes).
@@ -58,7 +58,7 @@ DATASETS = {"shapes": dict(image_size=32, object_scale=1.5), "cifar10": dict(ima
 # used the published setting).
 DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None, object_scale=1.0,
                 lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, t_dist="uniform", weighting="sigma2",
-                precond="sigma", sigma_data=0.5, enc_head="pool", seed=0, device="auto",
+                precond="sigma", sigma_data=0.5, enc_head="pool", lr_decay="none", seed=0, device="auto",
                 amp=False, channels_last=True, compile=False, workers=0, out=None)
 # What a resumed run may change; everything else must match the checkpoint's config. The learning rate,
 # warm-up and clip may change so that a run that diverged can go on from its last good checkpoint.
@@ -89,8 +89,8 @@ def parse_args(argv):
     g.add_argument("--num-res-blocks", type=int, help="score U-Net residual blocks per level (paper 2)")
     g.add_argument("--attn-res", type=tr.int_list, help="resolutions with self-attention, comma-separated, '' for none (paper 16)")
     g.add_argument("--dropout", type=float, help="score U-Net dropout (paper 0.1)")
-    g.add_argument("--enc-head", choices=["pool", "flatten"], help="encoder head: global average pooling "
-                   "(paper) or the flattened last feature map, which keeps where things are")
+    g.add_argument("--enc-head", choices=tr.ENCODER_HEADS, help="encoder head: global average pooling "
+                   "(paper), the flattened last feature map, which keeps where things are, or both side by side")
     g = p.add_argument_group("diffusion and loss (eq. 1-4)")
     g.add_argument("--sigma-min", type=float, help="VE-SDE sigma_min (0.01)")
     g.add_argument("--sigma-max", type=float, help="VE-SDE sigma_max (50)")
@@ -108,6 +108,8 @@ def parse_args(argv):
     g.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over DDP ranks (cpu 32, paper 100)")
     g.add_argument("--lr", type=float, help="Adam learning rate (cpu 2e-3, paper 2e-4)")
     g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (paper 5000)")
+    g.add_argument("--lr-decay", choices=tr.LR_DECAYS, help="after the warm-up: none (paper, constant) or cosine "
+                   "to 0 at --steps (a resume that changes --steps stretches what is left of it)")
     g.add_argument("--clip", type=float, help="gradient-norm clip (1.0)")
     g.add_argument("--ema", type=float, help="EMA decay of the weights (cpu 0.99, paper 0.999)")
     g.add_argument("--seed", type=int, help="random seed (0)")
@@ -365,8 +367,8 @@ def train(args, cfg, given):
                                                             noise_gen, device, cfg["t_dist"], cfg["sigma_min"],
                                                             cfg["sigma_max"])
             t, noise, code_noise = t[rank::world], noise[rank::world], code_noise[rank::world]  # (B/world, ...)
-            for group in opt.param_groups:  # linear warm-up
-                group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup"]))
+            for group in opt.param_groups:  # linear warm-up, then constant or cosine decay
+                group["lr"] = tr.learning_rate(step, cfg["lr"], cfg["warmup"], cfg["steps"], cfg["lr_decay"])
             with autocast:
                 loss, dsm, reg = train_model(x0, t, noise, code_noise)
             opt.zero_grad(set_to_none=True)

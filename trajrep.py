@@ -187,6 +187,9 @@ class SelfAttention2d(nn.Module):
         return h + self.proj(out.transpose(1, 2).reshape(B, C, H, W))
 
 
+ENCODER_HEADS = ("pool", "flatten", "both")  # how the last feature map becomes the code; see Encoder
+
+
 class Encoder(nn.Module):
     """Time-aware encoder E_phi(x0, t) on the CLEAN image x0 (paper eq. 4).
 
@@ -200,7 +203,8 @@ class Encoder(nn.Module):
     (CondResBlock), so that the curve is not one point plus an image-independent offset.
     head='pool' (published): global average pooling, then Linear; WHERE something is survives only
     through padding effects. head='flatten': the last feature map, flattened, then Linear, so the
-    code can say where the object is (needs image_size to size the Linear).
+    code can say where the object is (needs image_size to size the Linear). head='both': the pooled
+    and the flattened features side by side, then Linear: what is there, wherever it is, and where.
 
     probabilistic=False (DRL): the head gives the code z = mu, and logvar is None.
     probabilistic=True (VDRL): the head gives mu and log-variance; training samples
@@ -210,8 +214,8 @@ class Encoder(nn.Module):
     def __init__(self, in_channels, code_dim, widths, blocks, probabilistic,
                  sigma_min, sigma_max, temb_dim=64, dropout=0.0, head="pool", image_size=32):
         super().__init__()
-        if head not in ("pool", "flatten"):
-            raise ValueError(f"unknown encoder head {head!r}; choose pool or flatten")
+        if head not in ENCODER_HEADS:
+            raise ValueError(f"unknown encoder head {head!r}; choose from {ENCODER_HEADS}")
         self.code_dim, self.probabilistic, self.head_kind = code_dim, probabilistic, head
         self.temb = TimeEmbedding(temb_dim, sigma_min, sigma_max)
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
@@ -224,7 +228,8 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(layers)
         self.norm = group_norm(c)
         r = image_size // 2 ** (len(widths) - 1)  # side of the last feature map
-        self.head = nn.Linear(c * (r * r if head == "flatten" else 1), code_dim * (2 if probabilistic else 1))
+        features = {"pool": c, "flatten": c * r * r, "both": c * (r * r + 1)}[head]
+        self.head = nn.Linear(features, code_dim * (2 if probabilistic else 1))
 
     def forward(self, x0, t):
         temb = self.temb(t)  # (B, temb_dim)
@@ -232,7 +237,8 @@ class Encoder(nn.Module):
         for block in self.blocks:
             h = block(h, temb)
         h = F.silu(self.norm(h))  # (B, C_last, r, r)
-        h = h.flatten(1) if self.head_kind == "flatten" else h.mean(dim=(2, 3))  # (B, C*r*r) or (B, C)
+        pooled = h.mean(dim=(2, 3))  # (B, C)
+        h = {"pool": pooled, "flatten": h.flatten(1), "both": torch.cat([pooled, h.flatten(1)], 1)}[self.head_kind]
         out = self.head(h)  # (B, D) or (B, 2D)
         if not self.probabilistic:
             return out, None
@@ -1517,6 +1523,23 @@ def load_encoder(path, device="cpu", weights="ema"):
         model = build_model(ckpt, "ema")
     encoder = model.encoder.to(device, memory_format=torch.channels_last).eval()
     return encoder, ckpt["config"], ckpt["step"]
+
+
+LR_DECAYS = ("none", "cosine")  # learning-rate decay after the warm-up; see learning_rate
+
+
+def learning_rate(step, lr, warmup, steps, decay="none"):
+    """The learning rate of training step `step` (0-based): a linear warm-up over `warmup` steps to
+    `lr`, then 'none' (the published code: constant) or 'cosine': lr * (1 + cos(pi * p)) / 2, where p
+    goes from 0 at the end of the warm-up to 1 at step `steps`. A short run ends with small steps
+    that average out the gradient noise of its last updates (the EMA does it only partly)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"unknown learning-rate decay {decay!r}; choose from {LR_DECAYS}")
+    rate = lr * min(1.0, (step + 1) / max(1, warmup))
+    if decay == "cosine" and step >= warmup:
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        rate = lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
 
 
 @torch.no_grad()

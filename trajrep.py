@@ -237,8 +237,12 @@ class Encoder(nn.Module):
         for block in self.blocks:
             h = block(h, temb)
         h = F.silu(self.norm(h))  # (B, C_last, r, r)
-        pooled = h.mean(dim=(2, 3))  # (B, C)
-        h = {"pool": pooled, "flatten": h.flatten(1), "both": torch.cat([pooled, h.flatten(1)], 1)}[self.head_kind]
+        if self.head_kind == "pool":
+            h = h.mean(dim=(2, 3))  # (B, C)
+        elif self.head_kind == "flatten":
+            h = h.flatten(1)  # (B, C*r*r)
+        else:
+            h = torch.cat([h.mean(dim=(2, 3)), h.flatten(1)], dim=1)  # (B, C + C*r*r)
         out = self.head(h)  # (B, D) or (B, 2D)
         if not self.probabilistic:
             return out, None

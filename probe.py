@@ -308,6 +308,10 @@ def main(argv=None):
         movement[key] = dict(along=along, across=across, ratio=along / max(across, 1e-12))
     print(f"curve movement (std over t / std between images): trained {movement['grid']['ratio']:.3f}, "
           f"random init {movement['init']['ratio']:.3f}")
+    n_train, n_pixels = data["pixels"]["train"].shape[0], data["pixels"]["train"].shape[-1]
+    print(f"probes learn from {n_train} images (a tenth of them for validation); the pixel MLP has {n_pixels} "
+          f"inputs and needs more images than one on a code of {data['grid']['train']['codes'].shape[-1]} numbers: "
+          f"a small set favours the code (README, 'How much shape does the code hold?')")
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
                   times=times.tolist(), protocol=cfg, movement=movement, targets={})
     for name in targets:

@@ -1037,7 +1037,9 @@ class GroupedAdam:
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.params = [p for p in params if p.requires_grad]
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        # Each parameter's learning rates, (G or G*H, 1, ...): a point MLP's G*T layers are group-major.
+        self.lrs = [lr.repeat_interleave(p.shape[0] // len(lr)).view(-1, *[1] * (p.dim() - 1)) for p in self.params]
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.steps = 0
@@ -1047,13 +1049,11 @@ class GroupedAdam:
         self.steps += 1
         (b1, b2), n = self.betas, self.steps
         bias1, bias2_sqrt = 1 - b1 ** n, math.sqrt(1 - b2 ** n)
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+        for p, lr, m, v in zip(self.params, self.lrs, self.exp_avg, self.exp_avg_sq):
             g = p.grad + self.weight_decay * p if self.weight_decay else p.grad
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            lr = self.lr.repeat_interleave(p.shape[0] // len(self.lr))  # a point MLP's G*T layers: group-major
-            step_size = (lr / bias1).view(-1, *[1] * (p.dim() - 1))  # (G, 1, ...)
-            p.sub_(step_size * m / (v.sqrt() / bias2_sqrt + self.eps))
+            p.sub_(lr / bias1 * m / (v.sqrt() / bias2_sqrt + self.eps))
 
 
 def clip_grad_norm_per_group(params, max_norm, groups):

@@ -249,6 +249,10 @@ def main():
     p.add_argument("--out", default="results/bench.json", help="where to write the JSON (folder created)")
     args = p.parse_args()
     device = tr.pick_device(args.device)
+    # What can fail at the end is checked at the start: the run to time and where the JSON goes.
+    if args.run:
+        tr.load_checkpoint(args.run)
+    tr.check_writable(os.path.dirname(os.path.abspath(args.out)))
     ceiling = matmul_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {os.cpu_count()} cores"
     print(f"device: {name}; dense fp32 matmul {ceiling['median'] / 1e9:.1f} GFLOP/s "
@@ -309,4 +313,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except tr.UserError as e:
+        sys.exit(f"error: {e}")

@@ -98,11 +98,19 @@ def verdict(name, a, b, b_name, chance):
     diff = a["mean"] - b["mean"]
     spread = (a["std"] ** 2 + b["std"] ** 2) ** 0.5
     if max(a["mean"], b["mean"]) < chance + 0.02:
-        return f"{name} and {b_name} are both at chance (majority class {100 * chance:.1f}%): no comparison"
+        return (f"{name} and {b_name} are both at or below chance ({100 * a['mean']:.1f}% and "
+                f"{100 * b['mean']:.1f}%, majority class {100 * chance:.1f}%): no comparison")
     if min(a["mean"], b["mean"]) > 0.995:
         return f"{name} and {b_name} are both at the ceiling (100%): no comparison"
     word = "beats" if diff > spread else ("is below" if diff < -spread else "is within the seed spread of")
     return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
+
+
+def constant_curves(codes, best):
+    """The constant-curve control: for each input v, its best single-t code (index best[v], chosen on
+    validation) repeated at all T points. Same probe, same capacity, no trajectory.
+    codes (V, N, T, D), best [V] -> (V, N, T, D)."""
+    return torch.stack([codes[v][:, b:b + 1].expand_as(codes[v]) for v, b in enumerate(best)])  # (V, N, T, D)
 
 
 @torch.no_grad()
@@ -129,6 +137,11 @@ def probe_target(a, name, k, data, cfg, log):
     if len(torch.unique(y_tr)) < 2:
         raise tr.UserError(f"attribute {name!r} has a single class in the training split: there is "
                            f"nothing to predict; probe a dataset with at least two classes")
+    fit_idx, _ = tr.split_train_val(len(y_tr))  # the split run_probe_protocol makes
+    if len(torch.unique(y_tr[fit_idx])) < 2:
+        raise tr.UserError(f"attribute {name!r}: after a tenth of the {len(y_tr)} training images is held out "
+                           f"for validation, the {len(fit_idx)} left hold a single class, so the probes would "
+                           f"learn nothing; give more images per class (or a larger --max-train)")
     times = grid["train"]["times"]
     common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"],
                   max_groups=cfg["max_groups"] or None)
@@ -155,9 +168,8 @@ def probe_target(a, name, k, data, cfg, log):
         for kind in ("concat", "mean"):
             res = run(kind, x_tr, x_te, cfg["mlp_seeds"])
             out[kind], out["init"][kind] = summary(res, v=0), summary(res, v=1)
-        # constant curves: each encoder's best single-t code (chosen on validation) repeated T times
-        const = lambda x: torch.stack([x[v][:, b:b + 1].expand_as(x[v]) for v, b in enumerate(best)])
-        seq_tr, seq_te = torch.cat([x_tr, const(x_tr)]), torch.cat([x_te, const(x_te)])  # (4, N, T, D)
+        seq_tr = torch.cat([x_tr, constant_curves(x_tr, best)])  # (4, N, T, D): curves, then constant
+        seq_te = torch.cat([x_te, constant_curves(x_te, best)])
         for kind in ("gru", "transformer"):
             res = run(kind, seq_tr, seq_te, cfg["seeds"])
             for v, o in enumerate((out, out["init"])):
@@ -274,6 +286,8 @@ def main(argv=None):
     t_start = time.time()
     encoder, train_cfg, step = tr.load_encoder(args.run, device)
     init_encoder = tr.load_encoder(args.run, device, weights="init")[0]
+    out_dir = os.path.join(args.run, "results")
+    tr.check_writable(out_dir, os.path.join(args.run, "cache"))  # before the work, not after it
     splits = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"], seed=0)
     attrs = splits["train"].attributes
     target = args.target or "all"
@@ -324,8 +338,6 @@ def main(argv=None):
               f"(random init {fmt(out['init']['best_mlp']['mean'], out['init']['best_mlp']['std'])} at "
               f"t={out['init']['best_t']:.2f}; pixels {fmt(out['pixels']['mean'], out['pixels']['std'])}; "
               f"majority {100 * out['chance']:.1f})")
-    out_dir = os.path.join(args.run, "results")
-    os.makedirs(out_dir, exist_ok=True)
     stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces a full one
     with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)

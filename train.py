@@ -59,11 +59,14 @@ DATASETS = {"shapes": dict(image_size=32, object_scale=1.5), "cifar10": dict(ima
 DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None, object_scale=1.0,
                 lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, t_dist="uniform", weighting="sigma2",
                 precond="sigma", sigma_data=0.5, enc_head="pool", lr_decay="none", seed=0, device="auto",
-                amp=False, channels_last=True, compile=False, workers=0, out=None)
+                amp=False, channels_last=True, compile=False, workers=0, out=None, allow_new_data=False)
 # What a resumed run may change; everything else must match the checkpoint's config. The learning rate,
 # warm-up and clip may change so that a run that diverged can go on from its last good checkpoint.
 RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "device", "amp", "channels_last", "compile",
-                    "workers", "out", "data_root", "lr", "warmup", "clip"}
+                    "workers", "out", "data_root", "lr", "warmup", "clip", "allow_new_data"}
+# Largest checkpoint (model, EMA and Adam's two moments: 16 bytes per parameter) and largest in-memory
+# `shapes` array a run may ask for; beyond, a typo such as --image-size 1000 would fill the disk or RAM.
+MAX_CHECKPOINT_GB, MAX_SHAPES_GB = 1.0, 4.0
 
 
 def parse_args(argv):
@@ -118,6 +121,9 @@ def parse_args(argv):
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue from <out>/ckpt.pt exactly; may change only --steps, --lr, --warmup, --clip, "
                         "--data-root and the flags of this group")
+    g.add_argument("--allow-new-data", action="store_true", default=None,
+                   help="with --resume: continue on images other than those the checkpoint was trained on "
+                        "(without it, such a resume is refused)")
     g.add_argument("--log-every", type=int, help="steps between log lines")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -140,15 +146,19 @@ def resolve_config(args):
     return cfg, given
 
 
-def check_config(cfg):
-    """Impossible values end with one sentence, before anything is built or written."""
+def check_config(cfg, given=()):
+    """Impossible values end with one sentence, before anything is built or written. `given`: the
+    flags the user set (a preset's self-attention resolution may be absent at another image size:
+    Mini-ImageNet's 84 px has no 16 px level, as in the published code; one asked for must exist)."""
     for key in ("steps", "batch_size", "code_dim", "nf", "enc_blocks", "num_res_blocks", "image_size",
                 "log_every", "ckpt_every", "num_train"):
         if cfg[key] is not None and cfg[key] <= 0:
             raise tr.UserError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
-    for key in ("enc_widths", "ch_mult"):
+    if cfg["seed"] < 0:
+        raise tr.UserError(f"--seed must be 0 or positive, got {cfg['seed']}")
+    for key, example in (("enc_widths", "16,32,64"), ("ch_mult", "1,2,2")):
         if not ints(cfg[key]) or min(ints(cfg[key])) <= 0:
-            raise tr.UserError(f"--{key.replace('_', '-')} needs positive integers, e.g. 16,32,64")
+            raise tr.UserError(f"--{key.replace('_', '-')} needs positive integers, e.g. {example}")
     if not 0.5 <= cfg["object_scale"] <= 1.5:
         raise tr.UserError(f"--object-scale must be in [0.5, 1.5] (beyond, objects of neighbouring location "
                            f"cells overlap or become too small to show their shape), got {cfg['object_scale']}")
@@ -157,12 +167,50 @@ def check_config(cfg):
             raise tr.UserError(f"--{key.replace('_', '-')} must be a finite number, got {cfg[key]}")
     if not 0 < cfg["sigma_min"] < cfg["sigma_max"]:
         raise tr.UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']} and {cfg['sigma_max']}")
-    if not 0 <= cfg["ema"] < 1 or not 0 < cfg["eps"] < 1 or cfg["lr"] <= 0 or cfg["warmup"] < 0:
-        raise tr.UserError("need 0 <= --ema < 1, 0 < --eps < 1, --lr > 0 and --warmup >= 0")
+    for key, ok, rule in (("ema", 0 <= cfg["ema"] < 1, "in [0, 1)"), ("eps", 0 < cfg["eps"] < 1, "in (0, 1)"),
+                          ("lr", cfg["lr"] > 0, "positive"), ("warmup", cfg["warmup"] >= 0, "0 or positive")):
+        if not ok:
+            raise tr.UserError(f"--{key} must be {rule}, got {cfg[key]}")
     if cfg["clip"] <= 0:
         raise tr.UserError(f"--clip must be positive (it is the largest gradient norm), got {cfg['clip']}")
-    if not 0 <= cfg["dropout"] < 1 or cfg["lambda_z"] < 0 or cfg["sigma_data"] <= 0 or cfg["workers"] < 0:
-        raise tr.UserError("need 0 <= --dropout < 1, --lambda-z >= 0, --sigma-data > 0 and --workers >= 0")
+    for key, ok, rule in (("dropout", 0 <= cfg["dropout"] < 1, "in [0, 1)"), ("lambda_z", cfg["lambda_z"] >= 0,
+                          "0 or positive"), ("sigma_data", cfg["sigma_data"] > 0, "positive"),
+                          ("workers", cfg["workers"] >= 0, "0 or positive")):
+        if not ok:
+            raise tr.UserError(f"--{key.replace('_', '-')} must be {rule}, got {cfg[key]}")
+    check_model(cfg, "attn_res" in given)
+
+
+def check_model(cfg, check_attention=True):
+    """What only the network's shape can tell, checked before anything is written: self-attention at
+    resolutions the U-Net has, channel counts GroupNorm can split, and a size that fits on disk. The
+    model is built on the `meta` device: shapes only, no memory, no time."""
+    levels = [cfg["image_size"] // 2 ** k for k in range(len(ints(cfg["ch_mult"])))]  # the U-Net's resolutions
+    bad = [r for r in ints(cfg["attn_res"]) if r not in levels]
+    if bad and check_attention:
+        raise tr.UserError(f"--attn-res {','.join(map(str, bad))} is not a resolution of the score U-Net, whose "
+                           f"levels are {', '.join(map(str, levels))} px (--image-size {cfg['image_size']}, "
+                           f"--ch-mult {','.join(map(str, ints(cfg['ch_mult'])))}); pick from those, or '' for none")
+    try:
+        with torch.device("meta"):
+            model = tr.DRLModel(**model_kwargs(cfg))
+    except ValueError as e:
+        if "divisible" not in str(e):
+            raise
+        raise tr.UserError(f"the networks cannot be built with --nf {cfg['nf']} and --enc-widths "
+                           f"{','.join(map(str, ints(cfg['enc_widths'])))}: GroupNorm splits each layer's channels "
+                           f"into groups of 4 (at most 32 groups) and one layer's count does not divide; use "
+                           f"multiples of 8, e.g. --nf 8 --enc-widths 16,32,64") from None
+    gigabytes = 16 * tr.count_parameters(model) / 1e9
+    if gigabytes > MAX_CHECKPOINT_GB:
+        raise tr.UserError(f"at --image-size {cfg['image_size']} the model has {tr.count_parameters(model):,} "
+                           f"parameters, a {gigabytes:.1f} GB checkpoint (the flattened encoder head grows with the "
+                           f"image's area); use a smaller --image-size or --enc-head pool")
+    if cfg["dataset"] == "shapes":
+        data_gb = (cfg["num_train"] or 10000) * cfg["image_size"] ** 2 * 3 / 1e9
+        if data_gb > MAX_SHAPES_GB:
+            raise tr.UserError(f"shapes at --image-size {cfg['image_size']} would hold {data_gb:.1f} GB of images "
+                               f"in memory; use a smaller --image-size or --num-train")
 
 
 def ints(value):
@@ -200,6 +248,8 @@ def claim_run_folder(out):
     The kernel drops the lock when this process ends, even by kill -9. Then removes temporary files
     that a killed checkpoint write left behind (safe: no other run holds the folder).
     Returns (lock file, whether the folder was created here)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise tr.UserError(f"--out {out} is a file; give a folder (it is created if absent)")
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, ".lock"), "w")
@@ -238,13 +288,20 @@ def main(argv=None):
     cfg, given = resolve_config(args)
     lock, created = None, False
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
-        check_config(cfg)  # before anything is written
+        check_config(cfg, given)  # before anything is written
         lock, created = claim_run_folder(cfg["out"])
     try:
         train(args, cfg, given)
-    except BaseException:
-        if created and not os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
+    except BaseException as e:
+        ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
+        if created and not os.path.exists(ckpt_path):
             shutil.rmtree(cfg["out"], ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where the run stands, not a traceback
+            if not os.path.exists(ckpt_path):
+                raise tr.UserError("interrupted before the first checkpoint; nothing was kept") from None
+            raise tr.UserError(f"interrupted; the last checkpoint (step {tr.load_checkpoint(ckpt_path)['step']}) "
+                               f"in {cfg['out']} is intact: continue with python train.py --resume --out "
+                               f"{cfg['out']}") from None
         raise
     finally:
         if lock is not None:
@@ -259,11 +316,12 @@ def train(args, cfg, given):
         if clash:
             raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was trained with "
                                f"{ {k: ckpt['config'].get(k) for k in clash} }; drop those flags")
-        cfg = {**DEFAULTS, **ckpt["config"], **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
+        cfg = {**DEFAULTS, **ckpt["config"], "allow_new_data": False,  # asked anew on every resume
+               **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
     elif os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
         raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue it, or --out "
                            f"to start a new run elsewhere (nothing was overwritten)")
-    check_config(cfg)
+    check_config(cfg, given)
     rank, world, device = setup_distributed(cfg)
     if cfg["amp"] and device.type != "cuda":
         raise tr.UserError(f"--amp (bf16 autocast) is for CUDA devices and this run is on {device}; drop --amp")
@@ -279,7 +337,12 @@ def train(args, cfg, given):
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
     if steps_per_epoch == 0:
-        raise tr.UserError(f"{len(data)} training images are fewer than one batch of {cfg['batch_size']}")
+        raise tr.UserError(f"{len(data)} training images are fewer than one batch of {cfg['batch_size']}; "
+                           f"pass --batch-size {max(world, len(data) // world * world)} or less, or use more images")
+    data_key = tr.dataset_key(data)  # which images these are; saved with every checkpoint
+    if ckpt is not None and ckpt.get("data_key", data_key) != data_key and not cfg["allow_new_data"]:
+        raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt was trained on; "
+                           f"give the run's --data-root, or add --allow-new-data to continue on these")
     if rank == 0 and ckpt is None:
         sample = torch.stack([x for x, _ in data.__getitems__(list(range(min(500, len(data)))))])
         log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance in {len(sample)} of them "
@@ -335,10 +398,18 @@ def train(args, cfg, given):
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if rank == 0:
-            tr.atomic_save(dict(kind=tr.CHECKPOINT_KIND, config=cfg, model_kwargs=kwargs, step=step,
-                                model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                                rng=dict(noise=noise_gen.get_state(), ranks=rngs)),
-                           os.path.join(cfg["out"], "ckpt.pt"))
+            path = os.path.join(cfg["out"], "ckpt.pt")
+            try:
+                tr.atomic_save(dict(kind=tr.CHECKPOINT_KIND, config=cfg, model_kwargs=kwargs, step=step,
+                                    model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                                    rng=dict(noise=noise_gen.get_state(), ranks=rngs), data_key=data_key),
+                               path)
+            except (OSError, RuntimeError) as e:  # a full disk, a folder gone read-only
+                before = (f"the previous checkpoint (step {tr.load_checkpoint(path)['step']}) is intact"
+                          if os.path.exists(path) else "no checkpoint was written")
+                raise tr.UserError(f"could not write {path} at step {step} ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:120]}); {before}: free space or pass another "
+                                   f"--out, then --resume") from None
 
     # ---- the loop ----
     metrics_path = os.path.join(cfg["out"], "metrics.jsonl")

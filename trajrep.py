@@ -599,9 +599,12 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
     import torchvision.transforms as T
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        existed = os.path.isdir(data_root)
         try:
             base = cls(data_root, train=(split == "train"), download=True)
         except Exception as e:  # offline, or a broken archive
+            if not existed and os.path.isdir(data_root) and not os.listdir(data_root):
+                os.rmdir(data_root)  # torchvision made the folder: leave nothing behind
             raise UserError(f"{name} is not in {data_root} and could not be downloaded ({type(e).__name__}); "
                             f"put the extracted '{cls.base_folder}' folder in {data_root} or pass "
                             f"--data-root") from None
@@ -612,7 +615,7 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
             raise UserError(f"no folder {folder}: put the images in {data_root}/{{train,test}}/<class>/"
                             f"<image> (one sub-folder per class) or pass --data-root")
         try:
-            base = torchvision.datasets.ImageFolder(folder)
+            base = torchvision.datasets.ImageFolder(folder, loader=open_rgb)
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{folder} holds no images in class sub-folders ({e}); put them in "
                             f"{folder}/<class>/<image>") from None
@@ -625,6 +628,40 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
     if num_examples and num_examples < len(ds):
         return ds.subset(num_examples, seed)
     return ds
+
+
+def open_rgb(path):
+    """An image file as an 8-bit RGB PIL image, whatever its bit depth. PIL's own convert('RGB')
+    clips 16-bit ('I;16') and 32-bit ('I', 'F') grey images at 255, which turns most of them white;
+    here they are scaled to 0-255 by the largest value their type can hold (16-bit: 65535; 'F': 1)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            top = 1.0 if img.mode == "F" else (65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0)
+            img = Image.fromarray(np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
+def dataset_key(dataset):
+    """A short hash naming the images a LabelledImages holds, cheap enough to take at every start:
+    the pixels of in-memory data (shapes, CIFAR's arrays), or the relative paths and sizes of an
+    image folder's files, plus the labels and the subset taken. Saved in the checkpoint, so that a
+    resumed run can tell whether it is given the images it was trained on."""
+    base, idx = dataset.images, None
+    if isinstance(base, torch.utils.data.Subset):
+        base, idx = base.dataset, np.asarray(base.indices)
+    h = hashlib.sha1(np.ascontiguousarray(dataset.labels).tobytes())
+    if idx is not None:
+        h.update(idx.astype(np.int64).tobytes())
+    if isinstance(base, np.ndarray):
+        h.update(np.ascontiguousarray(base).tobytes())
+    elif hasattr(base, "samples"):  # an ImageFolder: what its files are, not where the folder lies
+        for path, label in base.samples:
+            h.update(f"{os.path.relpath(path, base.root)}:{os.path.getsize(path)}:{label};".encode())
+    else:  # torchvision's CIFAR holds its pixels in memory
+        h.update(np.ascontiguousarray(base.data).tobytes())
+    return h.hexdigest()[:12]
 
 
 def check_images(samples):
@@ -721,18 +758,29 @@ def tensors_key(*tensors):
     return h.hexdigest()[:12]
 
 
+def weights_key(module):
+    """A short hash of a module's weights (every tensor of its state dict, by name): two encoders
+    share a key only if they compute the same codes. Costs one pass over the parameters."""
+    state = module.state_dict()
+    names = sorted(state)
+    return tensors_key(torch.tensor(bytearray("|".join(names).encode())), *(state[n] for n in names))
+
+
 def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size=256, log=print):
     """extract_trajectories for a whole split, cached in run_dir/cache.
 
     The file name holds the split, a hash of the split's images and labels (another --data-root or
-    subset never reuses a cache), `tag` naming the weights (e.g. 'step1500', 'init') and the grid.
-    A second probe or analysis run reads the file instead of re-encoding; a grid that is a subset of
-    a cached finer grid (11 points inside the 21-point grid) is sliced from it. A file that is not a
-    cache of this split and encoder (wrong content, wrong code size) is ignored with a line saying so,
-    and the split is encoded again. Returns dict(codes (N, T, D), labels (N, A), times (T,))."""
+    subset never reuses a cache), a hash of the encoder's WEIGHTS (another run trained to the same
+    step never reuses it), `tag` (e.g. 'step1500', 'init': for the reader) and the grid. Both hashes
+    are also stored inside the file and checked, so a file renamed or copied over another is not
+    trusted. A second probe or analysis run reads the file instead of re-encoding; a grid that is a
+    subset of a cached finer grid (11 points inside the 21-point grid) is sliced from it. A file that
+    is not a cache of this split and encoder is ignored with a line saying so, and the split is
+    encoded again. Returns dict(codes (N, T, D), labels (N, A), times (T,))."""
     images, labels = dataset_tensors(dataset)  # (N, C, H, W), (N, A)
     folder = os.path.join(run_dir, "cache")
-    prefix, suffix = f"traj-{split}-{tensors_key(images, labels)}-{tag}-", ".pt"
+    data_key, enc_key = tensors_key(images, labels), weights_key(encoder)
+    prefix, suffix = f"traj-{split}-{data_key}-{tag}-{enc_key}-", ".pt"
     path = os.path.join(folder, prefix + times_key(times) + suffix)
     times = torch.as_tensor(times, dtype=torch.float32)
     cached = [f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(suffix)] \
@@ -740,7 +788,8 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
     for name in sorted(cached, key=lambda f: (os.path.join(folder, f) != path, f)):  # exact grid first
         try:
             c = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-            ok = (isinstance(c, dict) and c["codes"].dim() == 3 and len(c["codes"]) == len(images)
+            ok = (isinstance(c, dict) and c.get("data_key") == data_key and c.get("weights_key") == enc_key
+                  and c["codes"].dim() == 3 and len(c["codes"]) == len(images)
                   and c["codes"].shape[2] == encoder.code_dim and c["times"].dim() == 1
                   and c["codes"].shape[1] == len(c["times"]) and torch.equal(c["labels"], labels))
         except Exception:
@@ -754,7 +803,7 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
             return dict(codes=c["codes"][:, cols], labels=labels, times=times)  # (N, T, D)
     log(f"encoding {len(images)} {split} images at {len(times)} times ({tag}) ...")
     out = dict(codes=extract_trajectories(encoder, images, times, batch_size), labels=labels, times=times)
-    atomic_save(out, path)
+    atomic_save({**out, "data_key": data_key, "weights_key": enc_key}, path)
     return out
 
 
@@ -1470,6 +1519,19 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(*folders):
+    """Creates each folder if absent and writes a temporary file there, so that a script whose
+    results would land there stops before its work, not after it. UserError names the folder."""
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to {folder} ({type(e).__name__}); make it writable, or copy the run "
+                            f"folder somewhere writable and give that copy") from None
 
 
 def load_checkpoint(path, map_location="cpu"):

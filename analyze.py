@@ -54,7 +54,7 @@ def parse_args(argv):
     g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 3000, as probe.py)")
     g.add_argument("--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)")
     g.add_argument("--data-root", help="where the run's dataset lies, if not where train.py read it")
-    g.add_argument("--device", default="auto", help="device for encoding: auto, cpu, cuda, mps")
+    g.add_argument("--device", default="auto", help="device for encoding and MINE: auto, cpu, cuda, mps")
     return p.parse_args(argv)
 
 
@@ -84,6 +84,7 @@ def nmi_over_seeds(codes, cfg, name):
     print(f"{name}: {codes.shape[1] ** 2} pairs x {cfg['seeds']} seeds in {time.time() - t0:.1f} s; NMI next to "
           f"the diagonal {', '.join(f'{lag_profile(n)[0]:.3f}' for n in nmis)}, corner "
           f"{', '.join(f'{n[0, -1]:.3f}' for n in nmis)} (per seed)", flush=True)
+    nmis, mis = nmis.cpu(), mis.cpu()
     if torch.isnan(nmis).any():
         raise tr.UserError(f"MINE's estimate of I(X;X) was about zero at some t ({name} codes), so NMI is "
                            f"undefined there; raise --steps (or --lr) and run again")
@@ -219,7 +220,7 @@ def main(argv=None):
     curves = {}
     for name, c in (("trained", train), ("random init", init)):  # the same analysis on the control
         along, across = tr.curve_movement(c["codes"])
-        mean, std, mi = nmi_over_seeds(c["codes"], cfg, name)
+        mean, std, mi = nmi_over_seeds(c["codes"].to(device), cfg, name)  # MINE runs where the codes are
         curves[name] = dict(along=along, across=across, nmi_mean=mean, nmi_std=std, mi=mi)
     nmi_mean, nmi_std = curves["trained"]["nmi_mean"], curves["trained"]["nmi_std"]
     along, across = curves["trained"]["along"], curves["trained"]["across"]

@@ -1,7 +1,8 @@
 """Trains a diffusion model with a time-aware encoder, DRL or VDRL (paper eq. 1-4).
 
 The encoder E(x0, t) and the score network s(x_t, E(x0, t), t) are trained together by the
-sigma^2-weighted denoising score matching loss of eq. 4 plus lambda_z times the code regulariser
+weighted denoising score matching loss of eq. 4 (EDM weighting in the `cpu` preset, the published
+sigma^2 weighting in the `paper` preset; --weighting) plus lambda_z times the code regulariser
 (L1 for DRL, KL for VDRL). The trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py
 study.
 

@@ -9,13 +9,13 @@ along it (Figure 2), and a Transformer probe shows which part it attends to (Fig
 Sections, in reading order (each banner-marked below):
     SDE                 sigma(t), the perturbation kernel, training draws            (paper eq. 1)
     networks            time embedding, time-aware encoder E(x0, t), score U-Net s(x_t, z, t)
-    losses              sigma^2-weighted denoising score matching + code regulariser (eq. 3-4)
+    losses              weighted denoising score matching (sigma^2 or EDM) + code regulariser (eq. 3-4)
     data                embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any image folder
     trajectories        E(x0, t) on a grid of times, as one (B, T, D) tensor         (section 2.1)
     probes              MLPs, GRU, Transformer; grouped forms; the protocol          (Figure 1, 3)
     mutual information  MINE, grouped over pairs and seeds, the NMI matrix           (Figure 2)
     curve analysis      attention densities, the eq. 5 separation profile
-    checkpoints         atomic save, safe load (weights_only=True), EMA, errors
+    checkpoints         atomic save, safe load (weights_only=True), EMA, devices
 
 This file is a library: no argparse, no I/O and no device probing at import. The scripts are
 train.py (eq. 4 training), probe.py (Figure 1 and 3), analyze.py (Figure 2) and bench.py (speed).
@@ -436,8 +436,8 @@ def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
     x_t = x0 + sigma(t) * noise is a draw of the kernel of eq. 1; the score network sees the code
     E(x0, t) of the clean image (DRL: the code itself; VDRL: mu + exp(logvar/2) * code_noise).
     x0, noise (B, C, H, W); t (B,); code_noise (B, D) -> (total, dsm, reg) scalars."""
-    sigma = ve_sigma(t, sigma_min, sigma_max)  # (B,)
-    xt = x0 + sigma[:, None, None, None] * noise  # (B, C, H, W), eq. 1 kernel
+    mean, sigma = ve_marginal(x0, t, sigma_min, sigma_max)  # (B, C, H, W), (B,)
+    xt = mean + sigma[:, None, None, None] * noise  # (B, C, H, W), a draw of the eq. 1 kernel
     mu, logvar = encoder(x0, t)  # (B, D), (B, D) or None
     z = mu if logvar is None else mu + torch.exp(0.5 * logvar) * code_noise  # reparameterisation
     dsm = dsm_loss(score_net(xt, z, t), noise, sigma, loss_weight(sigma, weighting, sigma_data))
@@ -457,7 +457,6 @@ def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
 SHAPE_NAMES = ("square", "circle", "triangle", "diamond", "cross")
 COLOURS = np.array([[230, 25, 25], [25, 200, 25], [30, 60, 230], [240, 220, 20], [20, 210, 220],
                     [220, 30, 220], [245, 245, 245], [10, 10, 10], [245, 130, 20]], dtype=np.uint8)
-COLOUR_NAMES = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange")
 SHAPES_ATTRIBUTES = ("shape", "fg_colour", "bg_colour", "location")
 SHAPES_CLASSES = (len(SHAPE_NAMES), len(COLOURS), len(COLOURS), 16)
 

@@ -101,7 +101,8 @@ def verdict(name, a, b, b_name, chance):
         return (f"{name} and {b_name} are both at or below chance ({100 * a['mean']:.1f}% and "
                 f"{100 * b['mean']:.1f}%, majority class {100 * chance:.1f}%): no comparison")
     if min(a["mean"], b["mean"]) > 0.995:
-        return f"{name} and {b_name} are both at the ceiling (100%): no comparison"
+        return (f"{name} and {b_name} are both at the ceiling ({100 * a['mean']:.2f}% and {100 * b['mean']:.2f}%, "
+                f"above 99.5%): no comparison")
     word = "beats" if diff > spread else ("is below" if diff < -spread else "is within the seed spread of")
     return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
 
@@ -325,7 +326,7 @@ def main(argv=None):
     n_train, n_pixels = data["pixels"]["train"].shape[0], data["pixels"]["train"].shape[-1]
     print(f"probes learn from {n_train} images (a tenth of them for validation); the pixel MLP has {n_pixels} "
           f"inputs and needs more images than one on a code of {data['grid']['train']['codes'].shape[-1]} numbers: "
-          f"a small set favours the code (README, 'How much shape does the code hold?')")
+          f"a small set favours the code (docs/results.md, 'How much shape does the code hold?')")
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
                   times=times.tolist(), protocol=cfg, movement=movement, targets={})
     for name in targets:

@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 import trajrep as tr
 
 # Presets: every value can be overridden by its flag. `paper` is the published DRL configuration (paper
-# section 3). `cpu` is what made the encoder learn on `shapes` in under 8 minutes on 2 CPU cores (README,
+# section 3). `cpu` is what made the encoder learn on `shapes` in under 8 minutes on 2 CPU cores (docs/results.md,
 # "Making the encoder learn"); its departures from the published settings, each a flag:
 #   weighting / precond edm  Karras et al.'s loss weight and parameterisation: at high noise the denoiser
 #                            is the decoder of an autoencoder, so the code must carry the image

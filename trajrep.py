@@ -483,7 +483,7 @@ def make_shapes(n, image_size=32, seed=0, object_scale=1.5):
     object_scale multiplies the radius (4 to 5.5 px at 32 px for 1.0, the first version's size) and
     the grid shrinks so that the object stays inside: a larger object is a larger share of the pixels,
     hence of the loss (1.5, the default: about 11% of the pixels instead of 5%; the encoder learnt
-    faster, see the README). Beyond 1.5 the centres of neighbouring cells come closer than the
+    faster, see docs/results.md). Beyond 1.5 the centres of neighbouring cells come closer than the
     jitter and the shape's own off-centre mass (a triangle's), and location becomes ambiguous.
     Returns images (n, H, W, 3) uint8 and labels (n, 4) int64 in SHAPES_ATTRIBUTES order."""
     rng = np.random.default_rng(seed)

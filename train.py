@@ -17,7 +17,6 @@ Writes <out>/ckpt.pt (model, EMA, optimiser, step, RNG states, config; atomic) a
 import argparse
 import copy
 import json
-import fcntl
 import math
 import os
 import shutil
@@ -243,45 +242,6 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
-def claim_run_folder(out):
-    """Creates the run folder if absent and takes an exclusive lock on it (out/.lock, flock): a second
-    train.py into the same folder stops with one sentence instead of overwriting the first's files.
-    The kernel drops the lock when this process ends, even by kill -9. Then removes temporary files
-    that a killed checkpoint write left behind (safe: no other run holds the folder).
-    Returns (lock file, whether the folder was created here)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise tr.UserError(f"--out {out} is a file; give a folder (it is created if absent)")
-    created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, ".lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise tr.UserError(f"another train.py is writing to {out}; wait for it to finish or pass another --out") from None
-    for name in os.listdir(out):
-        if name.startswith(".tmp-") and name.endswith(".pt"):
-            os.remove(os.path.join(out, name))
-    return lock, created
-
-
-def cut_metrics(path, step):
-    """Keeps the rows of metrics.jsonl up to `step` (a resumed checkpoint's step; 0 for a new run), so
-    that rows written after the last checkpoint by a killed run are not mixed with the new ones."""
-    if not os.path.exists(path):
-        return
-    rows = [line for line in open(path) if line.strip()]
-    keep = []
-    for line in rows:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a row cut by a kill mid-write
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
 def main(argv=None):
     """Parses flags, claims the run folder, trains; a run that fails before its first checkpoint
     removes the folder it created (it holds nothing worth keeping), so a retry starts clean."""
@@ -290,7 +250,7 @@ def main(argv=None):
     lock, created = None, False
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         check_config(cfg, given)  # before anything is written
-        lock, created = claim_run_folder(cfg["out"])
+        lock, created = tr.claim_run_folder(cfg["out"])
     try:
         train(args, cfg, given)
     except BaseException as e:
@@ -402,23 +362,14 @@ def train(args, cfg, given):
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if rank == 0:
-            path = os.path.join(cfg["out"], "ckpt.pt")
-            try:
-                tr.atomic_save(dict(kind=tr.CHECKPOINT_KIND, config=cfg, model_kwargs=kwargs, step=step,
-                                    model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                                    rng=dict(noise=noise_gen.get_state(), ranks=rngs), data_key=data_key),
-                               path)
-            except (OSError, RuntimeError) as e:  # a full disk, a folder gone read-only
-                before = (f"the previous checkpoint (step {tr.load_checkpoint(path)['step']}) is intact"
-                          if os.path.exists(path) else "no checkpoint was written")
-                raise tr.UserError(f"could not write {path} at step {step} ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:120]}); {before}: free space or pass another "
-                                   f"--out, then --resume") from None
+            tr.save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), config=cfg, model_kwargs=kwargs, step=step,
+                               model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                               rng=dict(noise=noise_gen.get_state(), ranks=rngs), data_key=data_key)
 
     # ---- the loop ----
     metrics_path = os.path.join(cfg["out"], "metrics.jsonl")
     if rank == 0:
-        cut_metrics(metrics_path, step)  # a new run starts an empty file; a resume keeps rows up to its step
+        tr.cut_metrics(metrics_path, step)  # a new run starts an empty file; a resume keeps rows up to its step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"])
     sums = torch.zeros(3, device=device)  # loss, dsm, reg summed since the last log line
     n_sum, t_last, step_last, t_start = 0, time.time(), step, time.time()

@@ -15,7 +15,7 @@ Sections, in reading order (each banner-marked below):
     probes              MLPs, GRU, Transformer; grouped forms; the protocol          (Figure 1, 3)
     mutual information  MINE, grouped over pairs and seeds, the NMI matrix           (Figure 2)
     curve analysis      attention densities, the eq. 5 separation profile
-    checkpoints         atomic save, safe load (weights_only=True), EMA, devices
+    checkpoints         atomic save and safe load (weights_only=True), run folders, EMA, devices
 
 This file is a library: no argparse, no I/O and no device probing at import. The scripts are
 train.py (eq. 4 training), probe.py (Figure 1 and 3), analyze.py (Figure 2) and bench.py (speed).
@@ -28,6 +28,7 @@ Shape legend, used in every shape comment:
     split, A attributes (labels per example).
 """
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -1499,7 +1500,7 @@ def separation_profile(codes, labels, max_pairs=2000, seed=0):
 
 
 # =================================================================================================
-# Checkpoints and utilities: atomic save, safe load, EMA, devices
+# Checkpoints and utilities: atomic save, safe load, run folders, EMA, devices
 # =================================================================================================
 
 CHECKPOINT_KIND = "trajrep-drl-checkpoint"
@@ -1557,6 +1558,61 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path} is an incomplete trajrep checkpoint (missing or malformed: {', '.join(broken)}); "
                         f"retrain, or resume from an intact copy")
     return ckpt
+
+
+def save_checkpoint(path, **contents):
+    """Writes a training checkpoint, the dict that load_checkpoint reads back (config, model_kwargs,
+    step, model, ema, optimizer, rng, data_key), tagged with CHECKPOINT_KIND, atomically. A write
+    that fails (a full disk, a folder gone read-only) is a UserError naming the file and the step of
+    the previous checkpoint, which the atomic write leaves intact."""
+    try:
+        atomic_save(dict(kind=CHECKPOINT_KIND, **contents), path)
+    except (OSError, RuntimeError) as e:
+        before = (f"the previous checkpoint (step {load_checkpoint(path)['step']}) is intact"
+                  if os.path.exists(path) else "no checkpoint was written")
+        raise UserError(f"could not write {path} at step {contents.get('step')} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); {before}: free space or pass another --out, "
+                        f"then --resume") from None
+
+
+def claim_run_folder(out):
+    """Creates the run folder if absent and takes an exclusive lock on it (out/.lock, flock): a second
+    train.py into the same folder stops with one sentence instead of overwriting the first's files.
+    The kernel drops the lock when this process ends, even by kill -9. Then removes temporary files
+    that a killed checkpoint write left behind (safe: no other run holds the folder).
+    Returns (lock file, whether the folder was created here)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; give a folder (it is created if absent)")
+    import fcntl  # here, not at import: the library stays importable where fcntl does not exist
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"another train.py is writing to {out}; wait for it to finish or pass another --out") from None
+    for name in os.listdir(out):
+        if name.startswith(".tmp-") and name.endswith(".pt"):
+            os.remove(os.path.join(out, name))
+    return lock, created
+
+
+def cut_metrics(path, step):
+    """Keeps the rows of metrics.jsonl up to `step` (a resumed checkpoint's step; 0 for a new run), so
+    that rows written after the last checkpoint by a killed run are not mixed with the new ones."""
+    if not os.path.exists(path):
+        return
+    rows = [line for line in open(path) if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a row cut by a kill mid-write
+    with open(path, "w") as f:
+        f.writelines(keep)
 
 
 def build_model(ckpt, state="ema"):

@@ -136,7 +136,9 @@ def plot_nmi(nmi, times, title, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4.6, 4))
-    im = ax.imshow(nmi, vmin=0, vmax=1, cmap="viridis")
+    # The colour scale spans the values (0 to 1 would leave a 0.75-1.05 matrix one colour).
+    low = math.floor(10 * min(float(nmi.min()), 0.9)) / 10
+    im = ax.imshow(nmi, vmin=low, vmax=max(1.0, float(nmi.max())), cmap="viridis")
     ticks = range(0, len(times), max(1, len(times) // 6))
     ax.set_xticks(list(ticks), [f"{times[i]:.1f}" for i in ticks])
     ax.set_yticks(list(ticks), [f"{times[i]:.1f}" for i in ticks])
@@ -154,12 +156,12 @@ def plot_probe_figures(probe, separation, out_dir):
     import matplotlib.pyplot as plt
     times = probe["times"]
     targets = probe["targets"]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = plt.subplots(figsize=(6.2, 3.4))
     for name, out in targets.items():
         ax.plot(times, out["attention"], marker="o", label=name)
     ax.axhline(1 / len(times), color="grey", lw=0.8, label="uniform")
     ax.set(xlabel="t", ylabel="attention of the learned token", title="Transformer attention over t (Figure 3)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # off the curves
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "attention.png"), dpi=110)
     plt.close(fig)

@@ -237,29 +237,48 @@ def print_table(name, out, times, log):
 
 
 def plot(result, path):
+    """Figure 1 per attribute: accuracy of the per-t MLP against t, the curve probes as lines, and the
+    controls. Each panel's y-axis spans its own data (a panel whose probes all sit at 99-100% would
+    show nothing on 0-100), and one legend sits below the panels, off the curves.
+    Redraw from a saved result: python -c "import json, probe; probe.plot(json.load(open(
+    'runs/shapes-drl/results/probe.json')), 'probe.png')"."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     targets = result["targets"]
-    fig, axes = plt.subplots(1, len(targets), figsize=(max(4.2 * len(targets), 6.5), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(3.6 * len(targets), 6.5), 3.6), squeeze=False)
     t = result["times"]
+    styles = [("gru", "tab:blue", "-", "GRU"), ("gru_const", "tab:blue", ":", "GRU, constant curve"),
+              ("transformer", "tab:red", "-", "Transformer"),
+              ("transformer_const", "tab:red", ":", "Transformer, constant curve"),
+              ("concat", "tab:green", "--", "MLP on the concatenated curve"),
+              ("continuous", "tab:purple", "-.", "grid-free Transformer")]
     for ax, (name, out) in zip(axes[0], targets.items()):
         m, s = torch.tensor(out["mlp"]["mean"]) * 100, torch.tensor(out["mlp"]["std"]) * 100
-        ax.errorbar(t, m, yerr=s, marker="o", color="k", label="MLP at t")
-        styles = [("gru", "tab:blue", "-"), ("gru_const", "tab:blue", ":"), ("transformer", "tab:red", "-"),
-                  ("transformer_const", "tab:red", ":"), ("concat", "tab:green", "--"), ("continuous", "tab:purple", "-.")]
-        for key, colour, ls in styles:
+        ax.errorbar(t, m, yerr=s, marker="o", color="k", label="MLP at t (trained encoder)")
+        shown = m.tolist()
+        for key, colour, ls, label in styles:
             if key in out:
-                ax.axhline(100 * out[key]["mean"], color=colour, ls=ls, label=key.replace("_const", " (constant curve)"))
-        ax.axhline(100 * out["chance"], color="grey", lw=0.8, label="majority class")
-        ax.plot(t, [100 * v for v in out["init"]["mlp"]["mean"]], color="grey", ls="--", marker=".",
-                label="MLP at t, random-init encoder")
+                ax.axhline(100 * out[key]["mean"], color=colour, ls=ls, label=label)
+                shown.append(100 * out[key]["mean"])
+        init = [100 * v for v in out["init"]["mlp"]["mean"]]
+        ax.plot(t, init, color="grey", ls="--", marker=".", label="MLP at t, random-init encoder")
         ax.axhline(100 * out["pixels"]["mean"], color="tab:orange", ls="--", lw=0.8, label="MLP on pixels")
-        ax.set(title=name, xlabel="t", ylabel="test accuracy (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{result['dataset']} / {result['encoder']}: points vs trajectory (Figure 1)",
-                 fontsize=10 if len(targets) > 1 else 8)
-    fig.tight_layout()
+        ax.axhline(100 * out["chance"], color="grey", lw=0.8, label="majority class")
+        low = min(shown + init + [100 * out["pixels"]["mean"], 100 * out["chance"]])
+        high = max(shown + [100 * out["pixels"]["mean"]])
+        if high - min(shown) < 10:  # every probe near the top: zoom on them, controls noted in the title
+            low = min(shown) - 1
+        pad = max(0.5, 0.05 * (high - low))
+        ax.set_ylim(max(0, low - pad), min(100, high + pad) + 0.2)
+        zoomed = low > min(init + [100 * out["chance"]])
+        ax.set(title=name + (f"\n(random init {max(init):.0f}%, below the axis)" if zoomed else ""),
+               xlabel="t", ylabel="test accuracy (%)")
+        ax.title.set_fontsize(9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle(f"{result['dataset']} / {result['encoder']}: points vs trajectory (Figure 1)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -220,10 +220,16 @@ def main(argv=None):
     train = tr.cached_trajectories(args.run, encoder, train_data, "train", times, f"step{step}")  # probe.py's cache
     init = tr.cached_trajectories(args.run, init_encoder, train_data, "train", times, "init")
     curves = {}
+    pairs = cfg["num_times"] ** 2
     for name, c in (("trained", train), ("random init", init)):  # the same analysis on the control
+        print(f"MINE on the {name} codes: {pairs} pairs x {cfg['seeds']} seed(s), {cfg['steps']} steps"
+              + (f" (ETA {curves['trained']['seconds'] / 60:.1f} min, as long as the trained codes took)"
+                 if curves else " ..."), flush=True)
+        start = time.time()
         along, across = tr.curve_movement(c["codes"])
         mean, std, mi = nmi_over_seeds(c["codes"].to(device), cfg, name)  # MINE runs where the codes are
-        curves[name] = dict(along=along, across=across, nmi_mean=mean, nmi_std=std, mi=mi)
+        curves[name] = dict(along=along, across=across, nmi_mean=mean, nmi_std=std, mi=mi,
+                            seconds=time.time() - start)
     nmi_mean, nmi_std = curves["trained"]["nmi_mean"], curves["trained"]["nmi_std"]
     along, across = curves["trained"]["along"], curves["trained"]["across"]
     probe_path = os.path.join(out_dir, "probe.json")

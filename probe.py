@@ -147,8 +147,16 @@ def probe_target(a, name, k, data, cfg, log):
     common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"],
                   max_groups=cfg["max_groups"] or None)
 
-    def run(kind, xtr, xte, seeds, **kw):
-        return tr.run_probe_protocol(kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
+    def run(kind, xtr, xte, seeds, what=None, **kw):
+        """One probe kind (named `what` in the progress lines) for every input x seed x learning
+        rate, with a progress line around it (a kind can take minutes on a CPU)."""
+        inputs = 1 if xtr.dim() == 3 else xtr.shape[0]
+        log(f"[{name}] {what or kind} probes: {inputs} input(s) x {seeds} seed(s) x {len(lrs)} learning rate(s), "
+            f"{cfg['epochs']} epochs ...", flush=True)
+        start = time.time()
+        res = tr.run_probe_protocol(kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
+        log(f"[{name}] {what or kind} done in {time.time() - start:.0f} s", flush=True)
+        return res
 
     # The trained and the random-init encoder's codes are two inputs of one grouped program per
     # probe kind (and, for the curve probes, their constant-curve controls two more).
@@ -177,7 +185,7 @@ def probe_target(a, name, k, data, cfg, log):
                 o[kind], o[kind + "_const"] = summary(res, v=v), summary(res, v=v + 2)
                 if kind == "transformer":
                     o["attention"] = res["attention"][v].tolist()  # Figure 3: token's attention over the T points
-    px = run("mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"])  # (N, 1, C*H*W)
+    px = run("mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"], what="pixel MLP")
     out["pixels"] = summary(px)
     if fine is not None and cfg["probes"] == "all":
         cols = (times / FINE_STEP).round().long()
@@ -348,9 +356,14 @@ def main(argv=None):
           f"a small set favours the code (docs/results.md, 'How much shape does the code hold?')")
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
                   times=times.tolist(), protocol=cfg, movement=movement, targets={})
-    for name in targets:
+    t_probes = time.time()
+    for i, name in enumerate(targets):
         a = attrs.index(name)
         result["targets"][name] = probe_target(a, name, splits["train"].num_classes[a], data, cfg, print)
+        per_target = (time.time() - t_probes) / (i + 1)
+        if i + 1 < len(targets):  # the attributes cost about the same: a simple ETA for the rest
+            print(f"[{i + 1}/{len(targets)} attributes done; ETA {per_target * (len(targets) - i - 1) / 60:.1f} "
+                  f"min for {', '.join(targets[i + 1:])}]", flush=True)
     result["wall_time_s"] = time.time() - t_start
     print("\nwhere each attribute is best read (best single-t MLP, chosen on validation):")
     for name, out in result["targets"].items():

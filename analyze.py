@@ -31,6 +31,8 @@ import time
 import torch
 
 import trajrep as tr
+import probe
+import train
 
 # MINE budget; `paper` is the published MINE setting (paper section 3.2: about 100 epochs, batch 256, lr 1e-4)
 PRESETS = {
@@ -97,7 +99,7 @@ def lag_profile(nmi):
     return torch.stack([torch.diagonal(nmi, k).mean() for k in range(1, T)])
 
 
-def findings(nmi_mean, nmi_std, times, probe, along, across, separation):
+def findings(nmi_mean, nmi_std, times, probe_result, along, across, separation):
     """The figures in words, computed from the numbers."""
     lags = lag_profile(nmi_mean)
     dt = times[1] - times[0]
@@ -119,7 +121,7 @@ def findings(nmi_mean, nmi_std, times, probe, along, across, separation):
     row = (nmi_mean.sum(1) - nmi_mean.diagonal()) / (len(times) - 1)
     text.append(f"The point sharing the most information with the rest of the curve is t = {times[int(row.argmax())]:.2f}; "
                 f"the most isolated is t = {times[int(row.argmin())]:.2f}.")
-    for name, out in (probe or {}).get("targets", {}).items():
+    for name, out in (probe_result or {}).get("targets", {}).items():
         att = torch.tensor(out["attention"])
         text.append(f"{name}: the Transformer attends most to t = {times[int(att.argmax())]:.2f} "
                     f"({100 * att.max():.0f}% of its attention; uniform would be {100 / len(att):.0f}%); "
@@ -132,9 +134,7 @@ def findings(nmi_mean, nmi_std, times, probe, along, across, separation):
 
 
 def plot_nmi(nmi, times, title, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = probe.pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4))
     # The colour scale spans the values (0 to 1 would leave a 0.75-1.05 matrix one colour).
     low = math.floor(10 * min(float(nmi.min()), 0.9)) / 10
@@ -149,13 +149,10 @@ def plot_nmi(nmi, times, title, path):
     plt.close(fig)
 
 
-def plot_probe_figures(probe, separation, out_dir):
+def plot_probe_figures(probe_result, separation, out_dir):
     """Figure 3 (attention over t, per attribute) and the per-attribute accuracy / attention figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    times = probe["times"]
-    targets = probe["targets"]
+    plt = probe.pyplot()
+    times, targets = probe_result["times"], probe_result["targets"]
     fig, ax = plt.subplots(figsize=(6.2, 3.4))
     for name, out in targets.items():
         ax.plot(times, out["attention"], marker="o", label=name)
@@ -185,7 +182,7 @@ def plot_probe_figures(probe, separation, out_dir):
         ax.set(xlabel="t", ylabel="between / within distance (eq. 5)")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    fig.suptitle(f"{probe['dataset']} / {probe['encoder']}: which attribute lives where on the trajectory")
+    fig.suptitle(f"{probe_result['dataset']} / {probe_result['encoder']}: which attribute lives where on the trajectory")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "attributes.png"), dpi=110)
     plt.close(fig)
@@ -193,12 +190,8 @@ def plot_probe_figures(probe, separation, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
-    if cfg["steps"] <= 0 or cfg["seeds"] <= 0 or cfg["hidden"] <= 0:
-        raise tr.UserError("--steps, --seeds and --hidden must be positive")
-    if cfg["batch_size"] < 16:
-        raise tr.UserError(f"--batch-size must be at least 16, got {cfg['batch_size']}: MINE's bound averages "
-                           f"exp(T) over the batch's shuffled pairs, and a handful of rows gives no estimate")
+    cfg = probe.protocol_config(PRESETS, args)
+    check_budget(cfg)
     if args.check_mine:
         check_mine(cfg)
         return
@@ -206,74 +199,90 @@ def main(argv=None):
         raise tr.UserError("give a run folder (python analyze.py runs/shapes-drl) or --check-mine")
     if cfg["num_times"] < 2:
         raise tr.UserError("--num-times must be at least 2: NMI needs two points of the trajectory")
-    if os.path.isfile(args.run):
-        raise tr.UserError(f"{args.run} is a file; give the run FOLDER that holds ckpt.pt")
     t_start = time.time()
-    device = tr.pick_device(args.device)
-    encoder, train_cfg, step = tr.load_encoder(args.run, device)
-    init_encoder = tr.load_encoder(args.run, device, weights="init")[0]
-    out_dir = os.path.join(args.run, "results")
-    tr.check_writable(out_dir, os.path.join(args.run, "cache"))  # before the MINE runs, not after them
-    train_data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
-                                 splits=("train",))["train"]  # MINE uses the train split only
+    # ---- the run's codes on the grid, trained and random-init (probe.py's cache when it has run) ----
+    encoder, init_encoder, train_cfg, step, device, out_dir = probe.open_run(args.run, args.device)
+    train_data = train.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
+                                    splits=("train",))["train"]  # MINE uses the train split only
     times = tr.paper_times(cfg["num_times"])
-    train = tr.cached_trajectories(args.run, encoder, train_data, "train", times, f"step{step}")  # probe.py's cache
-    init = tr.cached_trajectories(args.run, init_encoder, train_data, "train", times, "init")
+    codes = {"trained": tr.cached_trajectories(args.run, encoder, train_data, "train", times, f"step{step}"),
+             "random init": tr.cached_trajectories(args.run, init_encoder, train_data, "train", times, "init")}
+    # ---- MINE on every pair of points, for the trained codes and then the control ----
     curves = {}
-    pairs = cfg["num_times"] ** 2
-    for name, c in (("trained", train), ("random init", init)):  # the same analysis on the control
-        print(f"MINE on the {name} codes: {pairs} pairs x {cfg['seeds']} seed(s), {cfg['steps']} steps"
-              + (f" (ETA {curves['trained']['seconds'] / 60:.1f} min, as long as the trained codes took)"
-                 if curves else " ..."), flush=True)
+    for name, c in codes.items():
+        print(f"MINE on the {name} codes: {cfg['num_times'] ** 2} pairs x {cfg['seeds']} seed(s), {cfg['steps']} "
+              f"steps" + (f" (ETA {curves['trained']['seconds'] / 60:.1f} min, as long as the trained codes took)"
+                          if curves else " ..."), flush=True)
         start = time.time()
         along, across = tr.curve_movement(c["codes"])
         mean, std, mi = nmi_over_seeds(c["codes"].to(device), cfg, name)  # MINE runs where the codes are
         curves[name] = dict(along=along, across=across, nmi_mean=mean, nmi_std=std, mi=mi,
                             seconds=time.time() - start)
-    nmi_mean, nmi_std = curves["trained"]["nmi_mean"], curves["trained"]["nmi_std"]
-    along, across = curves["trained"]["along"], curves["trained"]["across"]
-    probe_path = os.path.join(out_dir, "probe.json")
-    probe = json.load(open(probe_path)) if os.path.exists(probe_path) else None
-    if probe is not None and probe["times"] != times.tolist():
-        print(f"{probe_path} used other times; its attention is not drawn (re-run probe.py with --num-times "
-              f"{cfg['num_times']})")
-        probe = None
+    # ---- probe.py's attention (Figure 3) and the eq. 5 profile, where probe.py has run ----
+    probe_result = read_probe(os.path.join(out_dir, "probe.json"), times, cfg)
     separation = {}
-    if probe is not None:
-        for name in probe["targets"]:
-            a = train_data.attributes.index(name)
-            prof = tr.separation_profile(train["codes"], train["labels"][:, a])  # eq. 5
-            separation[name] = dict(ratio=prof["ratio"].tolist(), between=prof["between"].tolist(),
-                                    within=prof["within"].tolist(), argsup_fraction=prof["argsup_hist"].tolist())
-    text = findings(nmi_mean, nmi_std, times.tolist(), probe, along, across, separation)
-    init = curves["random init"]
-    control = (f"Control, the same encoder at random initialisation: codes move "
-               f"{init['along'] / init['across']:.3f} of their spread along t (trained {along / across:.3f}); "
-               f"NMI by lag " +
-               ", ".join(f"{v:.2f}" for v in lag_profile(init["nmi_mean"]).tolist()) + " (trained " +
-               ", ".join(f"{v:.2f}" for v in lag_profile(nmi_mean).tolist()) + ").")
-    text = text + " " + control
-    result = dict(run=args.run, step=step, times=times.tolist(), mine=cfg, nmi_mean=nmi_mean.tolist(),
-                  nmi_std=nmi_std.tolist(), mi_mean_nats=curves["trained"]["mi"].tolist(),
-                  nmi_by_lag=lag_profile(nmi_mean).tolist(), separation=separation, findings=text,
-                  std_along_t=along, std_between_images=across,
-                  random_init=dict(nmi_mean=init["nmi_mean"].tolist(), nmi_std=init["nmi_std"].tolist(),
-                                   nmi_by_lag=lag_profile(init["nmi_mean"]).tolist(), std_along_t=init["along"],
-                                   std_between_images=init["across"]),
-                  heuristic=("NMI uses MINE's I(X;X) in place of H(X), which is infinite for continuous codes; "
-                             "the diagonal is ~1 by construction and values depend on the estimator budget."),
-                  wall_time_s=time.time() - t_start)
+    for name in (probe_result or {}).get("targets", {}):
+        a = train_data.attributes.index(name)
+        prof = tr.separation_profile(codes["trained"]["codes"], codes["trained"]["labels"][:, a])  # eq. 5
+        separation[name] = dict(ratio=prof["ratio"].tolist(), between=prof["between"].tolist(),
+                                within=prof["within"].tolist(), argsup_fraction=prof["argsup_hist"].tolist())
+    # ---- the findings in words, the JSON and the figures ----
+    result = summarise(args.run, step, times, cfg, curves, probe_result, separation)
+    result["wall_time_s"] = time.time() - t_start
     with open(os.path.join(out_dir, "nmi.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot_nmi(nmi_mean.numpy(), times.tolist(), f"{train_cfg['dataset']} / {train_cfg['encoder']}: NMI (Figure 2)",
-             os.path.join(out_dir, "nmi.png"))
-    if probe is not None:
-        plot_probe_figures(probe, separation, out_dir)
+    plot_nmi(curves["trained"]["nmi_mean"].numpy(), times.tolist(),
+             f"{train_cfg['dataset']} / {train_cfg['encoder']}: NMI (Figure 2)", os.path.join(out_dir, "nmi.png"))
+    if probe_result is not None:
+        plot_probe_figures(probe_result, separation, out_dir)
     print("NMI (mean over seeds):")
     for i, t in enumerate(times.tolist()):
-        print(f"  t={t:.1f} " + " ".join(f"{v:.2f}" for v in nmi_mean[i].tolist()))
-    print("findings: " + text)
+        print(f"  t={t:.1f} " + " ".join(f"{v:.2f}" for v in curves["trained"]["nmi_mean"][i].tolist()))
+    print("findings: " + result["findings"])
     print(f"wrote {out_dir}/nmi.json and figures in {result['wall_time_s'] / 60:.1f} min")
+
+
+def check_budget(cfg):
+    """Impossible MINE flags end with one sentence before any work."""
+    if cfg["steps"] <= 0 or cfg["seeds"] <= 0 or cfg["hidden"] <= 0:
+        raise tr.UserError("--steps, --seeds and --hidden must be positive")
+    if cfg["batch_size"] < 16:
+        raise tr.UserError(f"--batch-size must be at least 16, got {cfg['batch_size']}: MINE's bound averages "
+                           f"exp(T) over the batch's shuffled pairs, and a handful of rows gives no estimate")
+
+
+def read_probe(path, times, cfg):
+    """probe.py's result, if it has run on the same grid of times (else None, with a line saying so)."""
+    if not os.path.exists(path):
+        return None
+    result = json.load(open(path))
+    if result["times"] != times.tolist():
+        print(f"{path} used other times; its attention is not drawn (re-run probe.py with --num-times "
+              f"{cfg['num_times']})")
+        return None
+    return result
+
+
+def summarise(run, step, times, cfg, curves, probe_result, separation):
+    """nmi.json's contents: the trained codes' NMI, MI and lag profile, the findings in words (the
+    control's line appended), and the random-init control's numbers beside them."""
+    trained, init = curves["trained"], curves["random init"]
+    text = findings(trained["nmi_mean"], trained["nmi_std"], times.tolist(), probe_result, trained["along"],
+                    trained["across"], separation)
+    control = (f"Control, the same encoder at random initialisation: codes move "
+               f"{init['along'] / init['across']:.3f} of their spread along t (trained "
+               f"{trained['along'] / trained['across']:.3f}); NMI by lag " +
+               ", ".join(f"{v:.2f}" for v in lag_profile(init["nmi_mean"]).tolist()) + " (trained " +
+               ", ".join(f"{v:.2f}" for v in lag_profile(trained["nmi_mean"]).tolist()) + ").")
+    return dict(run=run, step=step, times=times.tolist(), mine=cfg, nmi_mean=trained["nmi_mean"].tolist(),
+                nmi_std=trained["nmi_std"].tolist(), mi_mean_nats=trained["mi"].tolist(),
+                nmi_by_lag=lag_profile(trained["nmi_mean"]).tolist(), separation=separation,
+                findings=text + " " + control, std_along_t=trained["along"], std_between_images=trained["across"],
+                random_init=dict(nmi_mean=init["nmi_mean"].tolist(), nmi_std=init["nmi_std"].tolist(),
+                                 nmi_by_lag=lag_profile(init["nmi_mean"]).tolist(), std_along_t=init["along"],
+                                 std_between_images=init["across"]),
+                heuristic=("NMI uses MINE's I(X;X) in place of H(X), which is infinite for continuous codes; "
+                           "the diagonal is ~1 by construction and values depend on the estimator budget."))
 
 
 if __name__ == "__main__":

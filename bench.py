@@ -10,8 +10,7 @@ ceiling, the device's dense fp32 matmul rate, is measured the same way.
     - trajectory extraction (images/s at 11 time points);
     - grouped programs against their loop form AT EQUAL WORK, at the `cpu` and `paper` probe
       protocol sizes: the per-t MLPs, GRU and Transformer probes with every learning rate x seed as
-      groups of one model (loop: each reference probe alone with torch.optim.Adam, the same number
-      of steps), and MINE with every pair x seed as groups (loop: one pair and seed at a time);
+      groups of one model (loop: each probe alone by train_probe, the same epoch), and MINE with every pair x seed as groups (loop: one pair and seed at a time);
     - peak host memory of the `paper` probe protocol on 45k x 11 x 128 codes (its data and largest step);
     - with --run RUN: the wall time of probe.py and analyze.py (`cpu` protocol, cached codes).
 
@@ -32,7 +31,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import trajrep as tr
 
@@ -129,39 +127,27 @@ PROTOCOLS = {name: dict(d=CODE[name], width=p["width"], lrs=len(p["lrs"]), seeds
 
 
 def bench_probe(device, protocol, kind, batch=256, T=11, K=10):
-    """A grouped probe (every lr x seed) against each reference probe alone, the same steps each
-    (20 at the `cpu` size, 3 at the `paper` size: minutes on a CPU)."""
+    """One epoch of the grouped probes (every lr x seed: train_probe_groups, as probe.py) against each
+    probe trained alone (train_probe), on the same codes: 20 batches at the `cpu` size, 3 at the
+    `paper` size (minutes on a CPU). Both evaluate on one small batch after the epoch."""
     steps, repeat = (20, 3) if protocol == "cpu" else (3, 1)
     p = PROTOCOLS[protocol]
     G = p["lrs"] * p["seeds"]
-    x, y = torch.randn(G, batch, T, p["d"], device=device), torch.randint(K, (batch,), device=device)
+    x = torch.randn(1, steps * batch, T, p["d"], device=device)  # (1, N, T, D): one input
+    y = torch.randint(K, (steps * batch,), device=device)
+    held = (x[:, :64], y[:64])  # validation = test: a small batch, the same for both forms
     probes = [tr.build_probe(kind, T, p["d"], K, p["width"]).to(device) for _ in range(G)]
-    lrs = torch.full((G,), 1e-3, device=device)
+    clip = None if kind == "mlp" else 1.0
 
     def grouped():
         model = tr.group_probes(probes).to(device)
-        opt = tr.GroupedAdam(list(model.parameters()), lrs, weight_decay=1e-5)
-        for _ in range(steps):
-            logits, _ = model(x)  # (G, b, H, K)
-            loss = F.cross_entropy(logits.flatten(0, 2), y.repeat(G * logits.shape[2]), reduction="sum") / batch
-            for q in model.parameters():
-                q.grad = None
-            loss.backward()
-            if kind != "mlp":
-                tr.clip_grad_norm_per_group(list(model.parameters()), 1.0, G)
-            opt.step()
+        tr.train_probe_groups(model, (x, y), held, held, [0] * G, [1e-3] * G, [0] * G, epochs=1, batch_size=batch,
+                              clip=clip)
 
     def loop():
-        for g, ref in enumerate(probes):
-            opt = torch.optim.Adam(ref.parameters(), 1e-3, weight_decay=1e-5)
-            for _ in range(steps):
-                logits, _ = ref(x[g])  # (b, H, K)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]), reduction="sum") / batch
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if kind != "mlp":
-                    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-                opt.step()
+        for ref in probes:
+            tr.train_probe(ref, (x[0], y), (x[0, :64], y[:64]), (x[0, :64], y[:64]), 1e-3, epochs=1,
+                           batch_size=batch, clip=clip)
     g, l = timed(grouped, device, warmup=1, repeat=repeat), timed(loop, device, warmup=1, repeat=repeat)
     return dict(groups=G, steps=steps, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
 
@@ -197,16 +183,12 @@ def bench_paper_memory(device, kind, n=45000, n_test=10000, T=11, D=128, K=10):
     x_tr, x_va, x_te = [((c - mean) / std) for c in (x[:, tr_idx], x[:, va_idx], x_te)]  # (V, N, T, D)
     G = GPU_MAX_GROUPS  # probe.py trains the V * 30 groups in chunks of this many off the CPU
     model = tr.group_probes([tr.build_probe(kind, T, D, K, p["width"]) for _ in range(G)]).to(device)
-    params = list(model.parameters())
-    opt = tr.GroupedAdam(params, torch.full((G,), 1e-3, device=device), weight_decay=1e-5)
     t0 = time.perf_counter()
-    idx = torch.stack([torch.randperm(len(tr_idx), generator=gen)[:256] for _ in range(G)]).to(device)  # (G, b)
-    inputs = torch.arange(G, device=device) % V  # (G,) which codes each group reads
-    logits, _ = model(x_tr[inputs[:, None], idx])  # (G, b, H, K)
-    loss = F.cross_entropy(logits.flatten(0, 2), y[tr_idx][idx].repeat_interleave(logits.shape[2], 1).flatten())
-    loss.backward()
-    opt.step()
-    tr.evaluate_groups(model, x_te[:, :1024], torch.zeros(1024, dtype=torch.long, device=device), inputs)
+    inputs = (torch.arange(G) % V).tolist()  # which codes each group reads
+    held = (x_te[:, :1024], torch.zeros(1024, dtype=torch.long, device=device))
+    # One step (one batch of 256 of the whole codes in memory) and one evaluation: the largest step.
+    tr.train_probe_groups(model, (x_tr[:, :256], y[tr_idx][:256]), held, held, inputs, [1e-3] * G, [0] * G,
+                          epochs=1, batch_size=256, clip=None if kind == "mlp" else 1.0)
     return dict(seconds=time.perf_counter() - t0, groups=G)
 
 

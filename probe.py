@@ -34,6 +34,7 @@ import time
 import torch
 
 import trajrep as tr
+import train
 
 # Probe protocol of the published code (paper section 3.1); `cpu` is the same at a CPU budget.
 PRESETS = {
@@ -55,7 +56,7 @@ def parse_args(argv):
     g.add_argument("--target", default=None, help="attribute to predict ('class' for CIFAR; for shapes one of "
                                                   "shape, fg_colour, bg_colour, location) or 'all' (default all)")
     g.add_argument("--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)")
-    g.add_argument("--times", type=tr.float_list, default=None,
+    g.add_argument("--times", type=train.float_list, default=None,
                    help="explicit comma-separated times instead of --num-times, e.g. 0,0.25,0.5,0.75,1")
     g.add_argument("--no-continuous", action="store_true", help="skip the grid-free probe (saves encoding time)")
     g.add_argument("--probes", choices=["all", "mlp"], default="all",
@@ -63,7 +64,7 @@ def parse_args(argv):
     g = p.add_argument_group("protocol")
     g.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or paper")
     g.add_argument("--epochs", type=int, help="epochs per probe (cpu 10, paper 100)")
-    g.add_argument("--lrs", type=tr.float_list, help="learning-rate grid, comma-separated (cpu 3e-3,1e-3; "
+    g.add_argument("--lrs", type=train.float_list, help="learning-rate grid, comma-separated (cpu 3e-3,1e-3; "
                                                       "paper 1e-3,...,5e-5)")
     g.add_argument("--width", type=int, help="GRU hidden size and Transformer width (cpu 64, paper 256)")
     g.add_argument("--seeds", type=int, help="seeds for the GRU / Transformer probes (paper 5)")
@@ -250,9 +251,7 @@ def plot(result, path):
     show nothing on 0-100), and one legend sits below the panels, off the curves.
     Redraw from a saved result: python -c "import json, probe; probe.plot(json.load(open(
     'runs/shapes-drl/results/probe.json')), 'probe.png')"."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     targets = result["targets"]
     fig, axes = plt.subplots(1, len(targets), figsize=(max(3.6 * len(targets), 6.5), 3.6), squeeze=False)
     t = result["times"]
@@ -293,57 +292,20 @@ def plot(result, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
-    if min(cfg["epochs"], cfg["seeds"], cfg["mlp_seeds"], cfg["width"], cfg["batch_size"]) <= 0 or cfg["num_times"] < 2:
-        raise tr.UserError("--epochs, --seeds, --mlp-seeds, --width and --batch-size must be positive and "
-                           "--num-times at least 2")
-    if not all(lr > 0 and math.isfinite(lr) for lr in cfg["lrs"]):
-        raise tr.UserError(f"--lrs must be positive numbers, got {cfg['lrs']}")
-    if cfg["max_train"] < 0 or cfg["max_test"] < 0 or (cfg.get("max_groups") or 0) < 0:
-        raise tr.UserError("--max-train, --max-test and --max-groups must be 0 (all) or positive")
-    times = torch.tensor(args.times) if args.times else tr.paper_times(args.num_times)
-    if (len(times) < 2 or not bool(torch.isfinite(times).all()) or times.min() < 0 or times.max() > 1
-            or not bool((times[1:] > times[:-1]).all())):
-        raise tr.UserError("--times must be at least 2 increasing finite values in [0, 1], e.g. 0,0.5,1")
-    if os.path.isfile(args.run):
-        raise tr.UserError(f"{args.run} is a file; give the run FOLDER that holds ckpt.pt "
-                           f"(e.g. {os.path.dirname(args.run) or '.'})")
-    device = tr.pick_device(args.device)
-    if cfg.get("max_groups") is None:
-        cfg["max_groups"] = MAX_GROUPS["cpu" if device.type == "cpu" else "other"]
+    cfg = protocol_config(PRESETS, args)
+    times = check_protocol(cfg, args)
     t_start = time.time()
-    encoder, train_cfg, step = tr.load_encoder(args.run, device)
-    init_encoder = tr.load_encoder(args.run, device, weights="init")[0]
-    out_dir = os.path.join(args.run, "results")
-    tr.check_writable(out_dir, os.path.join(args.run, "cache"))  # before the work, not after it
-    splits = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"], seed=0)
+    # ---- the run: its trained encoder, the random-init control, and its images ----
+    encoder, init_encoder, train_cfg, step, device, out_dir = open_run(args.run, args.device)
+    if cfg.get("max_groups") is None:  # the chunk size that is fastest where the probes run
+        cfg["max_groups"] = MAX_GROUPS["cpu" if device.type == "cpu" else "other"]
+    splits = train.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"], seed=0)
     attrs = splits["train"].attributes
-    target = args.target or "all"
-    targets = list(attrs) if target == "all" else [target]
+    targets = list(attrs) if (args.target or "all") == "all" else [args.target]
     if any(t not in attrs for t in targets):
-        raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got {target!r}")
-
-    def codes(split, grid, init=False):
-        c = tr.cached_trajectories(args.run, init_encoder if init else encoder, splits[split], split, grid,
-                                   "init" if init else f"step{step}", log=lambda m: print(m, flush=True))
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()}
-
-    fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
-    on_fine = cfg["probes"] == "all" and not args.no_continuous and bool(torch.isclose(
-        (times / FINE_STEP).round() * FINE_STEP, times, atol=1e-6).all())
-    if cfg["probes"] == "all" and not args.no_continuous and not on_fine:
-        print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for these --times")
-    # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
-    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={})
-    data["grid"] = {s: codes(s, times) for s in ("train", "test")}
-    data["init"] = {s: codes(s, times, init=True) for s in ("train", "test")}
-    data["pixels"] = {s: tr.dataset_tensors(splits[s])[0].flatten(1)[:, None].to(device)  # (N, 1, C*H*W)
-                      for s in ("train", "test")}
-    if on_fine:
-        rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
-        for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", tr.paper_times(51)),
-                           ("random11", rand_times)):
-            data["test_grids"][name] = codes("test", grid)
+        raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got {args.target!r}")
+    # ---- the codes: every grid the probes read, encoded once and cached in <run>/cache ----
+    data = encode(args, cfg, splits, (encoder, init_encoder), step, times, device)
     movement = {}
     for key in ("grid", "init"):  # how far the codes move along t, relative to the spread between images
         along, across = tr.curve_movement(data[key]["train"]["codes"])
@@ -352,8 +314,9 @@ def main(argv=None):
           f"random init {movement['init']['ratio']:.3f}")
     n_train, n_pixels = data["pixels"]["train"].shape[0], data["pixels"]["train"].shape[-1]
     print(f"probes learn from {n_train} images (a tenth of them for validation); the pixel MLP has {n_pixels} "
-          f"inputs and needs more images than one on a code of {data['grid']['train']['codes'].shape[-1]} numbers: "
-          f"a small set favours the code (docs/results.md, 'How much shape does the code hold?')")
+          f"inputs and needs more images than one on a code of {data['grid']['train']['codes'].shape[-1]} "
+          f"numbers: a small set favours the code (docs/results.md, 'How much shape does the code hold?')")
+    # ---- the probes, attribute by attribute, with an ETA for the rest ----
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
                   times=times.tolist(), protocol=cfg, movement=movement, targets={})
     t_probes = time.time()
@@ -365,17 +328,100 @@ def main(argv=None):
             print(f"[{i + 1}/{len(targets)} attributes done; ETA {per_target * (len(targets) - i - 1) / 60:.1f} "
                   f"min for {', '.join(targets[i + 1:])}]", flush=True)
     result["wall_time_s"] = time.time() - t_start
+    # ---- the summary, the JSON and Figure 1 ----
+    print_summary(result)
+    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces a full one
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(out_dir, stem + ".png"))
+    print(f"\nwrote {out_dir}/{stem}.json and {stem}.png in {result['wall_time_s'] / 60:.1f} min")
+
+
+def check_protocol(cfg, args):
+    """Impossible protocol flags end with one sentence before any work; returns the grid of times."""
+    if min(cfg["epochs"], cfg["seeds"], cfg["mlp_seeds"], cfg["width"], cfg["batch_size"]) <= 0 or cfg["num_times"] < 2:
+        raise tr.UserError("--epochs, --seeds, --mlp-seeds, --width and --batch-size must be positive and "
+                           "--num-times at least 2")
+    if not all(lr > 0 and math.isfinite(lr) for lr in cfg["lrs"]):
+        raise tr.UserError(f"--lrs must be positive numbers, got {cfg['lrs']}")
+    if cfg["max_train"] < 0 or cfg["max_test"] < 0 or (cfg.get("max_groups") or 0) < 0:
+        raise tr.UserError("--max-train, --max-test and --max-groups must be 0 (all) or positive")
+    times = torch.tensor(args.times) if args.times else tr.paper_times(args.num_times)
+    if (len(times) < 2 or not bool(torch.isfinite(times).all()) or times.min() < 0 or times.max() > 1
+            or not bool((times[1:] > times[:-1]).all())):
+        raise tr.UserError("--times must be at least 2 increasing finite values in [0, 1], e.g. 0,0.5,1")
+    return times
+
+
+def encode(args, cfg, splits, encoders, step, times, device):
+    """Every input the probes read, on `device`: the trained codes on the grid (`grid`) and on the
+    fine grid of the grid-free probe (`fine`, train split), the random-init codes (`init`), the raw
+    pixels, and the test codes on the grid-free probe's other test grids (`test_grids`). Codes are
+    cached in <run>/cache (tagged by the encoder's step, or `init`)."""
+    trained, init = encoders
+
+    def codes(split, grid, control=False):
+        c = tr.cached_trajectories(args.run, init if control else trained, splits[split], split, grid,
+                                   "init" if control else f"step{step}", log=lambda m: print(m, flush=True))
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()}
+
+    fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
+    on_fine = cfg["probes"] == "all" and not args.no_continuous and bool(torch.isclose(
+        (times / FINE_STEP).round() * FINE_STEP, times, atol=1e-6).all())
+    if cfg["probes"] == "all" and not args.no_continuous and not on_fine:
+        print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for these --times")
+    # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
+    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={})
+    data["grid"] = {s: codes(s, times) for s in ("train", "test")}
+    data["init"] = {s: codes(s, times, control=True) for s in ("train", "test")}
+    data["pixels"] = {s: tr.dataset_tensors(splits[s])[0].flatten(1)[:, None].to(device)  # (N, 1, C*H*W)
+                      for s in ("train", "test")}
+    if on_fine:  # the grid-free probe is tested on grids it never saw
+        rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
+        for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", tr.paper_times(51)),
+                           ("random11", rand_times)):
+            data["test_grids"][name] = codes("test", grid)
+    return data
+
+
+def print_summary(result):
+    """Where each attribute is best read, beside its random-init and pixel controls."""
     print("\nwhere each attribute is best read (best single-t MLP, chosen on validation):")
     for name, out in result["targets"].items():
         print(f"  {name:<10} t={out['best_t']:.2f}: {fmt(out['best_mlp']['mean'], out['best_mlp']['std'])} "
               f"(random init {fmt(out['init']['best_mlp']['mean'], out['init']['best_mlp']['std'])} at "
               f"t={out['init']['best_t']:.2f}; pixels {fmt(out['pixels']['mean'], out['pixels']['std'])}; "
               f"majority {100 * out['chance']:.1f})")
-    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces a full one
-    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, os.path.join(out_dir, stem + ".png"))
-    print(f"\nwrote {out_dir}/{stem}.json and {stem}.png in {result['wall_time_s'] / 60:.1f} min")
+
+
+# ---- helpers that analyze.py shares ----
+
+def protocol_config(presets, args):
+    """The preset named by --preset, with every flag given on the command line over it."""
+    return {**presets[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+
+
+def open_run(run, device_name):
+    """A run folder of train.py, opened for reading its encoders and writing its results: the device,
+    the trained encoder and its random-init control, and <run>/results, checked writable (with
+    <run>/cache) before any work. -> (encoder, init encoder, train config, step, device, results folder)."""
+    if os.path.isfile(run):
+        raise tr.UserError(f"{run} is a file; give the run FOLDER that holds ckpt.pt "
+                           f"(e.g. {os.path.dirname(run) or '.'})")
+    device = tr.pick_device(device_name)
+    encoder, init_encoder, train_cfg, step = tr.load_encoders(run, device)
+    out_dir = os.path.join(run, "results")
+    tr.check_writable(out_dir, os.path.join(run, "cache"))  # before the work, not after it
+    return encoder, init_encoder, train_cfg, step, device, out_dir
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported only where a
+    figure is drawn: the library and the probes never need matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 if __name__ == "__main__":

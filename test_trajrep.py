@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import train
 import trajrep as tr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,7 +27,6 @@ TINY = ["--nf", "8", "--enc-widths", "8,8,8", "--code-dim", "8", "--ch-mult", "1
 
 
 def run_train(*argv):
-    import train
     train.main(list(argv))
 
 
@@ -168,13 +168,22 @@ def test_shapes_labels_match_pixels(object_scale):
     images, labels = tr.make_shapes(600, 32, seed=3, object_scale=object_scale)
     images2, labels2 = tr.make_shapes(600, 32, seed=3, object_scale=object_scale)
     assert np.array_equal(images, images2) and np.array_equal(labels, labels2)  # deterministic
-    shape, fg, bg, loc = labels.T
+    shape, fg, bg, loc, texture = labels.T
     assert (fg != bg).all()
+    shade = (tr.COLOURS.astype(int) + 128) // 2  # (9, 3) each colour's second shade
+    assert not (shade[:, None] == tr.COLOURS[None]).all(-1).any()  # no shade is a colour
+    yi, xi = np.mgrid[0:32, 0:32]
     centroids = np.zeros((len(images), 2))
     for i in range(len(images)):
         border = np.concatenate([images[i, 0], images[i, -1], images[i, :, 0], images[i, :, -1]])
         assert (border == tr.COLOURS[bg[i]]).all()  # the whole border is background: no object is clipped
-        mask = (images[i] == tr.COLOURS[fg[i]]).all(-1)  # (H, W) object pixels
+        mask = (images[i] != tr.COLOURS[bg[i]]).any(-1)  # (H, W) object pixels
+        second = (images[i] == shade[fg[i]]).all(-1)  # (H, W) pixels in the second shade
+        assert ((images[i] == tr.COLOURS[fg[i]]).all(-1) | second)[mask].all()  # nothing but fg and its shade
+        # the texture by hand: no second shade on a solid object, else on odd rows / odd columns /
+        # odd x + y, and everywhere there inside the object
+        want = [np.zeros_like(mask), yi % 2 == 1, xi % 2 == 1, (xi + yi) % 2 == 1][texture[i]]
+        assert np.array_equal(second, want & mask)
         assert mask.sum() >= 20 * object_scale ** 2
         ys, xs = np.nonzero(mask)
         centroids[i] = xs.mean(), ys.mean()
@@ -189,13 +198,18 @@ def test_shapes_labels_match_pixels(object_scale):
     fill = np.zeros(5)
     for k in range(5):
         sel = np.nonzero(shape == k)[0][:20]
-        fill[k] = np.mean([(images[i] == tr.COLOURS[fg[i]]).all(-1).sum() for i in sel])
+        fill[k] = np.mean([(images[i] != tr.COLOURS[bg[i]]).any(-1).sum() for i in sel])
     assert len(np.unique(fill.round())) == 5
     # train and test splits differ; items are in [-1, 1]
     tr_ds, te_ds = tr.load_dataset("shapes", "train", num_examples=50), tr.load_dataset("shapes", "test", num_examples=50)
     assert not torch.equal(tr_ds[0][0], te_ds[0][0])
     x, y = tr_ds[0]
-    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and y.shape == (4,)
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and y.shape == (5,)
+    # texture is drawn last: without it, the same four labels and the same objects, plain
+    plain, four = tr.make_shapes(600, 32, seed=3, object_scale=object_scale, texture=False)
+    assert np.array_equal(four, labels[:, :4])
+    solid = texture == 0
+    assert np.array_equal(plain[solid], images[solid]) and not np.array_equal(plain[~solid], images[~solid])
 
 
 def test_folder_dataset_and_missing_folder(tmp_path):
@@ -317,44 +331,9 @@ def synthetic_curves(n, T=8, D=6, k=5, classes=4, seed=0, signal=3.0):
     return codes, y
 
 
-def loop_train(model, train, val, test, epochs, lr, batch_size, seed, clip, times_fn=None, eval_times=None):
-    """The loop form of train_probe_groups: ONE reference probe, torch.optim.Adam, and per head the
-    test accuracy at the best validation epoch. -> (val (H,), test (H,), attention (T,) or None)."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
-    best_val = best_test = best_att = None
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(train[0]), generator=gen)
-        for start in range(0, len(perm), batch_size):
-            idx = perm[start:start + batch_size]
-            if times_fn is None:
-                logits, _ = model(train[0][idx])
-            else:
-                cols, t = times_fn(gen)
-                logits, _ = model(train[0][idx][:, cols], t)
-            loss = sum(nn.functional.cross_entropy(logits[:, h], train[1][idx]) for h in range(logits.shape[1]))
-            opt.zero_grad()
-            loss.backward()
-            if clip:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            (v, _), (te, att) = [model(x) if eval_times is None else model(x, eval_times) for x, _ in (val, test)]
-        v = (v.argmax(-1) == val[1][:, None]).float().mean(0)  # (H,)
-        te = (te.argmax(-1) == test[1][:, None]).float().mean(0)
-        if best_val is None:
-            best_val, best_test = torch.full_like(v, -1), te
-        better = v > best_val
-        if better[0] and att is not None:
-            best_att = att.mean(0)
-        best_val, best_test = torch.where(better, v, best_val), torch.where(better, te, best_test)
-    return best_val, best_test, best_att
-
-
 def loop_protocol(kind, xtr, ytr, xte, yte, k, lrs, seeds, epochs, width, batch_size, continuous=None):
-    """The loop form of run_probe_protocol on one input: per seed, the chosen lr's (test, lr, attention)."""
+    """The loop form of run_probe_protocol on one input, each probe trained alone by the plain
+    train_probe: per seed, the chosen lr's (test, lr, attention)."""
     tr_idx, va_idx = tr.split_train_val(len(xtr))
     mean, std = tr.standardiser_stats(xtr[tr_idx], per_time=continuous is None)
     x_tr, x_va, x_te = [(x - mean) / std for x in (xtr[tr_idx], xtr[va_idx], xte)]
@@ -368,9 +347,10 @@ def loop_protocol(kind, xtr, ytr, xte, yte, k, lrs, seeds, epochs, width, batch_
         for lr in lrs:
             torch.manual_seed(seed)
             model = tr.build_probe(kind, xte.shape[1], xte.shape[2], k, width, dropout=0.0)
-            v, te, att = loop_train(model, (x_tr, ytr[tr_idx]), (x_va, ytr[va_idx]), (x_te, yte), epochs, lr,
-                                    batch_size, seed, None if kind in ("mlp", "concat", "mean") else 1.0,
-                                    times_fn, eval_times)
+            r = tr.train_probe(model, (x_tr, ytr[tr_idx]), (x_va, ytr[va_idx]), (x_te, yte), lr, epochs,
+                               batch_size, seed, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
+                               train_times_fn=times_fn, eval_times=eval_times)
+            v, te, att = r["val"], r["test"], r["attention"]
             if best is None:
                 best = dict(val=v, test=te, lr=torch.full_like(v, lr), att=att)
                 continue
@@ -656,7 +636,7 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path):
                 "--width", "8", "--max-train", "120", "--max-test", "40"])
     out = json.load(open(os.path.join(run, "results", "probe.json")))["targets"]["bg_colour"]
     cfg = tr.load_checkpoint(run)["config"]
-    test_labels = tr.run_datasets(cfg, max_test=40)["test"].labels[:, 2]  # the probe's stratified subset
+    test_labels = train.run_datasets(cfg, max_test=40)["test"].labels[:, 2]  # the probe's stratified subset
     assert out["chance"] == np.bincount(test_labels, minlength=9).max() / 40  # its majority-class rate
     assert set(out["init"]) >= {"mlp", "best_t", "gru", "transformer"} and 0 < out["pixels"]["mean"] <= 1
     assert out["best_t_index"] == int(np.argmax(out["mlp"]["val_mean"]))  # chosen on validation
@@ -850,10 +830,10 @@ def test_folder_subset_and_probe_subset_keep_every_class(tmp_path):
     ds = tr.load_dataset("folder", "train", str(tmp_path), image_size=8, num_examples=8)
     assert sorted(ds.labels[:, 0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # "the first 8" would be classes 0, 1
     cfg = dict(dataset="folder", data_root=str(tmp_path), image_size=8, num_train=None, seed=0)
-    splits = tr.run_datasets(cfg, max_train=12, max_test=4)
+    splits = train.run_datasets(cfg, max_train=12, max_test=4)
     assert set(splits["train"].labels[:, 0].tolist()) == {0, 1, 2, 3} and len(splits["test"]) == 4
     assert set(splits["test"].labels[:, 0].tolist()) == {0, 1, 2, 3}
-    only_train = tr.run_datasets(cfg, splits=("train",))  # analyze.py needs no test/ folder
+    only_train = train.run_datasets(cfg, splits=("train",))  # analyze.py needs no test/ folder
     assert list(only_train) == ["train"]
 
 

@@ -49,14 +49,15 @@ PRESETS = {
                   t_dist="uniform", lambda_z=1e-5, lr_decay="none", log_every=100, ckpt_every=5000),
 }
 # Per-dataset defaults applied under the preset: image size, Mini-ImageNet's 3-level U-Net (84 px), and
-# the size of the `shapes` object (1.5 times the first version's: see make_shapes).
-DATASETS = {"shapes": dict(image_size=32, object_scale=1.5), "cifar10": dict(image_size=32),
+# the size of the `shapes` object (1.5 times the first version's) and its fine-scale texture (see make_shapes).
+DATASETS = {"shapes": dict(image_size=32, object_scale=1.5, texture=True), "cifar10": dict(image_size=32),
             "cifar100": dict(image_size=32),
             "miniimagenet": dict(image_size=84, ch_mult=[1, 2, 2], data_root="./data/miniimagenet"),
             "folder": dict(image_size=64)}
 # Fallbacks for flags no preset sets, and for checkpoints written before a flag existed (their runs
 # used the published setting).
 DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None, object_scale=1.0,
+                texture=False,
                 lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, t_dist="uniform", weighting="sigma2",
                 precond="sigma", sigma_data=0.5, enc_head="pool", lr_decay="none", seed=0, device="auto",
                 amp=False, channels_last=True, compile=False, workers=0, out=None, allow_new_data=False)
@@ -81,16 +82,19 @@ def parse_args(argv):
                                                  "others: a seeded class-stratified subset)")
     g.add_argument("--object-scale", type=float, help="shapes only: size of the object relative to the "
                                                       "first version's 4-5.5 px radius (default 1.5)")
+    g.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
+                   help="shapes only: the fifth attribute, a 2-pixel texture on the object (default on; "
+                        "--no-texture: the four-attribute data of earlier runs)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS), help="cpu (default on shapes) or paper (default otherwise)")
     g.add_argument("--encoder", choices=["drl", "vdrl"], help="deterministic (DRL) or probabilistic (VDRL) code")
     g.add_argument("--code-dim", type=int, help="code size D (paper 128)")
-    g.add_argument("--enc-widths", type=tr.int_list, help="encoder stage widths, comma-separated (paper 32,64,128 = WRN-28-2)")
+    g.add_argument("--enc-widths", type=int_list, help="encoder stage widths, comma-separated (paper 32,64,128 = WRN-28-2)")
     g.add_argument("--enc-blocks", type=int, help="residual blocks per encoder stage (paper 4)")
     g.add_argument("--nf", type=int, help="score U-Net base channels (cpu 8, paper 16)")
-    g.add_argument("--ch-mult", type=tr.int_list, help="score U-Net channel multipliers per level (paper 1,2,2,2)")
+    g.add_argument("--ch-mult", type=int_list, help="score U-Net channel multipliers per level (paper 1,2,2,2)")
     g.add_argument("--num-res-blocks", type=int, help="score U-Net residual blocks per level (paper 2)")
-    g.add_argument("--attn-res", type=tr.int_list, help="resolutions with self-attention, comma-separated, '' for none (paper 16)")
+    g.add_argument("--attn-res", type=int_list, help="resolutions with self-attention, comma-separated, '' for none (paper 16)")
     g.add_argument("--dropout", type=float, help="score U-Net dropout (paper 0.1)")
     g.add_argument("--enc-head", choices=tr.ENCODER_HEADS, help="encoder head: global average pooling "
                    "(paper), the flattened last feature map, which keeps where things are, or both side by side")
@@ -215,7 +219,32 @@ def check_model(cfg, check_attention=True):
 
 def ints(value):
     """A list of ints from the config (a list; '16,32,64' in checkpoints of earlier versions)."""
-    return tuple(tr.int_list(value) if isinstance(value, str) else value)
+    return tuple(int_list(value) if isinstance(value, str) else value)
+
+
+def float_list(text):
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; an argparse type, so that a bad list is argparse's one line."""
+    return [float(v) for v in str(text).split(",") if v.strip()]
+
+
+def int_list(text):
+    """'16,32,64' -> [16, 32, 64]; an argparse type (see float_list)."""
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits=("train", "test")):
+    """The splits of a training run's dataset (its config from the checkpoint), each cut to a seeded,
+    class-stratified subset of max_* examples when given; data_root overrides the run's folder.
+    Returns dict(train=LabelledImages, test=LabelledImages) (the names in `splits`)."""
+    root = data_root or config["data_root"]
+    limits = dict(train=(config["num_train"], max_train), test=(None, max_test))
+    out = {}
+    for name in splits:
+        out[name] = tr.load_dataset(config["dataset"], name, root, config["image_size"], limits[name][0],
+                                 config["seed"], config.get("object_scale", 1.0), config.get("texture", False))
+        if limits[name][1] and limits[name][1] < len(out[name]):
+            out[name] = out[name].subset(limits[name][1], seed)
+    return out
 
 
 def model_kwargs(cfg, in_channels=3):
@@ -270,15 +299,13 @@ def main(argv=None):
 
 
 def train(args, cfg, given):
+    """The whole run, in the order of nanoGPT's train.py: config (a resume takes the checkpoint's),
+    data, model (fresh or restored), the loop, and the end (DDP replicas compared)."""
+    # ---- config: a resumed run continues with the checkpoint's, changing only what may change ----
     ckpt = None
     if args.resume:
         ckpt = tr.load_checkpoint(os.path.join(cfg["out"], "ckpt.pt"))
-        clash = {k: v for k, v in given.items() if k not in RESUME_OVERRIDES and ckpt["config"].get(k) != v}
-        if clash:
-            raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was trained with "
-                               f"{ {k: ckpt['config'].get(k) for k in clash} }; drop those flags")
-        cfg = {**DEFAULTS, **ckpt["config"], "allow_new_data": False,  # asked anew on every resume
-               **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
+        cfg = resumed_config(ckpt, given)
     elif os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
         raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue it, or --out "
                            f"to start a new run elsewhere (nothing was overwritten)")
@@ -286,30 +313,61 @@ def train(args, cfg, given):
     rank, world, device = setup_distributed(cfg)
     if cfg["amp"] and device.type != "cuda":
         raise tr.UserError(f"--amp (bf16 autocast) is for CUDA devices and this run is on {device}; drop --amp")
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)  # one rank speaks
     log("config: " + json.dumps(cfg, sort_keys=True))
     if device.type == "cpu" and cfg["preset"] == "paper":
         log(f"note: the `paper` preset ({cfg['steps']} steps of a 2.3M-parameter model at {cfg['image_size']} px) "
             f"is a GPU job that takes days on a CPU; for a CPU run add --preset cpu --image-size 32")
+    # ---- data, model, loop: each phase is a function below ----
+    data, sampler, data_key = load_training_data(cfg, ckpt, rank, world, log)
+    run = build_run(cfg, ckpt, data, data_key, device, rank, world, log)
+    run_loop(cfg, run, data, sampler, rank, world, log)
+    # ---- the end: DDP replicas must hold the same weights; the log says so ----
+    if world > 1:
+        compare_replicas(cfg, run, world, rank, log)
+        dist.destroy_process_group()
+    log(f"done: {run['step']} steps in {(time.time() - run['t_start']) / 60:.1f} min; "
+        f"checkpoint {cfg['out']}/ckpt.pt")
 
-    # ---- data: a seeded DistributedSampler gives every rank its shard, epoch by epoch ----
-    data = tr.run_datasets(cfg, splits=("train",))["train"]
-    per_rank = cfg["batch_size"] // world
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
-    steps_per_epoch = len(sampler) // per_rank
-    if steps_per_epoch == 0:
+
+def resumed_config(ckpt, given):
+    """The config a --resume runs with: the checkpoint's, with only RESUME_OVERRIDES changed (any
+    other flag that differs from the checkpoint's value is refused), and --allow-new-data asked
+    anew every time. Checkpoints written before a flag existed get its DEFAULTS value."""
+    clash = {k: v for k, v in given.items() if k not in RESUME_OVERRIDES and ckpt["config"].get(k) != v}
+    if clash:
+        raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was trained with "
+                           f"{ {k: ckpt['config'].get(k) for k in clash} }; drop those flags")
+    return {**DEFAULTS, **ckpt["config"], "allow_new_data": False,
+            **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
+
+
+def load_training_data(cfg, ckpt, rank, world, log):
+    """The training split and its sampler: a seeded DistributedSampler deals every rank its shard,
+    epoch by epoch (one rank: a seeded shuffle). A resume is refused on images other than those
+    the checkpoint was trained on, unless --allow-new-data. Returns (data, sampler, its dataset_key)."""
+    data = run_datasets(cfg, splits=("train",))["train"]
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"],
+                                 drop_last=True)
+    if len(sampler) < cfg["batch_size"] // world:
         raise tr.UserError(f"{len(data)} training images are fewer than one batch of {cfg['batch_size']}; "
                            f"pass --batch-size {max(world, len(data) // world * world)} or less, or use more images")
     data_key = tr.dataset_key(data)  # which images these are; saved with every checkpoint
     if ckpt is not None and ckpt.get("data_key", data_key) != data_key and not cfg["allow_new_data"]:
         raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt was trained on; "
                            f"give the run's --data-root, or add --allow-new-data to continue on these")
-    if rank == 0 and ckpt is None:
+    if rank == 0 and ckpt is None:  # sigma_max against the data (Song & Ermon's rule of thumb)
         sample = torch.stack([x for x, _ in data.__getitems__(list(range(min(500, len(data)))))])
-        log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance in {len(sample)} of them "
-            f"{tr.max_pairwise_distance(sample):.1f} (Song & Ermon: sigma_max about that; it is {cfg['sigma_max']})")
+        log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance in {len(sample)} of "
+            f"them {tr.max_pairwise_distance(sample):.1f} (Song & Ermon: sigma_max about that; it is "
+            f"{cfg['sigma_max']})")
+    return data, sampler, data_key
 
-    # ---- model, EMA, optimiser ----
+
+def build_run(cfg, ckpt, data, data_key, device, rank, world, log):
+    """The model, its EMA, the optimiser and the noise generator, fresh (seeded: the same initial
+    weights on every rank) or restored from the checkpoint with every random state, so that a
+    resumed run continues bit for bit. Returns the run's state as a dict (what save_run writes)."""
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     kwargs = model_kwargs(cfg, in_channels=data[0][0].shape[0])
     model = tr.DRLModel(**kwargs).to(device)
@@ -320,61 +378,76 @@ def train(args, cfg, given):
     # on an H200, where the step is launch-bound); elsewhere the for-each form, unchanged.
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
                            fused=device.type == "cuda")
-    noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # shared by all ranks (see below)
-    step = 0
-    if ckpt is not None:
-        try:  # load_checkpoint checked the structure; this checks that the contents fit the model
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            noise_gen.set_state(ckpt["rng"]["noise"])
-            ranks = ckpt["rng"]["ranks"]
-            if len(ranks) == world:
-                torch.set_rng_state(ranks[rank]["cpu"])
-                if device.type == "cuda" and ranks[rank].get("cuda") is not None:
-                    torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-            raise tr.UserError(f"{cfg['out']}/ckpt.pt does not fit the model it describes ({type(e).__name__}); "
-                               f"it is damaged or from another version: resume from an intact copy or "
-                               f"start a new run with another --out") from None
-        step = ckpt["step"]
-        if len(ranks) != world:
-            log(f"checkpoint saved with {len(ranks)} ranks, running {world}: dropout RNG reseeded")
-            torch.manual_seed(cfg["seed"] + 7919 * rank + step)
-        log(f"resumed from {cfg['out']}/ckpt.pt at step {step}")
-    else:
+    noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # shared by all ranks (see run_loop)
+    run = dict(model=model, ema=ema, opt=opt, noise_gen=noise_gen, kwargs=kwargs, data_key=data_key, step=0,
+               device=device, t_start=time.time())
+    if ckpt is None:
         torch.manual_seed(cfg["seed"] + rank)  # per-rank seed for dropout
+    else:
+        restore(cfg, ckpt, run, rank, world, log)
     log(f"parameters: encoder {tr.count_parameters(model.encoder):,}, score {tr.count_parameters(model.score):,}; "
-        f"{world} rank(s) x {per_rank} = global batch {cfg['batch_size']} on {device}")
+        f"{world} rank(s) x {cfg['batch_size'] // world} = global batch {cfg['batch_size']} on {device}")
+    return run
+
+
+def restore(cfg, ckpt, run, rank, world, log):
+    """Loads the checkpoint's weights, EMA, optimiser and random states into the run. With another
+    number of ranks than it was saved with, the dropout streams cannot continue and are reseeded."""
+    try:  # load_checkpoint checked the structure; this checks that the contents fit the model
+        run["model"].load_state_dict(ckpt["model"])
+        run["ema"].load_state_dict(ckpt["ema"])
+        run["opt"].load_state_dict(ckpt["optimizer"])
+        run["noise_gen"].set_state(ckpt["rng"]["noise"])
+        ranks = ckpt["rng"]["ranks"]
+        if len(ranks) == world:
+            torch.set_rng_state(ranks[rank]["cpu"])
+            if run["device"].type == "cuda" and ranks[rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(ranks[rank]["cuda"], run["device"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise tr.UserError(f"{cfg['out']}/ckpt.pt does not fit the model it describes ({type(e).__name__}); "
+                           f"it is damaged or from another version: resume from an intact copy or "
+                           f"start a new run with another --out") from None
+    run["step"] = ckpt["step"]
+    if len(ranks) != world:
+        log(f"checkpoint saved with {len(ranks)} ranks, running {world}: dropout RNG reseeded")
+        torch.manual_seed(cfg["seed"] + 7919 * rank + run["step"])
+    log(f"resumed from {cfg['out']}/ckpt.pt at step {run['step']}")
+
+
+def save_run(cfg, run, rank, world):
+    """Writes the checkpoint (rank 0), with every rank's random state gathered into it."""
+    device = run["device"]
+    rngs = [dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    if rank == 0:
+        tr.save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), config=cfg, model_kwargs=run["kwargs"],
+                           step=run["step"], model=run["model"].state_dict(), ema=run["ema"].state_dict(),
+                           optimizer=run["opt"].state_dict(), rng=dict(noise=run["noise_gen"].get_state(), ranks=rngs),
+                           data_key=run["data_key"])
+
+
+def run_loop(cfg, run, data, sampler, rank, world, log):
+    """The training loop: draw the batch's times and noise, one step of eq. 4 with gradient clipping,
+    the EMA update; every log_every steps a log line (and the non-finite check), every ckpt_every
+    steps a checkpoint. Batches continue from the step reached, so a resumed run sees exactly the
+    batches the uninterrupted one would have."""
+    model, opt, device = run["model"], run["opt"], run["device"]
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["compile"]:
         train_model = torch.compile(train_model)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
-    image_shape, D = tuple(data[0][0].shape), cfg["code_dim"]
-
-    def save():
-        rngs = [dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if rank == 0:
-            tr.save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), config=cfg, model_kwargs=kwargs, step=step,
-                               model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                               rng=dict(noise=noise_gen.get_state(), ranks=rngs), data_key=data_key)
-
-    # ---- the loop ----
-    metrics_path = os.path.join(cfg["out"], "metrics.jsonl")
-    if rank == 0:
-        tr.cut_metrics(metrics_path, step)  # a new run starts an empty file; a resume keeps rows up to its step
+    params, ema_params = list(model.parameters()), list(run["ema"].parameters())
+    image_shape, per_rank = tuple(data[0][0].shape), cfg["batch_size"] // world
+    steps_per_epoch = len(sampler) // per_rank
+    metrics = Metrics(cfg, run["step"], rank, world, log)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"])
-    sums = torch.zeros(3, device=device)  # loss, dsm, reg summed since the last log line
-    n_sum, t_last, step_last, t_start = 0, time.time(), step, time.time()
-    while step < cfg["steps"]:
-        epoch, offset = divmod(step, steps_per_epoch)
+    while run["step"] < cfg["steps"]:
+        epoch, offset = divmod(run["step"], steps_per_epoch)
         sampler.set_epoch(epoch)
         batches = list(BatchSampler(sampler, per_rank, drop_last=True))[offset:]
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
@@ -389,12 +462,12 @@ def train(args, cfg, given):
             # The randomness of the GLOBAL batch, from a generator identical on every rank; each rank
             # takes the rows of its own images (DistributedSampler deals rows round-robin), so N ranks
             # compute exactly the gradient of one process with the same global batch.
-            t, noise, code_noise = tr.sample_training_noise(cfg["batch_size"], image_shape, D, cfg["eps"],
-                                                            noise_gen, device, cfg["t_dist"], cfg["sigma_min"],
-                                                            cfg["sigma_max"])
+            t, noise, code_noise = tr.sample_training_noise(cfg["batch_size"], image_shape, cfg["code_dim"],
+                                                            cfg["eps"], run["noise_gen"], device, cfg["t_dist"],
+                                                            cfg["sigma_min"], cfg["sigma_max"])
             t, noise, code_noise = t[rank::world], noise[rank::world], code_noise[rank::world]  # (B/world, ...)
             for group in opt.param_groups:  # linear warm-up, then constant or cosine decay
-                group["lr"] = tr.learning_rate(step, cfg["lr"], cfg["warmup"], cfg["steps"], cfg["lr_decay"])
+                group["lr"] = tr.learning_rate(run["step"], cfg["lr"], cfg["warmup"], cfg["steps"], cfg["lr_decay"])
             with autocast:
                 loss, dsm, reg = train_model(x0, t, noise, code_noise)
             opt.zero_grad(set_to_none=True)
@@ -402,52 +475,76 @@ def train(args, cfg, given):
             torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
             opt.step()
             tr.ema_update(ema_params, params, cfg["ema"])
-            sums += torch.stack([loss.detach(), dsm.detach(), reg.detach()]).float()
-            n_sum += 1
-            step += 1
-            last = step == cfg["steps"]
-            if step % cfg["log_every"] == 0 or step % cfg["ckpt_every"] == 0 or last:
-                # The one synchronising check: a non-finite loss stops before anything is saved.
-                if world > 1:
-                    dist.all_reduce(sums)
-                    sums /= world
-                mean = (sums / n_sum).tolist()
-                if not all(math.isfinite(v) for v in mean):
-                    ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
-                    if os.path.exists(ckpt_path):
-                        raise tr.UserError(
-                            f"the loss became non-finite before step {step}; the last good checkpoint (step "
-                            f"{tr.load_checkpoint(ckpt_path)['step']}) in {cfg['out']} is intact: continue it "
-                            f"with --resume and a lower --lr or a longer --warmup")
-                    raise tr.UserError(f"the loss became non-finite before step {step}, before any checkpoint "
-                                       f"was written; start again with a lower --lr or a longer --warmup")
-                now = time.time()
-                ips = (step - step_last) * cfg["batch_size"] / max(now - t_last, 1e-9)
-                eta = (cfg["steps"] - step) * cfg["batch_size"] / max(ips, 1e-9)
-                log(f"step {step:>7d} | loss {mean[0]:9.3f} (dsm {mean[1]:9.3f}, reg {mean[2]:8.3f}) | "
-                    f"{ips:7.1f} img/s | ETA {eta / 60:6.1f} min")
-                if rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(dict(step=step, loss=mean[0], dsm=mean[1], reg=mean[2],
-                                                lr=opt.param_groups[0]["lr"], images_per_s=ips,
-                                                elapsed_s=now - t_start)) + "\n")
-                sums.zero_()
-                n_sum, t_last, step_last = 0, now, step
-                if step % cfg["ckpt_every"] == 0 or last:
-                    save()
+            metrics.add(loss, dsm, reg)  # no host-device synchronisation: summed on the device
+            run["step"] += 1
+            last = run["step"] == cfg["steps"]
+            if run["step"] % cfg["log_every"] == 0 or run["step"] % cfg["ckpt_every"] == 0 or last:
+                metrics.write(run["step"], opt.param_groups[0]["lr"])  # the one synchronising point
+                if run["step"] % cfg["ckpt_every"] == 0 or last:
+                    save_run(cfg, run, rank, world)
             if last:
                 break
-    if world > 1:  # the replicas must agree exactly; say so in the log
-        flat = torch.cat([p.detach().flatten() for p in params])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        diff = max((g - gathered[0]).abs().max().item() for g in gathered)
-        log(f"replicas: max |difference| of weights across {world} ranks = {diff}")
+
+
+class Metrics:
+    """The losses summed on the device between log lines, written to the log and metrics.jsonl. Its
+    write is the loop's one synchronising point, and where a non-finite loss stops the run before
+    anything is saved (the last good checkpoint stays intact)."""
+
+    def __init__(self, cfg, step, rank, world, log):
+        self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
+        self.path = os.path.join(cfg["out"], "metrics.jsonl")
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(dict(step=step, replica_max_abs_diff=diff, world_size=world)) + "\n")
-        dist.destroy_process_group()
-    log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {cfg['out']}/ckpt.pt")
+            tr.cut_metrics(self.path, step)  # a new run starts an empty file; a resume keeps rows up to its step
+        self.sums, self.count = None, 0  # loss, dsm, reg summed since the last log line
+        self.t_start = self.t_last = time.time()
+        self.step_last = step
+
+    def add(self, loss, dsm, reg):
+        row = torch.stack([loss.detach(), dsm.detach(), reg.detach()]).float()  # (3,)
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += 1
+
+    def write(self, step, lr):
+        cfg, sums = self.cfg, self.sums
+        if self.world > 1:
+            dist.all_reduce(sums)
+            sums /= self.world
+        mean = (sums / self.count).tolist()
+        if not all(math.isfinite(v) for v in mean):
+            ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
+            if os.path.exists(ckpt_path):
+                raise tr.UserError(
+                    f"the loss became non-finite before step {step}; the last good checkpoint (step "
+                    f"{tr.load_checkpoint(ckpt_path)['step']}) in {cfg['out']} is intact: continue it "
+                    f"with --resume and a lower --lr or a longer --warmup")
+            raise tr.UserError(f"the loss became non-finite before step {step}, before any checkpoint "
+                               f"was written; start again with a lower --lr or a longer --warmup")
+        now = time.time()
+        ips = (step - self.step_last) * cfg["batch_size"] / max(now - self.t_last, 1e-9)  # images per second
+        eta = (cfg["steps"] - step) * cfg["batch_size"] / max(ips, 1e-9)
+        self.log(f"step {step:>7d} | loss {mean[0]:9.3f} (dsm {mean[1]:9.3f}, reg {mean[2]:8.3f}) | "
+                 f"{ips:7.1f} img/s | ETA {eta / 60:6.1f} min")
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(step=step, loss=mean[0], dsm=mean[1], reg=mean[2], lr=lr,
+                                        images_per_s=ips, elapsed_s=now - self.t_start)) + "\n")
+        self.sums, self.count, self.t_last, self.step_last = None, 0, now, step
+
+
+def compare_replicas(cfg, run, world, rank, log):
+    """After DDP training: the largest difference between the ranks' weights (0 when they agree),
+    in the log and in metrics.jsonl."""
+    flat = torch.cat([p.detach().flatten() for p in run["model"].parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    diff = max((g - gathered[0]).abs().max().item() for g in gathered)
+    log(f"replicas: max |difference| of weights across {world} ranks = {diff}")
+    if rank == 0:
+        with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(dict(step=run["step"], replica_max_abs_diff=diff, world_size=world)) + "\n")
+
+
 
 
 if __name__ == "__main__":

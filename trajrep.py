@@ -380,7 +380,7 @@ class DRLModel(nn.Module):
 
 
 # =================================================================================================
-# Losses: paper eq. 3-4 and the DRL / VDRL regularisers
+# Losses and the training schedule: paper eq. 3-4, the DRL / VDRL regularisers, learning rate, EMA
 # =================================================================================================
 
 WEIGHTINGS = ("sigma2", "edm")
@@ -446,6 +446,30 @@ def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
     return dsm + lambda_z * reg, dsm, reg
 
 
+LR_DECAYS = ("none", "cosine")  # learning-rate decay after the warm-up; see learning_rate
+
+
+def learning_rate(step, lr, warmup, steps, decay="none"):
+    """The learning rate of training step `step` (0-based): a linear warm-up over `warmup` steps to
+    `lr`, then 'none' (the published code: constant) or 'cosine': lr * (1 + cos(pi * p)) / 2, where p
+    goes from 0 at the end of the warm-up to 1 at step `steps`. A short run ends with small steps
+    that average out the gradient noise of its last updates (the EMA does it only partly)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"unknown learning-rate decay {decay!r}; choose from {LR_DECAYS}")
+    rate = lr * min(1.0, (step + 1) / max(1, warmup))
+    if decay == "cosine" and step >= warmup:
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        rate = lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, for matching lists of tensors."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+
 # =================================================================================================
 # Data: embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any class-per-folder image tree
 # =================================================================================================
@@ -458,8 +482,23 @@ def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
 SHAPE_NAMES = ("square", "circle", "triangle", "diamond", "cross")
 COLOURS = np.array([[230, 25, 25], [25, 200, 25], [30, 60, 230], [240, 220, 20], [20, 210, 220],
                     [220, 30, 220], [245, 245, 245], [10, 10, 10], [245, 130, 20]], dtype=np.uint8)
-SHAPES_ATTRIBUTES = ("shape", "fg_colour", "bg_colour", "location")
-SHAPES_CLASSES = (len(SHAPE_NAMES), len(COLOURS), len(COLOURS), 16)
+TEXTURE_NAMES = ("solid", "h-stripes", "v-stripes", "checker")  # the fine-scale attribute
+SHAPES_ATTRIBUTES = ("shape", "fg_colour", "bg_colour", "location", "texture")
+SHAPES_CLASSES = (len(SHAPE_NAMES), len(COLOURS), len(COLOURS), 16, len(TEXTURE_NAMES))
+
+
+def texture_mask(kind, xx, yy):
+    """Pixels of a texture's second shade on integer pixel coordinates xx, yy (H, W): none (solid),
+    every other row, every other column, or a checkerboard. Period 2 px: the finest pattern an
+    image can hold, erased first by the noise (its contrast, about 0.4 in [-1, 1] units, is drowned
+    once sigma passes it: t ~ 0.4 on the VE schedule, where shape and colour are still plain)."""
+    if kind == 0:
+        return np.zeros(xx.shape, dtype=bool)
+    if kind == 1:
+        return yy % 2 == 1
+    if kind == 2:
+        return xx % 2 == 1
+    return (xx + yy) % 2 == 1
 
 
 def shape_mask(kind, dx, dy, r):
@@ -475,18 +514,24 @@ def shape_mask(kind, dx, dy, r):
     return ((np.abs(dx) <= 0.3 * r) & (np.abs(dy) <= r)) | ((np.abs(dy) <= 0.3 * r) & (np.abs(dx) <= r))
 
 
-def make_shapes(n, image_size=32, seed=0, object_scale=1.5):
-    """The embedded synthetic dataset: n RGB images of one object with four labelled attributes.
+def make_shapes(n, image_size=32, seed=0, object_scale=1.5, texture=True):
+    """The embedded synthetic dataset: n RGB images of one object with five labelled attributes.
 
     shape (5 kinds), foreground colour (9), background colour (9, never the foreground), location
-    (16 cells of a 4x4 grid over the central part of the image, so that no object is clipped); the
-    object's radius and its centre jitter a little inside the cell. Deterministic per seed.
+    (16 cells of a 4x4 grid over the central part of the image, so that no object is clipped), and
+    texture (4, TEXTURE_NAMES): the object is solid or carries a 2-pixel pattern whose second shade
+    is its colour halfway to grey, (fg + 128) / 2. The first four are coarse (colours, outline,
+    place); texture is the one at the finest spatial scale, to test where fine detail lives on the
+    curve (REFERENCE s.8: the DRL paper's "coarse at high t, fine at low t"). The object's radius
+    and its centre jitter a little inside the cell. Deterministic per seed; texture is drawn last,
+    so the other four labels equal those of texture=False (the four-attribute version, plain
+    objects, labels (n, 4): the data of runs made before texture existed).
     object_scale multiplies the radius (4 to 5.5 px at 32 px for 1.0, the first version's size) and
     the grid shrinks so that the object stays inside: a larger object is a larger share of the pixels,
     hence of the loss (1.5, the default: about 11% of the pixels instead of 5%; the encoder learnt
     faster, see docs/results.md). Beyond 1.5 the centres of neighbouring cells come closer than the
     jitter and the shape's own off-centre mass (a triangle's), and location becomes ambiguous.
-    Returns images (n, H, W, 3) uint8 and labels (n, 4) int64 in SHAPES_ATTRIBUTES order."""
+    Returns images (n, H, W, 3) uint8 and labels (n, 5) int64 in SHAPES_ATTRIBUTES order."""
     rng = np.random.default_rng(seed)
     s = image_size / 32.0  # all geometry is laid out for 32 px and scaled
     shape = rng.integers(0, 5, n)
@@ -498,12 +543,18 @@ def make_shapes(n, image_size=32, seed=0, object_scale=1.5):
     spacing = (32.0 - 2 * margin) / 3  # 4 cells per axis: 6 px at scale 1
     jitter = rng.uniform(-1, 1, (n, 2)) * min(1.0, spacing / 6)  # +-1 px at scale 1, less when cells are closer
     centres = s * (margin + spacing * np.stack([loc % 4, loc // 4], 1) + jitter)  # (n, 2) x, y
-    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64) + 0.5  # pixel centres (H, W)
+    pattern = rng.integers(0, len(TEXTURE_NAMES), n) if texture else np.zeros(n, dtype=np.int64)
+    shade = ((COLOURS.astype(np.int64) + 128) // 2).astype(np.uint8)  # (9, 3) each colour's second shade
+    yi, xi = np.mgrid[0:image_size, 0:image_size]  # integer pixel coordinates (H, W)
+    yy, xx = yi + 0.5, xi + 0.5  # pixel centres
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     for i in range(n):
         mask = shape_mask(shape[i], xx - centres[i, 0], yy - centres[i, 1], radius[i])  # (H, W)
+        second = mask & texture_mask(pattern[i], xi, yi)  # (H, W) object pixels in the second shade
         images[i] = np.where(mask[:, :, None], COLOURS[fg[i]], COLOURS[bg[i]])
-    return images, np.stack([shape, fg, bg, loc], 1).astype(np.int64)
+        images[i][second] = shade[fg[i]]
+    labels = [shape, fg, bg, loc] + ([pattern] if texture else [])
+    return images, np.stack(labels, 1).astype(np.int64)
 
 
 class LabelledImages(torch.utils.data.Dataset):
@@ -568,23 +619,14 @@ def stratified_indices(labels, n, seed=0):
     return torch.from_numpy(rng.permutation(idx)).long()
 
 
-def float_list(text):
-    """'0,0.5,1' -> [0.0, 0.5, 1.0]; an argparse type, so that a bad list is argparse's one line."""
-    return [float(v) for v in str(text).split(",") if v.strip()]
-
-
-def int_list(text):
-    """'16,32,64' -> [16, 32, 64]; an argparse type (see float_list)."""
-    return [int(v) for v in str(text).split(",") if v.strip()]
-
-
-def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0, object_scale=1.5):
+def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0, object_scale=1.5,
+                 texture=True):
     """Returns a LabelledImages for `name` in {shapes, cifar10, cifar100, miniimagenet, folder}.
 
     shapes: generated (num_examples, default 10000 train / 2000 test); the test split uses another
-        seed than the train split, so the split is fixed and disjoint by construction; object_scale:
-        see make_shapes. For the other
-        datasets num_examples keeps a seeded, class-stratified random subset (None: all).
+        seed than the train split, so the split is fixed and disjoint by construction; object_scale
+        and texture: see make_shapes. For the other datasets num_examples keeps a seeded,
+        class-stratified random subset (None: all).
     cifar10 / cifar100: torchvision, downloaded into data_root when absent.
     miniimagenet / folder: data_root/train/<class>/*.png|jpg and data_root/test/<class>/..., resized
         to image_size (Mini-ImageNet: 84). Every image is opened once here: a file that is not a
@@ -593,8 +635,10 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
         raise UserError(f"the number of examples must be positive, got {num_examples}")
     if name == "shapes":
         n = num_examples or (10000 if split == "train" else 2000)
-        images, labels = make_shapes(n, image_size, seed * 1000 + (0 if split == "train" else 1), object_scale)
-        return LabelledImages(images, labels, SHAPES_ATTRIBUTES, SHAPES_CLASSES)
+        images, labels = make_shapes(n, image_size, seed * 1000 + (0 if split == "train" else 1), object_scale,
+                                     texture)
+        a = labels.shape[1]  # 4 without texture
+        return LabelledImages(images, labels, SHAPES_ATTRIBUTES[:a], SHAPES_CLASSES[:a])
     import torchvision  # here, not at import and not for shapes: only the other datasets need it
     import torchvision.transforms as T
     if name in ("cifar10", "cifar100"):
@@ -675,21 +719,6 @@ def check_images(samples):
         except Exception as e:
             raise UserError(f"{path} is not a readable image ({type(e).__name__}); delete or replace it "
                             f"and run again") from None
-
-
-def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits=("train", "test")):
-    """The splits of a training run's dataset (its config from the checkpoint), each cut to a seeded,
-    class-stratified subset of max_* examples when given; data_root overrides the run's folder.
-    Returns dict(train=LabelledImages, test=LabelledImages) (the names in `splits`)."""
-    root = data_root or config["data_root"]
-    limits = dict(train=(config["num_train"], max_train), test=(None, max_test))
-    out = {}
-    for name in splits:
-        out[name] = load_dataset(config["dataset"], name, root, config["image_size"], limits[name][0],
-                                 config["seed"], config.get("object_scale", 1.0))
-        if limits[name][1] and limits[name][1] < len(out[name]):
-            out[name] = out[name].subset(limits[name][1], seed)
-    return out
 
 
 def max_pairwise_distance(x):
@@ -808,18 +837,13 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
 
 
 # =================================================================================================
-# Probes: MLPs, GRU, Transformer (reference forms), their grouped forms, and the protocol (Fig. 1, 3)
+# Probes: MLPs, GRU, Transformer, and how one is trained (Figure 1, 3)
 # =================================================================================================
-# Every probe maps codes (B, T, D) to (logits (B, H, K), attention (B, T) or None): H = T independent
-# heads for the per-t MLPs, H = 1 otherwise; only the Transformer has an attention to return.
-# These reference modules are the paper's probes written plainly, one model each. What probe.py
-# trains are their GROUPED forms: G copies of one probe kind (every learning rate x seed x input of
-# the protocol), each with its own weights, in one model whose every layer is one batched matmul
-# (`bmm`), trained by one grouped Adam. Where tiny models are bound by per-call overhead (a GPU),
-# grouping removes it; on a CPU they are bound by element-wise work and memory traffic, and groups
-# larger than the cache run slower, so the protocol trains them in chunks (`max_groups`; bench.py).
-# Built from G reference modules, a grouped model starts from exactly their weights and equals
-# training them one by one, to float rounding (tested, dropout off).
+# Every probe maps codes (B, T, D) (and, for the grid-free Transformer, their times) to
+# (logits (B, R, K), attention (B, T) or None): R = T independent readouts for the per-t MLPs, R = 1
+# otherwise; only the Transformer has an attention to return. These are the paper's probes written
+# plainly, one model each, and train_probe trains one of them. The protocol trains many (every
+# learning rate x seed x input); it does so with their grouped forms, in the last section.
 
 def probe_mlp(d_in, hidden, num_classes, dropout):
     """The published probe MLP: Linear(d_in, hidden), ReLU, Dropout, Linear(hidden, K)."""
@@ -839,7 +863,7 @@ class MLPProbe(nn.Module):
         heads = num_points if pool == "point" else 1
         self.mlps = nn.ModuleList([probe_mlp(d_in, hidden, num_classes, dropout) for _ in range(heads)])
 
-    def forward(self, codes):
+    def forward(self, codes, times=None):  # times are not read
         if self.pool == "point":
             return torch.stack([mlp(codes[:, t]) for t, mlp in enumerate(self.mlps)], 1), None  # (B, T, K)
         x = codes.flatten(1) if self.pool == "concat" else codes.mean(1)  # (B, T*D) or (B, D)
@@ -857,7 +881,7 @@ class GRUProbe(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
 
-    def forward(self, codes):
+    def forward(self, codes, times=None):  # times are not read
         _, h_last = self.gru(codes)  # (1, B, hidden)
         return self.head(self.dropout(h_last[0]))[:, None], None  # (B, 1, K)
 
@@ -961,7 +985,425 @@ def build_probe(kind, num_points, d, num_classes, width=256, dropout=0.25):
     raise ValueError(f"unknown probe {kind!r}")
 
 
-# --- grouped forms: G models of one kind in one -------------------------------------------------
+def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, weight_decay=1e-5, clip=None,
+                train_times_fn=None, eval_times=None):
+    """Trains one probe with Adam (paper section 3.1) and keeps, per readout, the test accuracy at
+    its best validation epoch: the model is chosen on validation, never on test.
+
+    train / val / test are (codes (N, T, D), labels (N,)) pairs, standardised by the caller. The
+    batch order comes from a generator seeded with `seed` (the caller's random state is left
+    alone). The loss is the sum over readouts of each one's mean cross-entropy, so the T per-t MLPs
+    of an 'mlp' probe learn independently. clip: the gradient-norm clip of the published GRU and
+    Transformer probes (1.0; None for MLPs). train_times_fn(generator) -> (columns (k,), times (k,))
+    draws a random sub-grid per batch (the grid-free probe); eval_times: the val / test columns'.
+    Returns dict(val (R,), test (R,), epoch (R,), attention (T,): the token's mean attention on the
+    test set at readout 0's best epoch, or None)."""
+    x_train, y_train = train
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def evaluate(codes, labels, chunk=1024):  # -> accuracy (R,), mean attention (T,) or None
+        probe.eval()
+        correct, attention = 0, None
+        for start in range(0, len(labels), chunk):
+            logits, att = probe(codes[start:start + chunk], eval_times)  # (b, R, K), (b, T) or None
+            correct = correct + (logits.argmax(-1) == labels[start:start + chunk, None]).sum(0)  # (R,)
+            if att is not None:
+                attention = att.sum(0) if attention is None else attention + att.sum(0)
+        return correct.float() / len(labels), None if attention is None else attention / len(labels)
+
+    best = None
+    for epoch in range(epochs):
+        probe.train()
+        order = torch.randperm(len(y_train), generator=gen).to(y_train.device)  # (N,)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]  # (b,)
+            x, times = x_train[idx], None  # (b, T, D)
+            if train_times_fn is not None:  # the grid-free probe: a random sub-grid of the fine grid
+                cols, times = train_times_fn(gen)
+                x = x[:, cols]  # (b, k, D)
+            logits, _ = probe(x, times)  # (b, R, K)
+            loss = sum(F.cross_entropy(logits[:, r], y_train[idx]) for r in range(logits.shape[1]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(probe.parameters(), clip)
+            opt.step()
+        val_acc, _ = evaluate(*val)  # (R,)
+        test_acc, attention = evaluate(*test)
+        if best is None:
+            best = dict(val=torch.full_like(val_acc, -1.0), test=test_acc, epoch=torch.zeros_like(val_acc).long(),
+                        attention=attention)
+        improved = val_acc > best["val"]  # (R,): strictly better, so the earliest best epoch is kept
+        best["val"] = torch.where(improved, val_acc, best["val"])
+        best["test"] = torch.where(improved, test_acc, best["test"])
+        best["epoch"] = torch.where(improved, epoch, best["epoch"])
+        if improved[0]:
+            best["attention"] = attention
+    return best
+
+
+def standardiser_stats(train, per_time=True):
+    """Mean and std of the TRAINING codes (..., N, T, D) only, so nothing of the validation or test
+    split leaks into training or model selection: per (t, d) feature -> (..., 1, T, D) each, or per
+    dimension pooled over t (per_time=False) -> (..., 1, 1, D) each. Apply as (codes - mean) / std."""
+    dims = (-3,) if per_time else (-3, -2)
+    return train.mean(dims, keepdim=True), train.std(dims, keepdim=True).clamp_min(1e-6)
+
+
+def split_train_val(n, val_fraction=0.1, seed=0):
+    """A fixed random split of range(n) into train and validation indices (paper: 45k / 5k)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+def grid_sampler(grid_times, k_min=4, k_max=16):
+    """For the continuous probe: a function drawing a random sorted subset of k columns of a fine
+    grid of times (k uniform in [k_min, k_max]) for each batch. grid_times (G,) ->
+    fn(generator) -> (cols (k,), times (k,))."""
+    def draw(gen):
+        k = int(torch.randint(k_min, k_max + 1, (1,), generator=gen))
+        cols = torch.randperm(len(grid_times), generator=gen)[:k].sort().values  # (k,)
+        return cols, grid_times[cols]
+    return draw
+
+
+# =================================================================================================
+# Mutual information: MINE (Belghazi et al. 2018) and the NMI matrix (Figure 2)
+# =================================================================================================
+
+def statistics_network(d_in, hidden=256):
+    """MINE's statistics network T(x, y) for one pair (paper section 3.2): concat(x, y) -> hidden ->
+    hidden -> 1 with ELU, Xavier-uniform weights and zero biases. (B, Dx + Dy) -> (B, 1)."""
+    net = nn.Sequential(nn.Linear(d_in, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, 1))
+    for layer in net[::2]:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return net
+
+
+def log_mean_exp(x, dim=0):
+    """log(mean(exp(x))) along dim, computed stably."""
+    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+
+
+def mine(x, y, seed=0, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=0.01, holdout=0.2,
+         eval_shuffles=8, eval_rows=512):
+    """MINE estimate of I(X; Y) in nats from paired samples x (N, Dx), y (N, Dy) (paper section 3.2).
+
+    Donsker-Varadhan bound: I(X; Y) >= E_joint[T] - log E_marginal[e^T], maximised over the
+    statistics network T. Joint samples are the rows (x_i, y_i); marginal samples pair x_i with an
+    independently drawn y_j. The gradient of log E[e^T] is biased on minibatches, so (Belghazi et
+    al., section 3.2) its denominator is a moving average of E[e^T] (rate ma_rate), DETACHED from
+    the graph (the published code's is not), kept in log space. Trained on the first 1 - holdout of
+    a seeded permutation of the rows; the estimate is the bound on the held-out rows (in chunks of
+    eval_rows), averaged over eval_shuffles shufflings (the published code reads it off training
+    batches, which overfits upward). The generator seeded with `seed` draws the split, the batches
+    and the shufflings; the initial weights are drawn after torch.manual_seed(seed) inside fork_rng
+    (the caller's random state is left alone). mine_pairs is the same for many pairs at once.
+
+    >>> x = torch.randn(8000, 1); y = 0.9 * x + math.sqrt(1 - 0.81) * torch.randn(8000, 1)
+    >>> mine(x, y)  # true value -0.5 * log(1 - 0.81) = 0.830 nats  # doctest: +SKIP"""
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError(f"mine expects two (N, D) tensors, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y need the same number of rows (samples), got {x.shape[0]} and {y.shape[0]}")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen).to(x.device)  # (N,)
+    n_hold = max(2, int(len(x) * holdout))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = statistics_network(x.shape[1] + y.shape[1], hidden).to(x.device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    statistic = lambda rows, other: net(torch.cat([x[rows], y[other]], 1))[:, 0]  # T(x_i, y_j), (b,)
+    log_ma = None  # log of the moving average of E_marginal[e^T]
+    for step in range(steps):
+        rows = train[torch.randint(len(train), (batch_size,), generator=gen).to(x.device)]  # (b,)
+        other = train[torch.randint(len(train), (batch_size,), generator=gen).to(x.device)]  # independent rows
+        joint, marginal = statistic(rows, rows), statistic(rows, other)  # (b,) each
+        lme = log_mean_exp(marginal)  # log E_marginal[e^T] on this batch
+        log_ma = lme.detach() if log_ma is None else torch.logaddexp(
+            log_ma + math.log(1 - ma_rate), lme.detach() + math.log(ma_rate))
+        # Bias-corrected surrogate: its gradient is grad E_joint[T] - grad E_marginal[e^T] / ma.
+        loss = -(joint.mean() - torch.exp(lme - log_ma))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    estimates = []
+    with torch.no_grad():
+        for _ in range(eval_shuffles):
+            shuffled = hold[torch.randperm(n_hold, generator=gen).to(x.device)]  # (n_hold,)
+            joint = torch.cat([statistic(hold[i:i + eval_rows], hold[i:i + eval_rows])
+                               for i in range(0, n_hold, eval_rows)])  # (n_hold,)
+            marginal = torch.cat([statistic(hold[i:i + eval_rows], shuffled[i:i + eval_rows])
+                                  for i in range(0, n_hold, eval_rows)])
+            estimates.append(joint.mean() - log_mean_exp(marginal))
+    return torch.stack(estimates).mean()
+
+
+def gaussian_mi(rho, d):
+    """True I(X; Y) in nats for d dimensions each with correlation rho: -(d/2) log(1 - rho^2)."""
+    return -0.5 * d * math.log(1.0 - rho ** 2)
+
+
+def nmi_matrix(codes, seeds=(0,), **mine_kwargs):
+    """Normalised mutual information between every two points of the trajectories (Figure 2).
+
+    NMI(i, j) = I(i; j) / sqrt(I(i; i) I(j; j)), with MINE's estimate of I(X; X) standing in for
+    the entropy H(X) as in the published code. This is a HEURISTIC: for continuous codes H(X) and
+    I(X; X) are infinite, and MINE's I(X; X) is only as large as its budget allows, so the diagonal
+    is about 1 by construction and off-diagonal values are comparable only at a fixed budget.
+    All T*T ordered pairs and all seeds are trained as one grouped model. Where MINE's I(i; i) is
+    below 1e-3 nats (about zero: too small a budget to stand in for an entropy) row and column i
+    are NaN. codes (N, T, D) -> (NMI (S, T, T), MI (S, T, T)), one matrix per seed."""
+    if codes.dim() != 3 or codes.shape[1] < 2:
+        raise ValueError(f"nmi_matrix needs codes of shape (N, T, D) with T >= 2, got {tuple(codes.shape)}")
+    T = codes.shape[1]
+    pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))  # (T*T, 2), row-major (i, j)
+    mi = mine_pairs(codes, codes, pairs, seeds=seeds, **mine_kwargs).reshape(-1, T, T)  # (S, T, T)
+    diag = mi.diagonal(dim1=1, dim2=2)  # (S, T) I(i; i) as the entropy stand-in
+    diag = torch.where(diag > 1e-3, diag, torch.nan)  # a non-positive "entropy" leaves NMI undefined (NaN)
+    return mi / torch.sqrt(diag[:, :, None] * diag[:, None, :]), mi
+
+
+# =================================================================================================
+# Curve analysis: attention densities and the separation profile of eq. 5
+# =================================================================================================
+
+def attention_density(attention, times):
+    """Attention weights over a grid (T,) as a density over t: weights / cell width, normalised to
+    integrate to 1 (trapezoid cells), so that grids of different sizes can be drawn on one axis."""
+    w = quadrature_weights(times)  # (T,)
+    density = attention / w
+    return density / (density * w).sum()
+
+
+def curve_movement(codes):
+    """How far codes move along t, relative to how far apart images are: the std of a code over t
+    (mean over images and dimensions) and the std over images (mean over t and dimensions).
+    A ratio near 0 means each trajectory is nearly a single point. codes (N, T, D) -> (along, across)."""
+    return codes.std(1).mean().item(), codes.std(0).mean().item()
+
+
+def separation_profile(codes, labels, max_pairs=2000, seed=0):
+    """Where along the curve classes separate (the distances of paper eq. 5).
+
+    For random pairs of examples from DIFFERENT classes and from the SAME class, the distance
+    ||E(x, t) - E(x', t)|| at every t. Returns dict with, per t, the mean between-class distance,
+    the mean within-class distance and their ratio (a scale-free separation index), and where along
+    t each between-class pair is farthest apart (a histogram over the T times). Eq. 5 itself (the
+    sup over t is at least the value at t = 0) holds for any curve, so there is nothing to check on
+    data; what is informative is WHERE the separation is largest. codes (N, T, D), labels (N,)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
+    b = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    same = labels[a] == labels[b]
+    out = {}
+    for name, mask in (("between", ~same), ("within", same)):
+        ia, ib = a[mask][:max_pairs], b[mask][:max_pairs]
+        dist = (codes[ia] - codes[ib]).norm(dim=-1)  # (pairs, T)
+        out[name] = dist.mean(0)  # (T,)
+        if name == "between":
+            out["argsup_hist"] = torch.bincount(dist.argmax(1), minlength=codes.shape[1]).float() / len(dist)
+    out["ratio"] = out["between"] / out["within"].clamp_min(1e-12)  # (T,)
+    return out
+
+
+# =================================================================================================
+# Checkpoints and utilities: atomic save, safe load, run folders, EMA, devices
+# =================================================================================================
+
+CHECKPOINT_KIND = "trajrep-drl-checkpoint"
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
+    leaves a truncated file where a good one was. Creates the folder if absent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable(*folders):
+    """Creates each folder if absent and writes a temporary file there, so that a script whose
+    results would land there stops before its work, not after it. UserError names the folder."""
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to {folder} ({type(e).__name__}); make it writable, or copy the run "
+                            f"folder somewhere writable and give that copy") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Loads a training checkpoint as DATA (weights_only=True) and checks that it is one.
+
+    Raises UserError with one sentence for a missing, corrupted or foreign file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first with `python train.py` or give "
+                        f"the run folder that holds ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint (corrupted or truncated: {type(e).__name__}); "
+                        f"retrain, or resume from an intact copy") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise UserError(f"{path} is not a trajrep training checkpoint; give a ckpt.pt written by train.py")
+    expected = dict(config=dict, model_kwargs=dict, step=int, model=dict, ema=dict, optimizer=dict, rng=dict)
+    broken = [k for k, kind in expected.items() if not isinstance(ckpt.get(k), kind)]
+    if not broken and not isinstance(ckpt["rng"].get("ranks"), list):
+        broken = ["rng"]
+    if broken:
+        raise UserError(f"{path} is an incomplete trajrep checkpoint (missing or malformed: {', '.join(broken)}); "
+                        f"retrain, or resume from an intact copy")
+    return ckpt
+
+
+def save_checkpoint(path, **contents):
+    """Writes a training checkpoint, the dict that load_checkpoint reads back (config, model_kwargs,
+    step, model, ema, optimizer, rng, data_key), tagged with CHECKPOINT_KIND, atomically. A write
+    that fails (a full disk, a folder gone read-only) is a UserError naming the file and the step of
+    the previous checkpoint, which the atomic write leaves intact."""
+    try:
+        atomic_save(dict(kind=CHECKPOINT_KIND, **contents), path)
+    except (OSError, RuntimeError) as e:
+        before = (f"the previous checkpoint (step {load_checkpoint(path)['step']}) is intact"
+                  if os.path.exists(path) else "no checkpoint was written")
+        raise UserError(f"could not write {path} at step {contents.get('step')} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); {before}: free space or pass another --out, "
+                        f"then --resume") from None
+
+
+def claim_run_folder(out):
+    """Creates the run folder if absent and takes an exclusive lock on it (out/.lock, flock): a second
+    train.py into the same folder stops with one sentence instead of overwriting the first's files.
+    The kernel drops the lock when this process ends, even by kill -9. Then removes temporary files
+    that a killed checkpoint write left behind (safe: no other run holds the folder).
+    Returns (lock file, whether the folder was created here)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; give a folder (it is created if absent)")
+    import fcntl  # here, not at import: the library stays importable where fcntl does not exist
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"another train.py is writing to {out}; wait for it to finish or pass another --out") from None
+    for name in os.listdir(out):
+        if name.startswith(".tmp-") and name.endswith(".pt"):
+            os.remove(os.path.join(out, name))
+    return lock, created
+
+
+def cut_metrics(path, step):
+    """Keeps the rows of metrics.jsonl up to `step` (a resumed checkpoint's step; 0 for a new run), so
+    that rows written after the last checkpoint by a killed run are not mixed with the new ones."""
+    if not os.path.exists(path):
+        return
+    rows = [line for line in open(path) if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a row cut by a kill mid-write
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def build_model(ckpt, state="ema"):
+    """The DRLModel of a loaded checkpoint with its `state` weights ('model', 'ema' or None for the
+    architecture only); a checkpoint whose weights do not fit its own architecture is a UserError."""
+    try:
+        model = DRLModel(**ckpt["model_kwargs"])
+        if state is not None:
+            model.load_state_dict(ckpt[state])
+    except (TypeError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"the checkpoint's weights do not fit its model description ({type(e).__name__}); "
+                        f"it was written by another version of trajrep or damaged: retrain") from None
+    return model
+
+
+def load_encoder(path, device="cpu", weights="ema"):
+    """The encoder of a checkpoint in eval mode and channels-last memory format (the format train.py
+    trains in), with its config and step: (encoder, config, step).
+
+    weights='ema': the trained EMA weights. weights='init': the same architecture at the random
+    initialisation train.py started from (same seed): the control that every representation result
+    needs, since a random convolutional encoder already separates colours and positions."""
+    ckpt = load_checkpoint(path)
+    if weights == "init":
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(ckpt["config"].get("seed", 0))  # as train.py before building the model
+            model = build_model(ckpt, None)
+    else:
+        model = build_model(ckpt, "ema")
+    encoder = model.encoder.to(device, memory_format=torch.channels_last).eval()
+    return encoder, ckpt["config"], ckpt["step"]
+
+
+def load_encoders(path, device="cpu"):
+    """A run's trained encoder and its control, the same architecture at the random initialisation
+    train.py started from (see load_encoder): (trained, random init, config, step)."""
+    trained, config, step = load_encoder(path, device)
+    return trained, load_encoder(path, device, weights="init")[0], config, step
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if available, then mps, then cpu; anything else is passed to torch.device, and a
+    device this machine does not have (or a name torch does not know) is a UserError."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                        f"use --device cpu or auto")
+    if device.type == "mps" and not has_mps:
+        raise UserError(f"--device {name} but MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def count_parameters(module):
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# =================================================================================================
+# Speed: the grouped forms of the probes and of MINE, and the probe protocol that trains them
+# =================================================================================================
+# Nothing here is new method: it is how the scripts run the probes and MINE of the sections above
+# many at a time. A grouped model holds G copies of one probe kind (every learning rate x seed x
+# input of the protocol; for MINE every pair x seed), each with its own weights, and its every layer
+# is one batched matmul (`bmm`), trained by one grouped Adam. Tiny models on a GPU are bound by the
+# cost of launching each operation, which grouping divides by G (bench.py on an H200: 14.8x for the
+# per-t MLPs, 2.7x for the Transformer, 1.2x for the GRU); on a CPU they are bound by element-wise
+# memory traffic, and groups larger than the cache run slower, so the protocol trains them in
+# chunks (`max_groups`). Built from G plain modules, a grouped model starts from exactly their
+# weights and equals training them one by one with train_probe / mine, to float rounding (tested,
+# dropout off).
 
 class GroupedLinear(nn.Module):
     """G independent Linear layers applied in one batched matmul. (G, B, I) -> (G, B, O).
@@ -1196,21 +1638,6 @@ def train_probe_groups(model, train, val, test, inputs, lrs, seeds, epochs, batc
     return best
 
 
-def standardiser_stats(train, per_time=True):
-    """Mean and std of the TRAINING codes (..., N, T, D) only, so nothing of the validation or test
-    split leaks into training or model selection: per (t, d) feature -> (..., 1, T, D) each, or per
-    dimension pooled over t (per_time=False) -> (..., 1, 1, D) each. Apply as (codes - mean) / std."""
-    dims = (-3,) if per_time else (-3, -2)
-    return train.mean(dims, keepdim=True), train.std(dims, keepdim=True).clamp_min(1e-6)
-
-
-def split_train_val(n, val_fraction=0.1, seed=0):
-    """A fixed random split of range(n) into train and validation indices (paper: 45k / 5k)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(n * val_fraction)))
-    return perm[n_val:], perm[:n_val]
-
-
 def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, lrs, epochs,
                        seeds, batch_size=256, val_fraction=0.1, split_seed=0, continuous=None, width=256,
                        dropout=0.25, max_groups=None):
@@ -1304,31 +1731,6 @@ def run_probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_class
     return out
 
 
-def grid_sampler(grid_times, k_min=4, k_max=16):
-    """For the continuous probe: a function drawing a random sorted subset of k columns of a fine
-    grid of times (k uniform in [k_min, k_max]) for each batch. grid_times (G,) ->
-    fn(generator) -> (cols (k,), times (k,))."""
-    def draw(gen):
-        k = int(torch.randint(k_min, k_max + 1, (1,), generator=gen))
-        cols = torch.randperm(len(grid_times), generator=gen)[:k].sort().values  # (k,)
-        return cols, grid_times[cols]
-    return draw
-
-
-# =================================================================================================
-# Mutual information: MINE (Belghazi et al. 2018), batched over pairs and seeds, the NMI matrix (Fig. 2)
-# =================================================================================================
-
-def statistics_network(d_in, hidden=256):
-    """MINE's statistics network T(x, y) for one pair (paper section 3.2): concat(x, y) -> hidden ->
-    hidden -> 1 with ELU, Xavier-uniform weights and zero biases. (B, Dx + Dy) -> (B, 1)."""
-    net = nn.Sequential(nn.Linear(d_in, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, 1))
-    for layer in net[::2]:
-        nn.init.xavier_uniform_(layer.weight)
-        nn.init.zeros_(layer.bias)
-    return net
-
-
 class GroupedStatisticsNetwork(nn.Module):
     """G statistics networks (one per pair and seed) in one batched model, starting from the weights
     of the G given ones. (G, B, Dx + Dy) -> (G, B)."""
@@ -1343,26 +1745,14 @@ class GroupedStatisticsNetwork(nn.Module):
         return self.layers[2](h)[..., 0]  # (G, B)
 
 
-def log_mean_exp(x, dim=0):
-    """log(mean(exp(x))) along dim, computed stably."""
-    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
-
-
 def mine_pairs(x, y, pairs, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=0.01,
                holdout=0.2, eval_shuffles=8, seeds=(0,), eval_rows=512):
-    """MINE estimates of I(x[:, i]; y[:, j]) in nats for every pair (i, j) and every seed, all
-    trained together as one grouped model.
-
+    """The grouped form of `mine`: MINE estimates of I(x[:, i]; y[:, j]) in nats for every pair
+    (i, j) and every seed, all trained together as one grouped model, each group exactly as `mine`
+    trains its one pair (the same draws from the same seeded generator; tested equal).
     x (N, Tx, Dx), y (N, Ty, Dy), pairs (P, 2) of indices (i into Tx, j into Ty) -> (S, P) nats.
-    Donsker-Varadhan bound: I >= E_joint[T] - log E_marginal[e^T]. Marginal samples pair each x row
-    with an independently drawn y row. The gradient of log E[e^T] is biased on minibatches, so
-    (Belghazi et al., section 3.2) its denominator is replaced by a moving average of E[e^T] (rate
-    ma_rate), DETACHED from the graph (the published code's is not), kept in log space per group.
-    Seed s draws its held-out split, its batches and (inside fork_rng, the caller's random state is
-    left alone) the initial weights shared by all its pairs. Trained on the first 1 - holdout of the
-    rows; the estimate is the bound on the held-out rows (in chunks of eval_rows), averaged over
-    eval_shuffles independent shufflings (the published code reads it off training batches, which
-    overfits upward). Equal to running every pair and seed alone (tested)."""
+    Every pair of a seed starts from the same weights, and the moving average of E[e^T] is kept per
+    group."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y need the same number of rows (samples), got {x.shape[0]} and {y.shape[0]}")
     device = x.device
@@ -1419,274 +1809,3 @@ def mine_pairs(x, y, pairs, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_
     return torch.stack(estimates).mean(0).reshape(S, P)  # (S, P)
 
 
-def mine(x, y, seed=0, **kwargs):
-    """MINE estimate of I(X; Y) in nats from paired samples x (N, Dx), y (N, Dy). See mine_pairs.
-
-    >>> x = torch.randn(8000, 1); y = 0.9 * x + math.sqrt(1 - 0.81) * torch.randn(8000, 1)
-    >>> mine(x, y)  # true value -0.5 * log(1 - 0.81) = 0.830 nats  # doctest: +SKIP"""
-    if x.dim() != 2 or y.dim() != 2:
-        raise ValueError(f"mine expects two (N, D) tensors, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-    return mine_pairs(x[:, None], y[:, None], [[0, 0]], seeds=(seed,), **kwargs)[0, 0]
-
-
-def gaussian_mi(rho, d):
-    """True I(X; Y) in nats for d dimensions each with correlation rho: -(d/2) log(1 - rho^2)."""
-    return -0.5 * d * math.log(1.0 - rho ** 2)
-
-
-def nmi_matrix(codes, seeds=(0,), **mine_kwargs):
-    """Normalised mutual information between every two points of the trajectories (Figure 2).
-
-    NMI(i, j) = I(i; j) / sqrt(I(i; i) I(j; j)), with MINE's estimate of I(X; X) standing in for
-    the entropy H(X) as in the published code. This is a HEURISTIC: for continuous codes H(X) and
-    I(X; X) are infinite, and MINE's I(X; X) is only as large as its budget allows, so the diagonal
-    is about 1 by construction and off-diagonal values are comparable only at a fixed budget.
-    All T*T ordered pairs and all seeds are trained as one grouped model. Where MINE's I(i; i) is
-    below 1e-3 nats (about zero: too small a budget to stand in for an entropy) row and column i
-    are NaN. codes (N, T, D) -> (NMI (S, T, T), MI (S, T, T)), one matrix per seed."""
-    if codes.dim() != 3 or codes.shape[1] < 2:
-        raise ValueError(f"nmi_matrix needs codes of shape (N, T, D) with T >= 2, got {tuple(codes.shape)}")
-    T = codes.shape[1]
-    pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))  # (T*T, 2), row-major (i, j)
-    mi = mine_pairs(codes, codes, pairs, seeds=seeds, **mine_kwargs).reshape(-1, T, T)  # (S, T, T)
-    diag = mi.diagonal(dim1=1, dim2=2)  # (S, T) I(i; i) as the entropy stand-in
-    diag = torch.where(diag > 1e-3, diag, torch.nan)  # a non-positive "entropy" leaves NMI undefined (NaN)
-    return mi / torch.sqrt(diag[:, :, None] * diag[:, None, :]), mi
-
-
-# =================================================================================================
-# Curve analysis: attention densities and the separation profile of eq. 5
-# =================================================================================================
-
-def attention_density(attention, times):
-    """Attention weights over a grid (T,) as a density over t: weights / cell width, normalised to
-    integrate to 1 (trapezoid cells), so that grids of different sizes can be drawn on one axis."""
-    w = quadrature_weights(times)  # (T,)
-    density = attention / w
-    return density / (density * w).sum()
-
-
-def curve_movement(codes):
-    """How far codes move along t, relative to how far apart images are: the std of a code over t
-    (mean over images and dimensions) and the std over images (mean over t and dimensions).
-    A ratio near 0 means each trajectory is nearly a single point. codes (N, T, D) -> (along, across)."""
-    return codes.std(1).mean().item(), codes.std(0).mean().item()
-
-
-def separation_profile(codes, labels, max_pairs=2000, seed=0):
-    """Where along the curve classes separate (the distances of paper eq. 5).
-
-    For random pairs of examples from DIFFERENT classes and from the SAME class, the distance
-    ||E(x, t) - E(x', t)|| at every t. Returns dict with, per t, the mean between-class distance,
-    the mean within-class distance and their ratio (a scale-free separation index), and where along
-    t each between-class pair is farthest apart (a histogram over the T times). Eq. 5 itself (the
-    sup over t is at least the value at t = 0) holds for any curve, so there is nothing to check on
-    data; what is informative is WHERE the separation is largest. codes (N, T, D), labels (N,)."""
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
-    b = torch.randint(len(codes), (max_pairs * 4,), generator=gen)
-    keep = a != b
-    a, b = a[keep], b[keep]
-    same = labels[a] == labels[b]
-    out = {}
-    for name, mask in (("between", ~same), ("within", same)):
-        ia, ib = a[mask][:max_pairs], b[mask][:max_pairs]
-        dist = (codes[ia] - codes[ib]).norm(dim=-1)  # (pairs, T)
-        out[name] = dist.mean(0)  # (T,)
-        if name == "between":
-            out["argsup_hist"] = torch.bincount(dist.argmax(1), minlength=codes.shape[1]).float() / len(dist)
-    out["ratio"] = out["between"] / out["within"].clamp_min(1e-12)  # (T,)
-    return out
-
-
-# =================================================================================================
-# Checkpoints and utilities: atomic save, safe load, run folders, EMA, devices
-# =================================================================================================
-
-CHECKPOINT_KIND = "trajrep-drl-checkpoint"
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
-    leaves a truncated file where a good one was. Creates the folder if absent."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_writable(*folders):
-    """Creates each folder if absent and writes a temporary file there, so that a script whose
-    results would land there stops before its work, not after it. UserError names the folder."""
-    for folder in folders:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            raise UserError(f"cannot write to {folder} ({type(e).__name__}); make it writable, or copy the run "
-                            f"folder somewhere writable and give that copy") from None
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Loads a training checkpoint as DATA (weights_only=True) and checks that it is one.
-
-    Raises UserError with one sentence for a missing, corrupted or foreign file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first with `python train.py` or give "
-                        f"the run folder that holds ckpt.pt")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint (corrupted or truncated: {type(e).__name__}); "
-                        f"retrain, or resume from an intact copy") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise UserError(f"{path} is not a trajrep training checkpoint; give a ckpt.pt written by train.py")
-    expected = dict(config=dict, model_kwargs=dict, step=int, model=dict, ema=dict, optimizer=dict, rng=dict)
-    broken = [k for k, kind in expected.items() if not isinstance(ckpt.get(k), kind)]
-    if not broken and not isinstance(ckpt["rng"].get("ranks"), list):
-        broken = ["rng"]
-    if broken:
-        raise UserError(f"{path} is an incomplete trajrep checkpoint (missing or malformed: {', '.join(broken)}); "
-                        f"retrain, or resume from an intact copy")
-    return ckpt
-
-
-def save_checkpoint(path, **contents):
-    """Writes a training checkpoint, the dict that load_checkpoint reads back (config, model_kwargs,
-    step, model, ema, optimizer, rng, data_key), tagged with CHECKPOINT_KIND, atomically. A write
-    that fails (a full disk, a folder gone read-only) is a UserError naming the file and the step of
-    the previous checkpoint, which the atomic write leaves intact."""
-    try:
-        atomic_save(dict(kind=CHECKPOINT_KIND, **contents), path)
-    except (OSError, RuntimeError) as e:
-        before = (f"the previous checkpoint (step {load_checkpoint(path)['step']}) is intact"
-                  if os.path.exists(path) else "no checkpoint was written")
-        raise UserError(f"could not write {path} at step {contents.get('step')} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]}); {before}: free space or pass another --out, "
-                        f"then --resume") from None
-
-
-def claim_run_folder(out):
-    """Creates the run folder if absent and takes an exclusive lock on it (out/.lock, flock): a second
-    train.py into the same folder stops with one sentence instead of overwriting the first's files.
-    The kernel drops the lock when this process ends, even by kill -9. Then removes temporary files
-    that a killed checkpoint write left behind (safe: no other run holds the folder).
-    Returns (lock file, whether the folder was created here)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is a file; give a folder (it is created if absent)")
-    import fcntl  # here, not at import: the library stays importable where fcntl does not exist
-    created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, ".lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"another train.py is writing to {out}; wait for it to finish or pass another --out") from None
-    for name in os.listdir(out):
-        if name.startswith(".tmp-") and name.endswith(".pt"):
-            os.remove(os.path.join(out, name))
-    return lock, created
-
-
-def cut_metrics(path, step):
-    """Keeps the rows of metrics.jsonl up to `step` (a resumed checkpoint's step; 0 for a new run), so
-    that rows written after the last checkpoint by a killed run are not mixed with the new ones."""
-    if not os.path.exists(path):
-        return
-    rows = [line for line in open(path) if line.strip()]
-    keep = []
-    for line in rows:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a row cut by a kill mid-write
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-def build_model(ckpt, state="ema"):
-    """The DRLModel of a loaded checkpoint with its `state` weights ('model', 'ema' or None for the
-    architecture only); a checkpoint whose weights do not fit its own architecture is a UserError."""
-    try:
-        model = DRLModel(**ckpt["model_kwargs"])
-        if state is not None:
-            model.load_state_dict(ckpt[state])
-    except (TypeError, RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"the checkpoint's weights do not fit its model description ({type(e).__name__}); "
-                        f"it was written by another version of trajrep or damaged: retrain") from None
-    return model
-
-
-def load_encoder(path, device="cpu", weights="ema"):
-    """The encoder of a checkpoint in eval mode and channels-last memory format (the format train.py
-    trains in), with its config and step: (encoder, config, step).
-
-    weights='ema': the trained EMA weights. weights='init': the same architecture at the random
-    initialisation train.py started from (same seed): the control that every representation result
-    needs, since a random convolutional encoder already separates colours and positions."""
-    ckpt = load_checkpoint(path)
-    if weights == "init":
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
-            torch.manual_seed(ckpt["config"].get("seed", 0))  # as train.py before building the model
-            model = build_model(ckpt, None)
-    else:
-        model = build_model(ckpt, "ema")
-    encoder = model.encoder.to(device, memory_format=torch.channels_last).eval()
-    return encoder, ckpt["config"], ckpt["step"]
-
-
-LR_DECAYS = ("none", "cosine")  # learning-rate decay after the warm-up; see learning_rate
-
-
-def learning_rate(step, lr, warmup, steps, decay="none"):
-    """The learning rate of training step `step` (0-based): a linear warm-up over `warmup` steps to
-    `lr`, then 'none' (the published code: constant) or 'cosine': lr * (1 + cos(pi * p)) / 2, where p
-    goes from 0 at the end of the warm-up to 1 at step `steps`. A short run ends with small steps
-    that average out the gradient noise of its last updates (the EMA does it only partly)."""
-    if decay not in LR_DECAYS:
-        raise ValueError(f"unknown learning-rate decay {decay!r}; choose from {LR_DECAYS}")
-    rate = lr * min(1.0, (step + 1) / max(1, warmup))
-    if decay == "cosine" and step >= warmup:
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        rate = lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return rate
-
-
-@torch.no_grad()
-def ema_update(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, for matching lists of tensors."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def pick_device(name="auto"):
-    """'auto' -> cuda if available, then mps, then cpu; anything else is passed to torch.device, and a
-    device this machine does not have (or a name torch does not know) is a UserError."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {name} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                        f"use --device cpu or auto")
-    if device.type == "mps" and not has_mps:
-        raise UserError(f"--device {name} but MPS is not available here; use --device cpu or auto")
-    return device
-
-
-def count_parameters(module):
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

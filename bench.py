@@ -1,4 +1,5 @@
-"""What the code costs: throughput, FLOP efficiency, grouped-vs-loop ratios, wall times, peak memory.
+"""What the code costs: throughput, FLOP efficiency, grouped-vs-loop ratios, wall times, peak
+memory.
 
 Measured side by side in one run on this device (nothing is asserted; tests never time anything).
 Every timing is the MEDIAN of several calls after warm-up, with its spread (min - max); the
@@ -10,13 +11,15 @@ ceiling, the device's dense fp32 matmul rate, is measured the same way.
     - trajectory extraction (images/s at 11 time points);
     - grouped programs against their loop form AT EQUAL WORK, at the `cpu` and `paper` probe
       protocol sizes: the per-t MLPs, GRU and Transformer probes with every learning rate x seed as
-      groups of one model (loop: each probe alone by train_probe, the same epoch), and MINE with every pair x seed as groups (loop: one pair and seed at a time);
-    - peak host memory of the `paper` probe protocol on 45k x 11 x 128 codes (its data and largest step);
+      groups of one model (loop: each probe alone by train_probe, the same epoch), and MINE with
+      every pair x seed as groups (loop: one pair and seed at a time);
+    - peak host memory of the `paper` probe protocol on 45k x 11 x 128 codes (its data and largest
+    step);
     - with --run RUN: the wall time of probe.py and analyze.py (`cpu` protocol, cached codes).
 
-    python bench.py                                # CPU here; prints a table, writes results/bench.json
+    python bench.py                           # CPU here; prints a table, writes results/bench.json
     python bench.py --run runs/shapes-drl          # adds the wall times of probe.py and analyze.py
-    python bench.py --device cuda --fast           # adds bf16 autocast + channels-last + torch.compile rows
+    python bench.py --device cuda --fast      # adds bf16 autocast, channels-last, compile rows
 
 Peak memory: CUDA max allocated, or on CPU the growth of the peak resident set of a fresh process.
 """
@@ -32,11 +35,10 @@ import time
 
 import torch
 
-import trajrep as tr
-
-import train
-import probe
 import analyze
+import probe
+import train
+import trajrep as tr
 
 # The model sizes and batch sizes of train.py's presets, at 32x32 (CIFAR / shapes).
 SIZES = {size: train.model_kwargs({**train.DEFAULTS, **preset, **train.DATASETS["cifar10"]})
@@ -93,7 +95,8 @@ def bench_train(device, size, variant):
     fast = variant == "fast"
     step_model = torch.compile(model) if fast else model
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=variant != "foreach")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=fast and device.type == "cuda")
     code_dim = SIZES[size]["code_dim"]
 
     def step(m=step_model):
@@ -121,15 +124,16 @@ def bench_extract(device, size):
 
 
 GPU_MAX_GROUPS = probe.MAX_GROUPS["other"]
-# Probe protocol sizes: (code size, width of GRU / Transformer, learning rates, seeds); 11 times, 10 classes.
+# Probe protocol sizes: (code size, width of GRU / Transformer, learning rates, seeds); 11 times, 10
+# classes.
 PROTOCOLS = {name: dict(d=CODE[name], width=p["width"], lrs=len(p["lrs"]), seeds=p["seeds"])
              for name, p in probe.PRESETS.items()}
 
 
 def bench_probe(device, protocol, kind, batch=256, T=11, K=10):
-    """One epoch of the grouped probes (every lr x seed: train_probe_groups, as probe.py) against each
-    probe trained alone (train_probe), on the same codes: 20 batches at the `cpu` size, 3 at the
-    `paper` size (minutes on a CPU). Both evaluate on one small batch after the epoch."""
+    """One epoch of the grouped probes (every lr x seed: train_probe_groups, as probe.py) against
+    each probe trained alone (train_probe), on the same codes: 20 batches at the `cpu` size, 3 at
+    the `paper` size (minutes on a CPU). Both evaluate on one small batch after the epoch."""
     steps, repeat = (20, 3) if protocol == "cpu" else (3, 1)
     p = PROTOCOLS[protocol]
     G = p["lrs"] * p["seeds"]
@@ -141,15 +145,18 @@ def bench_probe(device, protocol, kind, batch=256, T=11, K=10):
 
     def grouped():
         model = tr.group_probes(probes).to(device)
-        tr.train_probe_groups(model, (x, y), held, held, [0] * G, [1e-3] * G, [0] * G, epochs=1, batch_size=batch,
-                              clip=clip)
+        tr.train_probe_groups(model, (x, y), held, held, [0] * G, [1e-3] * G, [0] * G, epochs=1,
+                              batch_size=batch, clip=clip)
 
     def loop():
         for ref in probes:
             tr.train_probe(ref, (x[0], y), (x[0, :64], y[:64]), (x[0, :64], y[:64]), 1e-3, epochs=1,
                            batch_size=batch, clip=clip)
-    g, l = timed(grouped, device, warmup=1, repeat=repeat), timed(loop, device, warmup=1, repeat=repeat)
-    return dict(groups=G, steps=steps, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
+    grouped_s = timed(grouped, device, warmup=1, repeat=repeat)
+    loop_s = timed(loop, device, warmup=1, repeat=repeat)
+    return dict(
+        groups=G, steps=steps, grouped_s=grouped_s, loop_s=loop_s, speedup=loop_s[0] / grouped_s[0]
+    )
 
 
 def bench_mine(device, protocol, T=11):
@@ -160,35 +167,42 @@ def bench_mine(device, protocol, T=11):
     codes = torch.randn(3000, T, CODE[protocol], device=device)
     pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))
     kw = dict(steps=steps, hidden=hidden, eval_shuffles=1, holdout=0.1)
-    g = timed(lambda: tr.mine_pairs(codes, codes, pairs, seeds=tuple(range(seeds)), **kw), device, warmup=1,
-              repeat=3 if protocol == "cpu" else 1)
-    l = timed(lambda: [tr.mine(codes[:, i], codes[:, j], seed=s, **kw) for s in range(seeds)
-                       for i, j in pairs.tolist()], device, warmup=0, repeat=1)
-    return dict(groups=len(pairs) * seeds, steps=steps, grouped_s=g, loop_s=l, speedup=l[0] / g[0])
+    grouped_s = timed(lambda: tr.mine_pairs(codes, codes, pairs, seeds=tuple(range(seeds)), **kw),
+                      device, warmup=1, repeat=3 if protocol == "cpu" else 1)
+    loop_s = timed(lambda: [tr.mine(codes[:, i], codes[:, j], seed=s, **kw) for s in range(seeds)
+                            for i, j in pairs.tolist()], device, warmup=0, repeat=1)
+    return dict(groups=len(pairs) * seeds, steps=steps, grouped_s=grouped_s, loop_s=loop_s,
+                speedup=loop_s[0] / grouped_s[0])
 
 
 def bench_paper_memory(device, kind, n=45000, n_test=10000, T=11, D=128, K=10):
     """Peak memory of the `paper` probe protocol (6 lrs x 5 seeds x V inputs, trained as grouped
-    models of probe.py's chunk size off the CPU) on V x n x T x D codes: what run_probe_protocol holds (the codes, their standardised
-    train / val / test copies) plus its largest transient, one training step on a (30, 256, T, D)
-    batch and one evaluation chunk of 1024 rows. The peak does not grow with further steps and
-    chunks; the full epoch, hours on a CPU, is not run."""
+    models of probe.py's chunk size off the CPU) on V x n x T x D codes: what run_probe_protocol
+    holds (the codes, their standardised train / val / test copies) plus its largest transient, one
+    training step on a (30, 256, T, D) batch and one evaluation chunk of 1024 rows. The peak does
+    not grow with further steps and chunks; the full epoch, hours on a CPU, is not run."""
     p = probe.PRESETS["paper"]
-    V = 2 if kind == "mlp" else 4  # as probe.py: trained + random-init codes (+ their constant curves)
+    # as probe.py: trained + random-init codes (+ their constant curves)
+    V = 2 if kind == "mlp" else 4
     gen = torch.Generator().manual_seed(0)
-    x, x_te = torch.randn(V, n, T, D, generator=gen).to(device), torch.randn(V, n_test, T, D, generator=gen).to(device)
+    x, x_te = (
+        torch.randn(V, n, T, D, generator=gen).to(device),
+        torch.randn(V, n_test, T, D, generator=gen).to(device),
+    )
     y = torch.randint(K, (n,), generator=gen).to(device)
     tr_idx, va_idx = tr.split_train_val(n)
     mean, std = tr.standardiser_stats(x[:, tr_idx])
-    x_tr, x_va, x_te = [((c - mean) / std) for c in (x[:, tr_idx], x[:, va_idx], x_te)]  # (V, N, T, D)
+    # (V, N, T, D)
+    x_tr, x_va, x_te = [((c - mean) / std) for c in (x[:, tr_idx], x[:, va_idx], x_te)]
     G = GPU_MAX_GROUPS  # probe.py trains the V * 30 groups in chunks of this many off the CPU
-    model = tr.group_probes([tr.build_probe(kind, T, D, K, p["width"]) for _ in range(G)]).to(device)
+    model = tr.group_probes([tr.build_probe(kind, T, D, K,
+                                            p["width"]) for _ in range(G)]).to(device)
     t0 = time.perf_counter()
     inputs = (torch.arange(G) % V).tolist()  # which codes each group reads
     held = (x_te[:, :1024], torch.zeros(1024, dtype=torch.long, device=device))
     # One step (one batch of 256 of the whole codes in memory) and one evaluation: the largest step.
-    tr.train_probe_groups(model, (x_tr[:, :256], y[tr_idx][:256]), held, held, inputs, [1e-3] * G, [0] * G,
-                          epochs=1, batch_size=256, clip=None if kind == "mlp" else 1.0)
+    tr.train_probe_groups(model, (x_tr[:, :256], y[tr_idx][:256]), held, held, inputs, [1e-3] * G,
+                          [0] * G, epochs=1, batch_size=256, clip=None if kind == "mlp" else 1.0)
     return dict(seconds=time.perf_counter() - t0, groups=G)
 
 
@@ -223,12 +237,17 @@ def script_wall_time(script, run):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--fast", action="store_true", help="also measure bf16 autocast + channels-last + torch.compile")
-    p.add_argument("--run", help="also time probe.py and analyze.py on this run folder (cpu protocol)")
+    p.add_argument("--fast", action="store_true", help="also measure bf16 autocast + channels-last "
+                                                       "+ torch.compile")
+    p.add_argument("--run", help="also time probe.py and analyze.py on this run folder (cpu "
+                                 "protocol)")
     p.add_argument("--no-memory", action="store_true", help="skip the paper-protocol memory rows")
-    p.add_argument("--out", default="results/bench.json", help="where to write the JSON (folder created)")
+    p.add_argument(
+        "--out", default="results/bench.json", help="where to write the JSON (folder created)"
+    )
     args = p.parse_args()
     device = tr.pick_device(args.device)
     # What can fail at the end is checked at the start: the run to time and where the JSON goes.
@@ -236,25 +255,32 @@ def main():
         tr.load_checkpoint(args.run)
     tr.check_writable(os.path.dirname(os.path.abspath(args.out)))
     ceiling = matmul_flops(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {os.cpu_count()} cores"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{device.type}, {os.cpu_count()} cores"
+    )
     print(f"device: {name}; dense fp32 matmul {ceiling['median'] / 1e9:.1f} GFLOP/s "
-          f"({ceiling['low'] / 1e9:.1f}-{ceiling['high'] / 1e9:.1f}; the ceiling below)", flush=True)
-    result = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(), matmul_flops=ceiling,
-                  train={}, extract={}, grouped={}, memory={}, scripts={})
+          f"({ceiling['low'] / 1e9:.1f}-{ceiling['high'] / 1e9:.1f}; the ceiling below)",
+          flush=True)
+    result = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(),
+                  matmul_flops=ceiling, train={}, extract={}, grouped={}, memory={}, scripts={})
     rows = []
 
     def throughput_row(label, r):
         ips = r["images_per_s"]
         r["flops_fraction"] = ips["median"] * r["flops_per_image"] / ceiling["median"]
         rows.append((label, f"{ips['median']:8.1f} img/s", f"({ips['low']:.0f}-{ips['high']:.0f})",
-                     f"{r['flops_per_image'] / 1e9:.3f} GFLOP/img, {r['flops_fraction']:.2f} of matmul",
+                     f"{r['flops_per_image'] / 1e9:.3f} GFLOP/img, {r['flops_fraction']:.2f} of "
+                     "matmul",
                      f"{r['peak_memory_mb']:6.0f} MB"))
         print(*rows[-1], flush=True)
         return r
 
     def ratio_row(label, r):
         rows.append((label, f"{r['speedup']:8.2f} x", f"({r['groups']} groups, {r['steps']} steps)",
-                     f"{r['grouped_s'][0]:.2f} s vs {r['loop_s'][0]:.2f} s (medians)", f"{r['peak_memory_mb']:6.0f} MB"))
+                     f"{r['grouped_s'][0]:.2f} s vs {r['loop_s'][0]:.2f} s (medians)",
+                     f"{r['peak_memory_mb']:6.0f} MB"))
         print(*rows[-1], flush=True)
         return r
 
@@ -263,25 +289,34 @@ def main():
             key = f"{size} {variant}"
             result["train"][key] = throughput_row(f"train {key} (batch {BATCH[size]})",
                                                   in_child("bench_train", device, size, variant))
-        result["train"][f"{size} fused/foreach"] = (result["train"][f"{size} fused"]["images_per_s"]["median"] /
-                                                     result["train"][f"{size} foreach"]["images_per_s"]["median"])
-        result["extract"][size] = throughput_row(f"extract {size} (11 times)", in_child("bench_extract", device, size))
+        result["train"][f"{size} fused/foreach"] = (
+            result["train"][f"{size} fused"]["images_per_s"]["median"]
+            / result["train"][f"{size} foreach"]["images_per_s"]["median"]
+        )
+        result["extract"][size] = throughput_row(f"extract {size} (11 times)",
+                                                 in_child("bench_extract", device, size))
     for protocol in ("cpu", "paper"):
         for kind in ("mlp", "gru", "transformer"):
-            result["grouped"][f"{protocol} {kind}"] = ratio_row(f"{protocol} protocol {kind}: grouped vs loop",
-                                                                in_child("bench_probe", device, protocol, kind))
-        result["grouped"][f"{protocol} mine"] = ratio_row(f"{protocol} MINE pairs x seeds: grouped vs loop",
-                                                          in_child("bench_mine", device, protocol))
+            result["grouped"][f"{protocol} {kind}"] = ratio_row(
+                f"{protocol} protocol {kind}: grouped vs loop",
+                in_child("bench_probe", device, protocol, kind),
+            )
+        result["grouped"][f"{protocol} mine"] = ratio_row(
+            f"{protocol} MINE pairs x seeds: grouped vs loop",
+            in_child("bench_mine", device, protocol),
+        )
     if not args.no_memory:
         for kind in ("mlp", "gru", "transformer"):
             r = in_child("bench_paper_memory", device, kind)
             result["memory"][kind] = r
-            rows.append((f"paper protocol {kind}, 45k x 11 x 128", f"{r['seconds']:8.1f} s", "(1 step)",
-                         f"{r['groups']} groups, largest step + eval chunk", f"{r['peak_memory_mb']:6.0f} MB"))
+            rows.append((f"paper protocol {kind}, 45k x 11 x 128", f"{r['seconds']:8.1f} s",
+                         "(1 step)", f"{r['groups']} groups, largest step + eval chunk",
+                         f"{r['peak_memory_mb']:6.0f} MB"))
             print(*rows[-1], flush=True)
     if args.run:
         for script in ("probe.py", "analyze.py"):
-            s = script_wall_time(os.path.join(os.path.dirname(os.path.abspath(__file__)), script), args.run)
+            s = script_wall_time(os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+                                 args.run)
             result["scripts"][script] = s
             rows.append((f"{script} {args.run} (cpu protocol)", f"{s / 60:8.1f} min", "", "", ""))
             print(*rows[-1], flush=True)

@@ -1,4 +1,5 @@
-"""Downstream probes of the trajectory t -> E(x0, t): the Figure 1 table, per attribute, with controls.
+"""Downstream probes of the trajectory t -> E(x0, t): the Figure 1 table, per attribute, with
+controls.
 
 For a run of train.py: encodes the train and test splits on the paper's grid of 11 times (cached in
 <run>/cache), then trains, with the paper's protocol (validation split, learning rate chosen on
@@ -7,11 +8,14 @@ validation, test accuracy at the best validation epoch, mean and spread over see
     - a GRU and a Transformer on the whole curve (paper section 3.1),
     - controls the paper lacks: an MLP on all T codes concatenated, an MLP on the mean code, and the
       GRU / Transformer on a CONSTANT curve (the best single-t code, chosen on validation, repeated
-      T times): same probe, same capacity, no trajectory. Only a gain over these is a gain of the curve.
-    - a grid-free Transformer on the VALUE of t, trained on random sub-grids of a fine grid and tested
-      on grids of 5, 11 and 51 points and on random times (answers the paper's closing question).
-    - the controls without which no row is a result: the SAME probes on the SAME encoder architecture
-      at its random initialisation (the weights train.py started from), and an MLP on the raw pixels.
+      T times): same probe, same capacity, no trajectory. Only a gain over these is a gain of the
+      curve.
+    - a grid-free Transformer on the VALUE of t, trained on random sub-grids of a fine grid and
+      tested on grids of 5, 11 and 51 points and on random times (answers the paper's closing
+      question).
+    - the controls without which no row is a result: the SAME probes on the SAME encoder
+      architecture at its random initialisation (the weights train.py started from), and an MLP on
+      the raw pixels.
 Each probe kind is ONE grouped program: every learning rate x seed, on the trained and the random-
 init codes (and, for the GRU and Transformer, their constant curves), trains in grouped models
 of at most --max-groups probes each, equal to training each alone (trajrep.run_probe_protocol).
@@ -33,50 +37,68 @@ import time
 
 import torch
 
-import trajrep as tr
 import train
+import trajrep as tr
 
 # Probe protocol of the published code (paper section 3.1); `cpu` is the same at a CPU budget.
 PRESETS = {
-    "cpu": dict(epochs=10, lrs=[3e-3, 1e-3], seeds=2, mlp_seeds=2, max_train=3000, max_test=1000, width=64),
+    "cpu": dict(epochs=10, lrs=[3e-3, 1e-3], seeds=2, mlp_seeds=2, max_train=3000, max_test=1000,
+                width=64),
     "paper": dict(epochs=100, lrs=[1e-3, 7.5e-4, 5e-4, 2.5e-4, 1e-4, 5e-5], seeds=5, mlp_seeds=3,
                   max_train=0, max_test=0, width=256),
 }
-FINE_STEP = 0.05  # the continuous probe trains on random sub-grids of 0, 0.05, ..., 1 (contains 5 and 11 points)
-# Probes trained as one grouped model at most (--max-groups): on a CPU the element-wise work of larger
-# groups leaves the cache and runs slower; elsewhere 30 (the paper's 6 lrs x 5 seeds) keeps the
-# `paper` protocol on 45k codes under 8 GB (bench.py measures both).
+# the continuous probe trains on random sub-grids of 0, 0.05, ..., 1 (contains 5 and 11 points)
+FINE_STEP = 0.05
+# Probes trained as one grouped model at most (--max-groups): on a CPU the element-wise work of
+# larger groups leaves the cache and runs slower; elsewhere 30 (the paper's 6 lrs x 5 seeds) keeps
+# the `paper` protocol on 45k codes under 8 GB (bench.py measures both).
 MAX_GROUPS = {"cpu": 4, "other": 30}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder of train.py (holding ckpt.pt)")
     g = p.add_argument_group("what to probe")
-    g.add_argument("--target", default=None, help="attribute to predict ('class' for CIFAR; for shapes one of "
-                                                  "shape, fg_colour, bg_colour, location) or 'all' (default all)")
-    g.add_argument("--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)")
+    g.add_argument("--target", default=None, help="attribute to predict ('class' for CIFAR; for "
+                                                  "shapes one of shape, fg_colour, bg_colour, "
+                                                  "location) or 'all' (default all)")
+    g.add_argument(
+        "--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)"
+    )
     g.add_argument("--times", type=train.float_list, default=None,
-                   help="explicit comma-separated times instead of --num-times, e.g. 0,0.25,0.5,0.75,1")
-    g.add_argument("--no-continuous", action="store_true", help="skip the grid-free probe (saves encoding time)")
+                   help="explicit comma-separated times instead of --num-times, e.g. "
+                        "0,0.25,0.5,0.75,1")
+    g.add_argument(
+        "--no-continuous",
+        action="store_true",
+        help="skip the grid-free probe (saves encoding time)",
+    )
     g.add_argument("--probes", choices=["all", "mlp"], default="all",
-                   help="all (default) or mlp: only the per-t MLPs and their random-init and pixel controls")
+                   help="all (default) or mlp: only the per-t MLPs and their random-init and pixel "
+                        "controls")
     g = p.add_argument_group("protocol")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or paper")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu (default) or paper")
     g.add_argument("--epochs", type=int, help="epochs per probe (cpu 10, paper 100)")
-    g.add_argument("--lrs", type=train.float_list, help="learning-rate grid, comma-separated (cpu 3e-3,1e-3; "
-                                                      "paper 1e-3,...,5e-5)")
-    g.add_argument("--width", type=int, help="GRU hidden size and Transformer width (cpu 64, paper 256)")
+    g.add_argument("--lrs", type=train.float_list, help="learning-rate grid, comma-separated (cpu "
+                                                      "3e-3,1e-3; paper 1e-3,...,5e-5)")
+    g.add_argument("--width", type=int, help="GRU hidden size and Transformer width (cpu 64, paper "
+                                             "256)")
     g.add_argument("--seeds", type=int, help="seeds for the GRU / Transformer probes (paper 5)")
     g.add_argument("--mlp-seeds", type=int, help="seeds for the MLP probes (paper 3)")
     g.add_argument("--batch-size", type=int, default=256, help="probe batch size (256)")
     g.add_argument("--max-groups", type=int, default=None,
-                   help="train at most this many probes (learning rate x seed x input) as one grouped model; "
-                        "0 = all at once (default: 4 on a CPU, where larger groups leave the cache and run "
-                        "slower; 30 elsewhere, which keeps the paper protocol under 8 GB; see bench.py)")
-    g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all (cpu 3000)")
-    g.add_argument("--max-test", type=int, help="use at most this many test images, 0 = all (cpu 1000)")
-    g.add_argument("--data-root", help="where the run's dataset lies, if not where train.py read it")
+                   help="train at most this many probes (learning rate x seed x input) as one "
+                        "grouped model; 0 = all at once (default: 4 on a CPU, where larger groups "
+                        "leave the cache and run slower; 30 elsewhere, which keeps the paper "
+                        "protocol under 8 GB; see bench.py)")
+    g.add_argument("--max-train", type=int, help="use at most this many training images, 0 = all "
+                                                 "(cpu 3000)")
+    g.add_argument("--max-test", type=int, help="use at most this many test images, 0 = all (cpu "
+                                                "1000)")
+    g.add_argument("--data-root",
+                   help="where the run's dataset lies, if not where train.py read it")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     return p.parse_args(argv)
 
@@ -86,7 +108,8 @@ def fmt(mean, std):
 
 
 def summary(res, head=0, v=None):
-    """Mean, spread, per-seed accuracies and chosen lrs of one head (of input v, for grouped inputs)."""
+    """Mean, spread, per-seed accuracies and chosen lrs of one readout (of input v, for grouped
+    inputs)."""
     pick = (lambda x: x) if v is None else (lambda x: x[v])
     return dict(mean=pick(res["test_mean"])[head].item(), std=pick(res["test_std"])[head].item(),
                 seeds=pick(res["tests"])[:, head].tolist(), lrs=pick(res["lrs"])[:, head].tolist())
@@ -102,17 +125,22 @@ def verdict(name, a, b, b_name, chance):
         return (f"{name} and {b_name} are both at or below chance ({100 * a['mean']:.1f}% and "
                 f"{100 * b['mean']:.1f}%, majority class {100 * chance:.1f}%): no comparison")
     if min(a["mean"], b["mean"]) > 0.995:
-        return (f"{name} and {b_name} are both at the ceiling ({100 * a['mean']:.2f}% and {100 * b['mean']:.2f}%, "
-                f"above 99.5%): no comparison")
-    word = "beats" if diff > spread else ("is below" if diff < -spread else "is within the seed spread of")
+        return (f"{name} and {b_name} are both at the ceiling ({100 * a['mean']:.2f}% and "
+                f"{100 * b['mean']:.2f}%, above 99.5%): no comparison")
+    word = (
+        "beats"
+        if diff > spread
+        else ("is below" if diff < -spread else "is within the seed spread of")
+    )
     return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
 
 
 def constant_curves(codes, best):
-    """The constant-curve control: for each input v, its best single-t code (index best[v], chosen on
-    validation) repeated at all T points. Same probe, same capacity, no trajectory.
+    """The constant-curve control: for each input v, its best single-t code (index best[v], chosen
+    on validation) repeated at all T points. Same probe, same capacity, no trajectory.
     codes (V, N, T, D), best [V] -> (V, N, T, D)."""
-    return torch.stack([codes[v][:, b:b + 1].expand_as(codes[v]) for v, b in enumerate(best)])  # (V, N, T, D)
+    # (V, N, T, D)
+    return torch.stack([codes[v][:, b:b + 1].expand_as(codes[v]) for v, b in enumerate(best)])
 
 
 @torch.no_grad()
@@ -123,7 +151,8 @@ def continuous_on_grid(res, codes, labels, times):
     accs, dens = [], []
     for model, group in res["chosen_models"]:
         groups = model.token.shape[0]  # (G, W): one group per learning rate
-        acc, att = tr.evaluate_groups(model, ((codes - mean) / std)[None], labels, [0] * groups, times=times)
+        acc, att = tr.evaluate_groups(model, ((codes - mean) / std)[None], labels, [0] * groups,
+                                      times=times)
         accs.append(acc[group, 0].item())
         dens.append(tr.attention_density(att[group], times))
     accs = torch.tensor(accs)
@@ -132,7 +161,8 @@ def continuous_on_grid(res, codes, labels, times):
 
 
 def probe_target(a, name, k, data, cfg, log):
-    """The whole table for one attribute a (named name, k classes). data: codes by grid and encoder."""
+    """The whole table for one attribute a (named name, k classes). data: the codes by grid and
+    encoder (see encode)."""
     lrs = cfg["lrs"]
     grid, init, fine, test_grids = data["grid"], data["init"], data["fine"], data["test_grids"]
     y_tr, y_te = grid["train"]["labels"][:, a], grid["test"]["labels"][:, a]
@@ -141,9 +171,10 @@ def probe_target(a, name, k, data, cfg, log):
                            f"nothing to predict; probe a dataset with at least two classes")
     fit_idx, _ = tr.split_train_val(len(y_tr))  # the split run_probe_protocol makes
     if len(torch.unique(y_tr[fit_idx])) < 2:
-        raise tr.UserError(f"attribute {name!r}: after a tenth of the {len(y_tr)} training images is held out "
-                           f"for validation, the {len(fit_idx)} left hold a single class, so the probes would "
-                           f"learn nothing; give more images per class (or a larger --max-train)")
+        raise tr.UserError(f"attribute {name!r}: after a tenth of the {len(y_tr)} training images "
+                           f"is held out for validation, the {len(fit_idx)} left hold a single "
+                           "class, so the probes would learn nothing; give more images per class "
+                           "(or a larger --max-train)")
     times = grid["train"]["times"]
     common = dict(lrs=lrs, epochs=cfg["epochs"], batch_size=cfg["batch_size"], width=cfg["width"],
                   max_groups=cfg["max_groups"] or None)
@@ -152,16 +183,24 @@ def probe_target(a, name, k, data, cfg, log):
         """One probe kind (named `what` in the progress lines) for every input x seed x learning
         rate, with a progress line around it (a kind can take minutes on a CPU)."""
         inputs = 1 if xtr.dim() == 3 else xtr.shape[0]
-        log(f"[{name}] {what or kind} probes: {inputs} input(s) x {seeds} seed(s) x {len(lrs)} learning rate(s), "
-            f"{cfg['epochs']} epochs ...", flush=True)
+        log(f"[{name}] {what or kind} probes: {inputs} input(s) x {seeds} seed(s) x {len(lrs)} "
+            f"learning rate(s), {cfg['epochs']} epochs ...", flush=True)
         start = time.time()
-        res = tr.run_probe_protocol(kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)), **common, **kw)
+
+        def tick(done, total):  # after each chunk of groups: how far, and an ETA for the rest
+            if done < total:
+                spent = time.time() - start
+                log(f"[{name}] {what or kind}: {done}/{total} chunks in {spent:.0f} s, ETA "
+                    f"{spent * (total - done) / done:.0f} s", flush=True)
+        res = tr.run_probe_protocol(kind, xtr, y_tr, xte, y_te, k, seeds=list(range(seeds)),
+                                    progress=tick, **common, **kw)
         log(f"[{name}] {what or kind} done in {time.time() - start:.0f} s", flush=True)
         return res
 
     # The trained and the random-init encoder's codes are two inputs of one grouped program per
     # probe kind (and, for the curve probes, their constant-curve controls two more).
-    x_tr = torch.stack([grid["train"]["codes"], init["train"]["codes"]])  # (2, N, T, D): trained, init
+    # (2, N, T, D): trained, init
+    x_tr = torch.stack([grid["train"]["codes"], init["train"]["codes"]])
     x_te = torch.stack([grid["test"]["codes"], init["test"]["codes"]])
     t0 = time.time()
     mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])
@@ -170,68 +209,108 @@ def probe_target(a, name, k, data, cfg, log):
     for v, o in enumerate((out, out["init"])):
         b = int(mlp["val_mean"][v].argmax())  # chosen on VALIDATION accuracy, never on test
         best.append(b)
-        o.update(mlp=dict(mean=mlp["test_mean"][v].tolist(), std=mlp["test_std"][v].tolist(),
-                          val_mean=mlp["val_mean"][v].tolist(), lrs=mlp["lrs"][v].tolist()),
-                 best_t_index=b, best_t=times[b].item(),
-                 best_mlp=dict(mean=mlp["test_mean"][v, b].item(), std=mlp["test_std"][v, b].item()))
+        o.update(
+            mlp=dict(
+                mean=mlp["test_mean"][v].tolist(),
+                std=mlp["test_std"][v].tolist(),
+                val_mean=mlp["val_mean"][v].tolist(),
+                lrs=mlp["lrs"][v].tolist(),
+            ),
+            best_t_index=b,
+            best_t=times[b].item(),
+            best_mlp=dict(mean=mlp["test_mean"][v, b].item(), std=mlp["test_std"][v, b].item()),
+        )
     if cfg["probes"] == "all":
         for kind in ("concat", "mean"):
             res = run(kind, x_tr, x_te, cfg["mlp_seeds"])
             out[kind], out["init"][kind] = summary(res, v=0), summary(res, v=1)
-        seq_tr = torch.cat([x_tr, constant_curves(x_tr, best)])  # (4, N, T, D): curves, then constant
+        # (4, N, T, D): curves, then constant
+        seq_tr = torch.cat([x_tr, constant_curves(x_tr, best)])
         seq_te = torch.cat([x_te, constant_curves(x_te, best)])
         for kind in ("gru", "transformer"):
             res = run(kind, seq_tr, seq_te, cfg["seeds"])
             for v, o in enumerate((out, out["init"])):
                 o[kind], o[kind + "_const"] = summary(res, v=v), summary(res, v=v + 2)
                 if kind == "transformer":
-                    o["attention"] = res["attention"][v].tolist()  # Figure 3: token's attention over the T points
-    px = run("mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"], what="pixel MLP")
+                    # Figure 3: token's attention over the T points
+                    o["attention"] = res["attention"][v].tolist()
+    px = run("mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"],
+             what="pixel MLP")
     out["pixels"] = summary(px)
     if fine is not None and cfg["probes"] == "all":
         cols = (times / FINE_STEP).round().long()
         res = run("continuous", fine["train"]["codes"], grid["test"]["codes"], cfg["seeds"],
                   continuous=dict(fine_times=fine["train"]["times"], eval_cols=cols))
         out["continuous"] = summary(res)
-        out["continuous_grids"] = {g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"])
-                                   for g, d in test_grids.items()}
+        out["continuous_grids"] = {
+            g: continuous_on_grid(res, d["codes"], d["labels"][:, a], d["times"])
+            for g, d in test_grids.items()
+        }
     out["seconds"] = time.time() - t0
     chance, best_t = out["chance"], f"t={out['best_t']:.2f}"
-    out["verdicts"] = [verdict(f"the trained encoder's best single-t MLP ({best_t})", out["best_mlp"],
-                               out["init"]["best_mlp"], f"the random-init encoder's "
-                               f"(t={out['init']['best_t']:.2f})", chance),
-                       verdict("the trained encoder's best single-t MLP", out["best_mlp"], out["pixels"],
-                               "an MLP on the raw pixels", chance)]
+    out["verdicts"] = [verdict(f"the trained encoder's best single-t MLP ({best_t})",
+                               out["best_mlp"], out["init"]["best_mlp"], "the random-init "
+                               f"encoder's (t={out['init']['best_t']:.2f})", chance),
+                       verdict("the trained encoder's best single-t MLP", out["best_mlp"],
+                               out["pixels"], "an MLP on the raw pixels", chance)]
     if cfg["probes"] == "all":
         out["verdicts"] += [
-            verdict("GRU", out["gru"], out["best_mlp"], f"the best single-t MLP ({best_t})", chance),
-            verdict("Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP", chance),
+            verdict(
+                "GRU", out["gru"], out["best_mlp"], f"the best single-t MLP ({best_t})", chance
+            ),
+            verdict(
+                "Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP", chance
+            ),
             verdict("GRU", out["gru"], out["gru_const"], "its constant-curve control", chance),
-            verdict("Transformer", out["transformer"], out["transformer_const"], "its constant-curve control",
-                    chance),
-            verdict("MLP on the concatenated curve", out["concat"], out["best_mlp"], "the best single-t MLP",
-                    chance),
-            verdict("Transformer", out["transformer"], out["init"]["transformer"], "the same probe at random init",
-                    chance)]
+            verdict(
+                "Transformer",
+                out["transformer"],
+                out["transformer_const"],
+                "its constant-curve control",
+                chance,
+            ),
+            verdict(
+                "MLP on the concatenated curve",
+                out["concat"],
+                out["best_mlp"],
+                "the best single-t MLP",
+                chance,
+            ),
+            verdict(
+                "Transformer",
+                out["transformer"],
+                out["init"]["transformer"],
+                "the same probe at random init",
+                chance,
+            ),
+        ]
     if "continuous" in out:
-        out["verdicts"].append(verdict("grid-free Transformer", out["continuous"], out["transformer"],
-                                       "the index Transformer", chance))
+        out["verdicts"].append(verdict("grid-free Transformer", out["continuous"],
+                                       out["transformer"], "the index Transformer", chance))
     print_table(name, out, times, log)
     return out
 
 
 def print_table(name, out, times, log):
-    log(f"\n== target: {name} ({out['num_classes']} classes, majority-class rate {100 * out['chance']:.1f}%) ==")
-    log(f"{'probe':<36} {'trained encoder':>15}   {'random init':>13}   (test accuracy %, mean ± std over seeds)")
+    log(f"\n== target: {name} ({out['num_classes']} classes, majority-class rate "
+        f"{100 * out['chance']:.1f}%) ==")
+    log(f"{'probe':<36} {'trained encoder':>15}   {'random init':>13}   (test accuracy %, mean ± "
+        "std over seeds)")
     init = out["init"]
     for i, t in enumerate(times.tolist()):
         mark = " *" if i == out["best_t_index"] else "  "
         mark_init = " *" if i == init["best_t_index"] else "  "
         log(f"{'MLP at t=%.2f' % t:<36} {fmt(out['mlp']['mean'][i], out['mlp']['std'][i])}{mark} "
             f"{fmt(init['mlp']['mean'][i], init['mlp']['std'][i])}{mark_init}")
-    rows = [("MLP on concatenated curve (ctrl)", "concat"), ("MLP on mean over t (ctrl)", "mean"),
-            ("GRU", "gru"), ("  GRU on constant curve (ctrl)", "gru_const"), ("Transformer", "transformer"),
-            ("  Transformer on constant curve", "transformer_const"), ("grid-free Transformer (11 pts)", "continuous")]
+    rows = [
+        ("MLP on concatenated curve (ctrl)", "concat"),
+        ("MLP on mean over t (ctrl)", "mean"),
+        ("GRU", "gru"),
+        ("  GRU on constant curve (ctrl)", "gru_const"),
+        ("Transformer", "transformer"),
+        ("  Transformer on constant curve", "transformer_const"),
+        ("grid-free Transformer (11 pts)", "continuous"),
+    ]
     for label, key in rows:
         if key in out:
             ctrl = fmt(init[key]["mean"], init[key]["std"]) if key in init else ""
@@ -246,16 +325,18 @@ def print_table(name, out, times, log):
 
 
 def plot(result, path):
-    """Figure 1 per attribute: accuracy of the per-t MLP against t, the curve probes as lines, and the
-    controls. Each panel's y-axis spans its own data (a panel whose probes all sit at 99-100% would
-    show nothing on 0-100), and one legend sits below the panels, off the curves.
+    """Figure 1 per attribute: accuracy of the per-t MLP against t, the curve probes as lines, and
+    the controls. Each panel's y-axis spans its own data (a panel whose probes all sit at 99-100%
+    would show nothing on 0-100), and one legend sits below the panels, off the curves.
     Redraw from a saved result: python -c "import json, probe; probe.plot(json.load(open(
     'runs/shapes-drl/results/probe.json')), 'probe.png')"."""
     plt = pyplot()
     targets = result["targets"]
-    fig, axes = plt.subplots(1, len(targets), figsize=(max(3.6 * len(targets), 6.5), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(3.6 * len(targets), 6.5), 3.6),
+                             squeeze=False)
     t = result["times"]
-    styles = [("gru", "tab:blue", "-", "GRU"), ("gru_const", "tab:blue", ":", "GRU, constant curve"),
+    styles = [("gru", "tab:blue", "-", "GRU"), ("gru_const", "tab:blue", ":",
+                                                "GRU, constant curve"),
               ("transformer", "tab:red", "-", "Transformer"),
               ("transformer_const", "tab:red", ":", "Transformer, constant curve"),
               ("concat", "tab:green", "--", "MLP on the concatenated curve"),
@@ -270,11 +351,13 @@ def plot(result, path):
                 shown.append(100 * out[key]["mean"])
         init = [100 * v for v in out["init"]["mlp"]["mean"]]
         ax.plot(t, init, color="grey", ls="--", marker=".", label="MLP at t, random-init encoder")
-        ax.axhline(100 * out["pixels"]["mean"], color="tab:orange", ls="--", lw=0.8, label="MLP on pixels")
+        ax.axhline(100 * out["pixels"]["mean"], color="tab:orange", ls="--", lw=0.8,
+                   label="MLP on pixels")
         ax.axhline(100 * out["chance"], color="grey", lw=0.8, label="majority class")
         low = min(shown + init + [100 * out["pixels"]["mean"], 100 * out["chance"]])
         high = max(shown + [100 * out["pixels"]["mean"]])
-        if high - min(shown) < 10:  # every probe near the top: zoom on them, controls noted in the title
+        # every probe near the top: zoom on them, controls noted in the title
+        if high - min(shown) < 10:
             low = min(shown) - 1
         pad = max(0.5, 0.05 * (high - low))
         ax.set_ylim(max(0, low - pad), min(100, high + pad) + 0.2)
@@ -284,7 +367,8 @@ def plot(result, path):
         ax.title.set_fontsize(9)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.suptitle(f"{result['dataset']} / {result['encoder']}: points vs trajectory (Figure 1)", fontsize=10)
+    fig.suptitle(f"{result['dataset']} / {result['encoder']}: points vs trajectory (Figure 1)",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -299,38 +383,47 @@ def main(argv=None):
     encoder, init_encoder, train_cfg, step, device, out_dir = open_run(args.run, args.device)
     if cfg.get("max_groups") is None:  # the chunk size that is fastest where the probes run
         cfg["max_groups"] = MAX_GROUPS["cpu" if device.type == "cpu" else "other"]
-    splits = train.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"], seed=0)
+    splits = train.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"],
+                                seed=0)
     attrs = splits["train"].attributes
     targets = list(attrs) if (args.target or "all") == "all" else [args.target]
     if any(t not in attrs for t in targets):
-        raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got {args.target!r}")
+        raise tr.UserError(
+            f"--target must be one of {', '.join(attrs)} or all, got {args.target!r}"
+        )
     # ---- the codes: every grid the probes read, encoded once and cached in <run>/cache ----
     data = encode(args, cfg, splits, (encoder, init_encoder), step, times, device)
     movement = {}
-    for key in ("grid", "init"):  # how far the codes move along t, relative to the spread between images
+    # how far the codes move along t, relative to the spread between images
+    for key in ("grid", "init"):
         along, across = tr.curve_movement(data[key]["train"]["codes"])
         movement[key] = dict(along=along, across=across, ratio=along / max(across, 1e-12))
-    print(f"curve movement (std over t / std between images): trained {movement['grid']['ratio']:.3f}, "
-          f"random init {movement['init']['ratio']:.3f}")
+    print("curve movement (std over t / std between images): trained "
+          f"{movement['grid']['ratio']:.3f}, random init {movement['init']['ratio']:.3f}")
     n_train, n_pixels = data["pixels"]["train"].shape[0], data["pixels"]["train"].shape[-1]
-    print(f"probes learn from {n_train} images (a tenth of them for validation); the pixel MLP has {n_pixels} "
-          f"inputs and needs more images than one on a code of {data['grid']['train']['codes'].shape[-1]} "
-          f"numbers: a small set favours the code (docs/results.md, 'How much shape does the code hold?')")
+    print(f"probes learn from {n_train} images (a tenth of them for validation); the pixel MLP has "
+          f"{n_pixels} inputs and needs more images than one on a code of "
+          f"{data['grid']['train']['codes'].shape[-1]} numbers: a small set favours the code "
+          "(docs/results.md, 'How much shape does the code hold?')")
     # ---- the probes, attribute by attribute, with an ETA for the rest ----
-    result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], encoder=train_cfg["encoder"],
-                  times=times.tolist(), protocol=cfg, movement=movement, targets={})
+    result = dict(run=args.run, step=step, dataset=train_cfg["dataset"],
+                  encoder=train_cfg["encoder"], times=times.tolist(), protocol=cfg,
+                  movement=movement, targets={})
     t_probes = time.time()
     for i, name in enumerate(targets):
         a = attrs.index(name)
-        result["targets"][name] = probe_target(a, name, splits["train"].num_classes[a], data, cfg, print)
+        result["targets"][name] = probe_target(a, name, splits["train"].num_classes[a], data, cfg,
+                                               print)
         per_target = (time.time() - t_probes) / (i + 1)
         if i + 1 < len(targets):  # the attributes cost about the same: a simple ETA for the rest
-            print(f"[{i + 1}/{len(targets)} attributes done; ETA {per_target * (len(targets) - i - 1) / 60:.1f} "
-                  f"min for {', '.join(targets[i + 1:])}]", flush=True)
+            print(f"[{i + 1}/{len(targets)} attributes done; ETA "
+                  f"{per_target * (len(targets) - i - 1) / 60:.1f} min for "
+                  f"{', '.join(targets[i + 1:])}]", flush=True)
     result["wall_time_s"] = time.time() - t_start
     # ---- the summary, the JSON and Figure 1 ----
     print_summary(result)
-    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces a full one
+    # a quick table never replaces a full one
+    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"
     with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(out_dir, stem + ".png"))
@@ -338,18 +431,26 @@ def main(argv=None):
 
 
 def check_protocol(cfg, args):
-    """Impossible protocol flags end with one sentence before any work; returns the grid of times."""
-    if min(cfg["epochs"], cfg["seeds"], cfg["mlp_seeds"], cfg["width"], cfg["batch_size"]) <= 0 or cfg["num_times"] < 2:
-        raise tr.UserError("--epochs, --seeds, --mlp-seeds, --width and --batch-size must be positive and "
-                           "--num-times at least 2")
+    """Impossible protocol flags end with one sentence before any work; returns the grid of
+    times."""
+    if min(cfg["epochs"], cfg["seeds"], cfg["mlp_seeds"], cfg["width"],
+           cfg["batch_size"]) <= 0 or cfg["num_times"] < 2:
+        raise tr.UserError("--epochs, --seeds, --mlp-seeds, --width and --batch-size must be "
+                           "positive and --num-times at least 2")
     if not all(lr > 0 and math.isfinite(lr) for lr in cfg["lrs"]):
         raise tr.UserError(f"--lrs must be positive numbers, got {cfg['lrs']}")
     if cfg["max_train"] < 0 or cfg["max_test"] < 0 or (cfg.get("max_groups") or 0) < 0:
         raise tr.UserError("--max-train, --max-test and --max-groups must be 0 (all) or positive")
     times = torch.tensor(args.times) if args.times else tr.paper_times(args.num_times)
-    if (len(times) < 2 or not bool(torch.isfinite(times).all()) or times.min() < 0 or times.max() > 1
-            or not bool((times[1:] > times[:-1]).all())):
-        raise tr.UserError("--times must be at least 2 increasing finite values in [0, 1], e.g. 0,0.5,1")
+    if (
+        len(times) < 2
+        or not bool(torch.isfinite(times).all())
+        or times.min() < 0
+        or times.max() > 1
+        or not bool((times[1:] > times[:-1]).all())
+    ):
+        raise tr.UserError("--times must be at least 2 increasing finite values in [0, 1], e.g. "
+                           "0,0.5,1")
     return times
 
 
@@ -361,25 +462,32 @@ def encode(args, cfg, splits, encoders, step, times, device):
     trained, init = encoders
 
     def codes(split, grid, control=False):
-        c = tr.cached_trajectories(args.run, init if control else trained, splits[split], split, grid,
-                                   "init" if control else f"step{step}", log=lambda m: print(m, flush=True))
+        c = tr.cached_trajectories(args.run, init if control else trained, splits[split], split,
+                                   grid, "init" if control else f"step{step}",
+                                   log=lambda m: print(m, flush=True))
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()}
 
     fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
     on_fine = cfg["probes"] == "all" and not args.no_continuous and bool(torch.isclose(
         (times / FINE_STEP).round() * FINE_STEP, times, atol=1e-6).all())
     if cfg["probes"] == "all" and not args.no_continuous and not on_fine:
-        print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for these --times")
+        print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for "
+              "these --times")
     # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
     data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={})
     data["grid"] = {s: codes(s, times) for s in ("train", "test")}
     data["init"] = {s: codes(s, times, control=True) for s in ("train", "test")}
-    data["pixels"] = {s: tr.dataset_tensors(splits[s])[0].flatten(1)[:, None].to(device)  # (N, 1, C*H*W)
+    # (N, 1, C*H*W)
+    data["pixels"] = {s: tr.dataset_tensors(splits[s])[0].flatten(1)[:, None].to(device)
                       for s in ("train", "test")}
     if on_fine:  # the grid-free probe is tested on grids it never saw
         rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
-        for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", tr.paper_times(51)),
-                           ("random11", rand_times)):
+        for name, grid in (
+            ("5", tr.paper_times(5)),
+            ("11", tr.paper_times(11)),
+            ("51", tr.paper_times(51)),
+            ("random11", rand_times),
+        ):
             data["test_grids"][name] = codes("test", grid)
     return data
 
@@ -388,10 +496,12 @@ def print_summary(result):
     """Where each attribute is best read, beside its random-init and pixel controls."""
     print("\nwhere each attribute is best read (best single-t MLP, chosen on validation):")
     for name, out in result["targets"].items():
-        print(f"  {name:<10} t={out['best_t']:.2f}: {fmt(out['best_mlp']['mean'], out['best_mlp']['std'])} "
-              f"(random init {fmt(out['init']['best_mlp']['mean'], out['init']['best_mlp']['std'])} at "
-              f"t={out['init']['best_t']:.2f}; pixels {fmt(out['pixels']['mean'], out['pixels']['std'])}; "
-              f"majority {100 * out['chance']:.1f})")
+        print(f"  {name:<10} t={out['best_t']:.2f}: "
+              f"{fmt(out['best_mlp']['mean'], out['best_mlp']['std'])} (random init "
+              f"{fmt(out['init']['best_mlp']['mean'], out['init']['best_mlp']['std'])} at "
+              f"t={out['init']['best_t']:.2f}; pixels "
+              f"{fmt(out['pixels']['mean'], out['pixels']['std'])}; majority "
+              f"{100 * out['chance']:.1f})")
 
 
 # ---- helpers that analyze.py shares ----
@@ -402,9 +512,10 @@ def protocol_config(presets, args):
 
 
 def open_run(run, device_name):
-    """A run folder of train.py, opened for reading its encoders and writing its results: the device,
-    the trained encoder and its random-init control, and <run>/results, checked writable (with
-    <run>/cache) before any work. -> (encoder, init encoder, train config, step, device, results folder)."""
+    """A run folder of train.py, opened for reading its encoders and writing its results: the
+    device, the trained encoder and its random-init control, and <run>/results, checked writable
+    (with <run>/cache) before any work. -> (encoder, init encoder, train config, step, device,
+    results folder)."""
     if os.path.isfile(run):
         raise tr.UserError(f"{run} is a file; give the run FOLDER that holds ckpt.pt "
                            f"(e.g. {os.path.dirname(run) or '.'})")

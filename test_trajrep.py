@@ -6,9 +6,9 @@ batched computations, bit-exact resume, and the promised error messages. CPU, a 
 """
 import copy
 import json
-import re
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -22,8 +22,8 @@ import trajrep as tr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A tiny model so that training tests take seconds.
-TINY = ["--nf", "8", "--enc-widths", "8,8,8", "--code-dim", "8", "--ch-mult", "1,2", "--batch-size", "8",
-        "--num-train", "64", "--log-every", "2", "--warmup", "2"]
+TINY = ["--nf", "8", "--enc-widths", "8,8,8", "--code-dim", "8", "--ch-mult", "1,2", "--batch-size",
+        "8", "--num-train", "64", "--log-every", "2", "--warmup", "2"]
 
 
 def run_train(*argv):
@@ -40,12 +40,16 @@ def test_sigma_closed_form():
     assert torch.allclose(s, torch.tensor([0.01, math.sqrt(0.01 * 50.0), 50.0]), rtol=1e-6)
     # g(t)^2 = d sigma^2 / dt, by finite differences
     h = 1e-4
-    fd = (tr.ve_sigma(torch.tensor(0.3 + h), 0.01, 50.0) ** 2 - tr.ve_sigma(torch.tensor(0.3 - h), 0.01, 50.0) ** 2) / (2 * h)
+    fd = (
+        tr.ve_sigma(torch.tensor(0.3 + h), 0.01, 50.0) ** 2
+        - tr.ve_sigma(torch.tensor(0.3 - h), 0.01, 50.0) ** 2
+    ) / (2 * h)
     assert abs(tr.ve_diffusion(torch.tensor(0.3)) ** 2 / fd - 1) < 1e-4
 
 
 def test_marginal_std_matches_simulated_sde():
-    """Euler-Maruyama of dx = g(t) dw from x(0) = x0 + sigma_min n: Var x(t) = sigma(t)^2 (Monte Carlo)."""
+    """Euler-Maruyama of dx = g(t) dw from x(0) = x0 + sigma_min n: Var x(t) = sigma(t)^2 (Monte
+    Carlo)."""
     gen = torch.Generator().manual_seed(0)
     smin, smax, n, steps = 0.01, 5.0, 40000, 1000
     x0 = 1.5
@@ -54,12 +58,14 @@ def test_marginal_std_matches_simulated_sde():
     checks = {300: None, 700: None, 1000: None}
     for k in range(steps):
         t = (k + 0.5) * dt  # midpoint g keeps the discretisation error O(dt^2)
-        x = x + tr.ve_diffusion(torch.tensor(t, dtype=torch.float64), smin, smax) * math.sqrt(dt) * \
+        x = x + tr.ve_diffusion(torch.tensor(t, dtype=torch.float64), smin,
+                                smax) * math.sqrt(dt) * \
             torch.randn(n, generator=gen, dtype=torch.float64)
         if k + 1 in checks:
             mean, std = tr.ve_marginal(torch.tensor(x0), torch.tensor((k + 1) * dt), smin, smax)
             assert abs(x.mean().item() - x0) < 4 * std.item() / math.sqrt(n)
-            assert abs(x.std().item() / std.item() - 1) < 0.02  # MC std error of a std ~ 1/sqrt(2n) = 0.4%
+            # MC std error of a std ~ 1/sqrt(2n) = 0.4%
+            assert abs(x.std().item() / std.item() - 1) < 0.02
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,8 +83,8 @@ class ZeroEncoder(nn.Module):
 
 
 def test_dsm_loss_with_exact_score_of_gaussian_data():
-    """x0 ~ N(m, s^2 I): the optimal score is -(x - m) / (s^2 + sigma^2) and the sigma^2-weighted DSM
-    loss per example is 0.5 * d * s^2 / (s^2 + sigma^2); a perturbed score does worse."""
+    """x0 ~ N(m, s^2 I): the optimal score is -(x - m) / (s^2 + sigma^2) and the sigma^2-weighted
+    DSM loss per example is 0.5 * d * s^2 / (s^2 + sigma^2); a perturbed score does worse."""
     gen = torch.Generator().manual_seed(1)
     m, s, B, shape = 0.3, 0.7, 20000, (3, 4, 4)
     d = 3 * 4 * 4
@@ -92,7 +98,10 @@ def test_dsm_loss_with_exact_score_of_gaussian_data():
         expected = 0.5 * d * s ** 2 / (s ** 2 + sigma2)
         assert abs(dsm.item() / expected - 1) < 0.02
         assert reg.item() == 0.0
-        for wrong in (lambda xt, z, t: 1.1 * exact(xt, z, t), lambda xt, z, t: exact(xt, z, t) + 0.05):
+        for wrong in (
+            lambda xt, z, t: 1.1 * exact(xt, z, t),
+            lambda xt, z, t: exact(xt, z, t) + 0.05,
+        ):
             assert tr.drl_loss(ZeroEncoder(), wrong, x0, t, noise, None, 0, 0.01, 2.0)[1] > dsm
 
 
@@ -100,14 +109,16 @@ def test_kl_against_torch_distributions():
     mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
     q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    assert torch.allclose(tr.kl_std_normal(mu, logvar), torch.distributions.kl_divergence(q, p).sum(1), atol=1e-5)
+    assert torch.allclose(
+        tr.kl_std_normal(mu, logvar), torch.distributions.kl_divergence(q, p).sum(1), atol=1e-5
+    )
     assert torch.allclose(tr.code_regulariser(mu, None), mu.abs().sum(1).mean())
 
 
 def tiny_model(probabilistic=False):
     torch.manual_seed(0)
-    return tr.DRLModel(probabilistic=probabilistic, code_dim=8, enc_widths=(8, 8, 8), enc_blocks=1, nf=8,
-                       ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
+    return tr.DRLModel(probabilistic=probabilistic, code_dim=8, enc_widths=(8, 8, 8), enc_blocks=1,
+                       nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
 
 
 def test_vdrl_representation_is_the_mean_and_training_samples():
@@ -147,16 +158,22 @@ def test_extraction_one_call_equals_per_t_loop():
 def test_trajectory_cache_reuses_and_slices_a_finer_grid(tmp_path):
     model = tiny_model()
     ds = tr.load_dataset("shapes", "test", num_examples=12)
-    fine = tr.cached_trajectories(str(tmp_path), model.encoder, ds, "test", tr.paper_times(21), "step5", log=print)
+    fine = tr.cached_trajectories(str(tmp_path), model.encoder, ds, "test", tr.paper_times(21),
+                                  "step5", log=print)
 
     def no_encoding(*a):  # a second call must not encode again
         raise AssertionError("re-encoded although the cache holds the grid")
     same_weights = copy.deepcopy(model.encoder)
     same_weights.forward = no_encoding
-    coarse = tr.cached_trajectories(str(tmp_path), same_weights, ds, "test", tr.paper_times(11), "step5")
-    assert torch.equal(coarse["codes"], fine["codes"][:, ::2]) and torch.equal(coarse["labels"], fine["labels"])
+    coarse = tr.cached_trajectories(str(tmp_path), same_weights, ds, "test", tr.paper_times(11),
+                                    "step5")
+    assert torch.equal(coarse["codes"], fine["codes"][:, ::2]) and torch.equal(
+        coarse["labels"], fine["labels"]
+    )
     x, _ = tr.dataset_tensors(ds)
-    assert torch.allclose(coarse["codes"], tr.extract_trajectories(model.encoder, x, tr.paper_times(11)), atol=1e-5)
+    assert torch.allclose(
+        coarse["codes"], tr.extract_trajectories(model.encoder, x, tr.paper_times(11)), atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,10 +193,12 @@ def test_shapes_labels_match_pixels(object_scale):
     centroids = np.zeros((len(images), 2))
     for i in range(len(images)):
         border = np.concatenate([images[i, 0], images[i, -1], images[i, :, 0], images[i, :, -1]])
-        assert (border == tr.COLOURS[bg[i]]).all()  # the whole border is background: no object is clipped
+        # the whole border is background: no object is clipped
+        assert (border == tr.COLOURS[bg[i]]).all()
         mask = (images[i] != tr.COLOURS[bg[i]]).any(-1)  # (H, W) object pixels
         second = (images[i] == shade[fg[i]]).all(-1)  # (H, W) pixels in the second shade
-        assert ((images[i] == tr.COLOURS[fg[i]]).all(-1) | second)[mask].all()  # nothing but fg and its shade
+        # nothing but fg and its shade
+        assert ((images[i] == tr.COLOURS[fg[i]]).all(-1) | second)[mask].all()
         # the texture by hand: no second shade on a solid object, else on odd rows / odd columns /
         # odd x + y, and everywhere there inside the object
         want = [np.zeros_like(mask), yi % 2 == 1, xi % 2 == 1, (xi + yi) % 2 == 1][texture[i]]
@@ -187,8 +206,8 @@ def test_shapes_labels_match_pixels(object_scale):
         assert mask.sum() >= 20 * object_scale ** 2
         ys, xs = np.nonzero(mask)
         centroids[i] = xs.mean(), ys.mean()
-    # the 16 cells form a 4 x 4 grid: the cell means are ordered in x by loc % 4 and in y by loc // 4,
-    # and every object's centroid is nearest to its own cell's mean
+    # the 16 cells form a 4 x 4 grid: the cell means are ordered in x by loc % 4 and in y by loc //
+    # 4, and every object's centroid is nearest to its own cell's mean
     cells = np.stack([centroids[loc == c].mean(0) for c in range(16)])  # (16, 2)
     grid = cells.reshape(4, 4, 2)
     assert (np.diff(grid[:, :, 0], axis=1) > 1).all() and (np.diff(grid[:, :, 1], axis=0) > 1).all()
@@ -201,7 +220,10 @@ def test_shapes_labels_match_pixels(object_scale):
         fill[k] = np.mean([(images[i] != tr.COLOURS[bg[i]]).any(-1).sum() for i in sel])
     assert len(np.unique(fill.round())) == 5
     # train and test splits differ; items are in [-1, 1]
-    tr_ds, te_ds = tr.load_dataset("shapes", "train", num_examples=50), tr.load_dataset("shapes", "test", num_examples=50)
+    tr_ds, te_ds = (
+        tr.load_dataset("shapes", "train", num_examples=50),
+        tr.load_dataset("shapes", "test", num_examples=50),
+    )
     assert not torch.equal(tr_ds[0][0], te_ds[0][0])
     x, y = tr_ds[0]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and y.shape == (5,)
@@ -209,7 +231,9 @@ def test_shapes_labels_match_pixels(object_scale):
     plain, four = tr.make_shapes(600, 32, seed=3, object_scale=object_scale, texture=False)
     assert np.array_equal(four, labels[:, :4])
     solid = texture == 0
-    assert np.array_equal(plain[solid], images[solid]) and not np.array_equal(plain[~solid], images[~solid])
+    assert np.array_equal(plain[solid], images[solid]) and not np.array_equal(
+        plain[~solid], images[~solid]
+    )
 
 
 def test_folder_dataset_and_missing_folder(tmp_path):
@@ -221,9 +245,11 @@ def test_folder_dataset_and_missing_folder(tmp_path):
                 Image.new("RGB", (20, 20), colour).save(tmp_path / split / f"class{c}" / f"{i}.png")
     ds = tr.load_dataset("folder", "train", str(tmp_path), image_size=16)
     assert len(ds) == 6 and ds.num_classes == (2,)
-    assert len(tr.load_dataset("folder", "train", str(tmp_path), image_size=16, num_examples=4)) == 4
+    assert len(tr.load_dataset("folder", "train", str(tmp_path), image_size=16,
+                               num_examples=4)) == 4
     x, y = ds[4]
-    assert x.shape == (3, 16, 16) and y.item() == 1 and x[2].min() > 0.99 and x[0].max() < -0.99  # blue
+    # blue
+    assert x.shape == (3, 16, 16) and y.item() == 1 and x[2].min() > 0.99 and x[0].max() < -0.99
     with pytest.raises(tr.UserError, match="put the images in"):
         tr.load_dataset("folder", "train", str(tmp_path / "nowhere"))
     os.makedirs(tmp_path / "empty" / "train")
@@ -236,10 +262,11 @@ def test_folder_dataset_and_missing_folder(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_training_reduces_loss(tmp_path):
-    run_train("--out", str(tmp_path), "--steps", "60", "--lr", "2e-3", "--nf", "8", "--code-dim", "8",
-              "--num-train", "256", "--log-every", "20", "--batch-size", "16", "--warmup", "5")
-    losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")]
-    assert losses[-1] < 0.85 * losses[0]  # `cpu` preset: 3110 (steps 1-10) -> 2510 (31-40) when written
+    run_train("--out", str(tmp_path), "--steps", "60", "--lr", "2e-3", "--nf", "8", "--code-dim",
+              "8", "--num-train", "256", "--log-every", "20", "--batch-size", "16", "--warmup", "5")
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    # `cpu` preset: 3110 (steps 1-10) -> 2510 (31-40) when written
+    assert losses[-1] < 0.85 * losses[0]
 
 
 def state_equal(a, b):
@@ -276,8 +303,13 @@ def test_bad_checkpoints_give_one_sentence(tmp_path):
     # the scripts turn it into one line on stderr, no traceback
     for script in ("train.py", "probe.py", "analyze.py"):
         argv = ["--resume", "--out", str(tmp_path)] if script == "train.py" else [str(tmp_path)]
-        p = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True)
-        assert p.returncode != 0 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr, p.stderr
+        p = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True,
+                           text=True)
+        assert (
+            p.returncode != 0
+            and p.stderr.strip().startswith("error:")
+            and "Traceback" not in p.stderr
+        ), p.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -297,7 +329,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert open(tmp_path / "ckpt.pt", "rb").read() == before
     assert tr.load_checkpoint(str(tmp_path))["step"] == 2
     monkeypatch.setattr(tr.DRLModel, "forward", forward)
-    run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--ckpt-every", "2", "--resume", "--lr", "1e-4",
+    run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--ckpt-every", "2", "--resume",
+              "--lr", "1e-4",
               "--warmup", "10")  # the advice is possible: lr and warm-up may change on resume
     assert tr.load_checkpoint(str(tmp_path))["config"]["lr"] == 1e-4
 
@@ -312,7 +345,8 @@ def test_impossible_flags_and_resume_clash(tmp_path):
     with pytest.raises(tr.UserError, match="CUDA"):
         run_train(*TINY, "--out", str(tmp_path), "--amp", "--device", "cpu")
     run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
-    with pytest.raises(tr.UserError, match="already holds a checkpoint"):  # a new run never overwrites
+    # a new run never overwrites
+    with pytest.raises(tr.UserError, match="already holds a checkpoint"):
         run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
     with pytest.raises(tr.UserError, match="cannot change code_dim"):
         run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--code-dim", "16", "--resume")
@@ -327,11 +361,13 @@ def synthetic_curves(n, T=8, D=6, k=5, classes=4, seed=0, signal=3.0):
     gen = torch.Generator().manual_seed(seed)
     y = torch.randint(classes, (n,), generator=gen)
     codes = torch.randn(n, T, D, generator=gen)
-    codes[:, k, :classes] += signal * nn.functional.one_hot(y, classes).float()  # label at t-index k
+    # label at t-index k
+    codes[:, k, :classes] += signal * nn.functional.one_hot(y, classes).float()
     return codes, y
 
 
-def loop_protocol(kind, xtr, ytr, xte, yte, k, lrs, seeds, epochs, width, batch_size, continuous=None):
+def loop_protocol(kind, xtr, ytr, xte, yte, k, lrs, seeds, epochs, width, batch_size,
+                  continuous=None):
     """The loop form of run_probe_protocol on one input, each probe trained alone by the plain
     train_probe: per seed, the chosen lr's (test, lr, attention)."""
     tr_idx, va_idx = tr.split_train_val(len(xtr))
@@ -340,37 +376,56 @@ def loop_protocol(kind, xtr, ytr, xte, yte, k, lrs, seeds, epochs, width, batch_
     times_fn = eval_times = None
     if continuous is not None:
         x_va = x_va[:, continuous["eval_cols"]]
-        times_fn, eval_times = tr.grid_sampler(continuous["fine_times"]), continuous["fine_times"][continuous["eval_cols"]]
+        times_fn, eval_times = (
+            tr.grid_sampler(continuous["fine_times"]),
+            continuous["fine_times"][continuous["eval_cols"]],
+        )
     out = []
     for seed in seeds:
         best = None
         for lr in lrs:
             torch.manual_seed(seed)
             model = tr.build_probe(kind, xte.shape[1], xte.shape[2], k, width, dropout=0.0)
-            r = tr.train_probe(model, (x_tr, ytr[tr_idx]), (x_va, ytr[va_idx]), (x_te, yte), lr, epochs,
-                               batch_size, seed, clip=None if kind in ("mlp", "concat", "mean") else 1.0,
-                               train_times_fn=times_fn, eval_times=eval_times)
+            r = tr.train_probe(
+                model,
+                (x_tr, ytr[tr_idx]),
+                (x_va, ytr[va_idx]),
+                (x_te, yte),
+                lr,
+                epochs,
+                batch_size,
+                seed,
+                clip=None if kind in ("mlp", "concat", "mean") else 1.0,
+                train_times_fn=times_fn,
+                eval_times=eval_times,
+            )
             v, te, att = r["val"], r["test"], r["attention"]
             if best is None:
                 best = dict(val=v, test=te, lr=torch.full_like(v, lr), att=att)
                 continue
             better = v > best["val"]  # strict: the first lr wins ties
-            best = dict(val=torch.where(better, v, best["val"]), test=torch.where(better, te, best["test"]),
-                        lr=torch.where(better, torch.full_like(v, lr), best["lr"]), att=att if better[0] else best["att"])
+            best = dict(
+                val=torch.where(better, v, best["val"]),
+                test=torch.where(better, te, best["test"]),
+                lr=torch.where(better, torch.full_like(v, lr), best["lr"]),
+                att=att if better[0] else best["att"],
+            )
         out.append(best)
     return out
 
 
 @pytest.mark.parametrize("kind", ["mlp", "concat", "mean", "gru", "transformer", "continuous"])
 def test_grouped_protocol_equals_the_loop_of_reference_probes(kind):
-    """Every (input, seed, lr) group of the grouped program equals training the reference probe alone
-    with torch.optim.Adam: same chosen lr and same test accuracy per head, same attention. Two inputs
-    (as trained and random-init codes), two seeds, two lrs; dropout off (masks are drawn differently)."""
+    """Every (input, seed, lr) group of the grouped program equals training the reference probe
+    alone with torch.optim.Adam: same chosen lr and same test accuracy per head, same attention. Two
+    inputs (as trained and random-init codes), two seeds, two lrs; dropout off (masks are drawn
+    differently)."""
     T, D, K = 4, 5, 4
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(K, (400,), generator=gen)
     continuous = None
-    if kind == "continuous":  # one input on a fine grid of 9 times; validation and test on 5 of them
+    # one input on a fine grid of 9 times; validation and test on 5 of them
+    if kind == "continuous":
         fine = tr.paper_times(9)
         continuous = dict(fine_times=fine, eval_cols=torch.arange(0, 9, 2))
         codes = torch.randn(1, 400, 9, D, generator=gen)
@@ -378,19 +433,21 @@ def test_grouped_protocol_equals_the_loop_of_reference_probes(kind):
         test_codes = codes[:, 300:, continuous["eval_cols"]]
     else:
         codes = torch.randn(2, 400, T, D, generator=gen)
-        codes[0, :, 2, :K] += 2 * nn.functional.one_hot(y, K)  # label strongly at t-index 2 of input 0
+        # label strongly at t-index 2 of input 0
+        codes[0, :, 2, :K] += 2 * nn.functional.one_hot(y, K)
         codes[1, :, 1, :K] += nn.functional.one_hot(y, K)  # weakly at t-index 1 of input 1
         test_codes = codes[:, 300:]
     kw = dict(lrs=[3e-3, 1e-3], epochs=3, width=16, batch_size=64)
     xtr = codes[0, :300] if continuous else codes[:, :300]
-    res = tr.run_probe_protocol(kind, xtr, y[:300], test_codes[0] if continuous else test_codes, y[300:], K,
-                                seeds=[0, 1], dropout=0.0, continuous=continuous, **kw)
+    res = tr.run_probe_protocol(kind, xtr, y[:300], test_codes[0] if continuous else test_codes,
+                                y[300:], K, seeds=[0, 1], dropout=0.0, continuous=continuous, **kw)
     if continuous:
         res = {k: v[None] if torch.is_tensor(v) else v for k, v in res.items()}
     else:  # trained in chunks of 3 of the 8 groups: the same results
-        chunked = tr.run_probe_protocol(kind, xtr, y[:300], test_codes, y[300:], K, seeds=[0, 1], dropout=0.0,
-                                        max_groups=3, **kw)
-        assert torch.allclose(chunked["tests"], res["tests"], atol=1e-6) and torch.equal(chunked["lrs"], res["lrs"])
+        chunked = tr.run_probe_protocol(kind, xtr, y[:300], test_codes, y[300:], K, seeds=[0, 1],
+                                        dropout=0.0, max_groups=3, **kw)
+        assert torch.allclose(chunked["tests"], res["tests"],
+                              atol=1e-6) and torch.equal(chunked["lrs"], res["lrs"])
     for v in range(len(codes)):
         ref = loop_protocol(kind, codes[v, :300], y[:300], test_codes[v], y[300:], K, seeds=[0, 1],
                             continuous=continuous, **kw)
@@ -398,15 +455,18 @@ def test_grouped_protocol_equals_the_loop_of_reference_probes(kind):
             assert torch.equal(r["lr"], res["lrs"][v, s]), (kind, v, s)
             assert torch.allclose(r["test"], res["tests"][v, s], atol=1e-6), (kind, v, s)
         if kind in ("transformer", "continuous"):
-            assert torch.allclose(torch.stack([r["att"] for r in ref]).mean(0), res["attention"][v], atol=1e-5)
-    if kind == "mlp":  # and the per-t MLPs learnt what the data holds: index 2 of input 0, chance 0.25
+            assert torch.allclose(torch.stack([r["att"] for r in ref]).mean(0), res["attention"][v],
+                                  atol=1e-5)
+    # and the per-t MLPs learnt what the data holds: index 2 of input 0, chance 0.25
+    if kind == "mlp":
         assert res["test_mean"][0, 2] > 0.8 and res["test_mean"][0, 0] < 0.4
 
 
 def test_transformer_attention_finds_the_informative_time():
     codes, y = synthetic_curves(1500, T=8, k=5)
-    res = tr.run_probe_protocol("transformer", codes[:1200], y[:1200], codes[1200:], y[1200:], 4, lrs=[3e-3],
-                                epochs=15, seeds=[0], width=32, batch_size=256, dropout=0.0)
+    res = tr.run_probe_protocol("transformer", codes[:1200], y[:1200], codes[1200:], y[1200:], 4,
+                                lrs=[3e-3], epochs=15, seeds=[0], width=32, batch_size=256,
+                                dropout=0.0)
     assert res["test_mean"][0] > 0.9
     att = res["attention"]  # (T,) mean over the test set and heads
     assert abs(att.sum().item() - 1) < 1e-5 and att.argmax().item() == 5 and att[5] > 0.4
@@ -416,17 +476,20 @@ def test_sequence_probes_read_the_curve_while_a_wrong_point_is_at_chance():
     codes, y = synthetic_curves(1500, T=8, k=5)
     out = {}
     for kind in ("gru", "transformer", "mlp"):
-        out[kind] = tr.run_probe_protocol(kind, codes[:1200], y[:1200], codes[1200:], y[1200:], 4, lrs=[1e-2],
-                                          epochs=10, seeds=[0], width=32, batch_size=64)["test_mean"]
-    # the MLP at the informative index is near the Bayes rate; the sequence probes must get close to it
+        out[kind] = tr.run_probe_protocol(kind, codes[:1200], y[:1200], codes[1200:], y[1200:], 4,
+                                          lrs=[1e-2], epochs=10, seeds=[0], width=32,
+                                          batch_size=64)["test_mean"]
+    # the MLP at the informative index is near the Bayes rate; the sequence probes must get close to
+    # it
     assert out["mlp"][5] > 0.85 and out["mlp"][2] < 0.4  # chance is 0.25
     assert out["gru"][0] > out["mlp"][5] - 0.12 and out["transformer"][0] > out["mlp"][5] - 0.12
 
 
 def test_no_test_leakage_into_training_or_selection():
     codes, y = synthetic_curves(800, T=4, k=1)
-    a = tr.run_probe_protocol("mlp", codes[:600], y[:600], codes[600:], y[600:], 4, lrs=[1e-3, 3e-3],
-                              epochs=3, seeds=[0])
+    a = tr.run_probe_protocol(
+        "mlp", codes[:600], y[:600], codes[600:], y[600:], 4, lrs=[1e-3, 3e-3], epochs=3, seeds=[0]
+    )
     poisoned = codes[600:] * 100 + 50  # wildly different test features
     b = tr.run_probe_protocol("mlp", codes[:600], y[:600], poisoned, y[600:], 4, lrs=[1e-3, 3e-3],
                               epochs=3, seeds=[0])
@@ -449,7 +512,8 @@ MINE_FAST = dict(steps=600, lr=1e-3, hidden=64, batch_size=256)
 
 
 def test_mine_against_gaussian_ground_truth():
-    """Three (rho) settings at d = 2 as three pairs of one batched estimator, against -(d/2) log(1 - rho^2)."""
+    """Three (rho) settings at d = 2 as three pairs of one batched estimator, against the true
+    -(d/2) log(1 - rho^2)."""
     rhos = (0.0, 0.6, 0.9)
     xs, ys = zip(*[correlated(8000, 2, r, seed=i) for i, r in enumerate(rhos)])
     x, y = torch.stack(xs, 1), torch.stack(ys, 1)  # (N, 3, 2)
@@ -463,7 +527,8 @@ def test_mine_against_gaussian_ground_truth():
 def test_mine_shuffled_pairs_and_invertible_transform():
     x, y = correlated(8000, 1, 0.8, seed=5)  # true 0.511 nats
     base = tr.mine(x, y, **MINE_FAST)
-    shuffled = tr.mine(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], **MINE_FAST)
+    shuffled = tr.mine(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))],
+                       **MINE_FAST)
     transformed = tr.mine(x, y ** 3 + 2 * y, **MINE_FAST)  # invertible: MI unchanged
     assert abs(base - 0.511) < 0.08 and abs(shuffled) < 0.05 and abs(transformed - base) < 0.1
 
@@ -472,9 +537,11 @@ def test_mine_batched_pairs_and_seeds_equal_one_by_one():
     codes = torch.randn(2000, 3, 2, generator=torch.Generator().manual_seed(0))
     codes[:, 1] += codes[:, 0]
     pairs = [[0, 1], [1, 2], [2, 2]]
-    kw = dict(steps=100, lr=1e-3, hidden=16, eval_rows=150)  # 400 held-out rows: evaluated in 3 chunks
+    # 400 held-out rows: evaluated in 3 chunks
+    kw = dict(steps=100, lr=1e-3, hidden=16, eval_rows=150)
     batched = tr.mine_pairs(codes, codes, pairs, seeds=(4, 5), **kw)  # (S, P)
-    loop = torch.tensor([[tr.mine(codes[:, i], codes[:, j], seed=s, **kw) for i, j in pairs] for s in (4, 5)])
+    loop = torch.tensor([[tr.mine(codes[:, i], codes[:, j], seed=s, **kw) for i,
+                          j in pairs] for s in (4, 5)])
     assert torch.allclose(batched, loop, atol=1e-4), (batched, loop)
     assert (batched[0] - batched[1]).abs().max() > 1e-3  # the seeds are different estimates
 
@@ -483,10 +550,12 @@ def test_nmi_matrix_symmetric_with_unit_diagonal_and_bad_input():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(6000, 1, 2, generator=gen)
     codes = torch.cat([z, 0.9 * z + 0.44 * torch.randn(6000, 1, 2, generator=gen),
-                       torch.randn(6000, 1, 2, generator=gen)], 1)  # (N, 3, 2): 0~1 related, 2 independent
+                       # (N, 3, 2): 0~1 related, 2 independent
+                       torch.randn(6000, 1, 2, generator=gen)], 1)
     nmi, mi = tr.nmi_matrix(codes, **MINE_FAST)
     nmi, mi = nmi[0], mi[0]  # (T, T) of the one seed
-    assert mi[0, 0] > mi[0, 1] > mi[0, 2] and mi[1, 1] > mi[1, 0] > mi[1, 2]  # I(X;X) > related > independent
+    # I(X;X) > related > independent
+    assert mi[0, 0] > mi[0, 1] > mi[0, 2] and mi[1, 1] > mi[1, 0] > mi[1, 2]
     assert abs(nmi[0, 1] - nmi[1, 0]) < 0.1 and abs(nmi[0, 2] - nmi[2, 0]) < 0.05
     assert nmi[0, 1] > 0.2 and nmi[0, 2] < 0.05
     with pytest.raises(ValueError, match="T >= 2"):
@@ -500,7 +569,8 @@ def test_nmi_matrix_symmetric_with_unit_diagonal_and_bad_input():
 # ------------------------------------------------------------------------------------------------
 
 class BandCurves:
-    """Analytic curves whose label is visible only for t in [0.3, 0.4]: code(t) = noise + signal * band(t)."""
+    """Analytic curves whose label is visible only for t in [0.3, 0.4]:
+    code(t) = noise + signal * band(t)."""
 
     def __init__(self, n, classes=4, D=6, seed=0):
         gen = torch.Generator().manual_seed(seed)
@@ -519,21 +589,23 @@ def test_grid_free_probe_finds_a_narrow_band_from_unseen_grids():
     gen = torch.Generator().manual_seed(0)
     fine = tr.paper_times(101)  # training grid: random sub-grids of 0, 0.01, ..., 1
     eval_t = tr.paper_times(51)
-    res = tr.run_probe_protocol("continuous", train.at(fine), train.y, test.at(eval_t), test.y, 4, lrs=[3e-3],
-                                epochs=20, seeds=[0], width=32, dropout=0.0,
+    res = tr.run_probe_protocol("continuous", train.at(fine), train.y, test.at(eval_t), test.y, 4,
+                                lrs=[3e-3], epochs=20, seeds=[0], width=32, dropout=0.0,
                                 continuous=dict(fine_times=fine, eval_cols=torch.arange(0, 101, 2)))
     (model, group), = res["chosen_models"]
     mean, std = res["standardiser"]
     accs = {}
     for name, t in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", eval_t),
                     ("random", torch.rand(30, generator=gen).sort().values)):
-        acc, att = tr.evaluate_groups(model, ((test.at(t) - mean) / std)[None], test.y, [0], times=t)
+        acc, att = tr.evaluate_groups(model, ((test.at(t) - mean) / std)[None], test.y, [0],
+                                      times=t)
         accs[name] = acc[group, 0].item()
         if name == "51":
             dens = tr.attention_density(att[group], t)
             assert 0.3 <= t[dens.argmax()] <= 0.4  # the attention density peaks inside the band
     assert accs["51"] > 0.9 and accs["11"] > 0.9 and accs["random"] > 0.8
-    assert accs["5"] < 0.45  # no point of 0, .25, .5, .75, 1 lies in the band: it cannot know (chance .25)
+    # no point of 0, .25, .5, .75, 1 lies in the band: it cannot know (chance .25)
+    assert accs["5"] < 0.45
 
 
 def test_separation_profile_on_real_encoder_output():
@@ -542,7 +614,8 @@ def test_separation_profile_on_real_encoder_output():
     x, y = tr.dataset_tensors(ds)
     traj = tr.extract_trajectories(model.encoder, x, tr.paper_times(11))  # (64, 11, D)
     prof = tr.separation_profile(traj, y[:, 2], max_pairs=300)
-    # loop forms of the between-class mean distance at one t and of where each pair is farthest apart
+    # loop forms of the between-class mean distance at one t and of where each pair is farthest
+    # apart
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randint(64, (1200,), generator=gen), torch.randint(64, (1200,), generator=gen)
     keep = a != b
@@ -553,7 +626,8 @@ def test_separation_profile_on_real_encoder_output():
     assert abs(prof["between"][4] - loop) < 1e-4
     farthest = [max(range(11), key=lambda k: (traj[i, k] - traj[j, k]).norm().item())
                 for i, j in zip(a.tolist(), b.tolist())]
-    assert torch.allclose(prof["argsup_hist"], torch.tensor([farthest.count(k) / len(a) for k in range(11)]))
+    assert torch.allclose(prof["argsup_hist"],
+                          torch.tensor([farthest.count(k) / len(a) for k in range(11)]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,11 +640,12 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
     sliced per rank; DDP averages the gradients)."""
     common = [*TINY, "--encoder", "vdrl", "--steps", "4", "--ckpt-every", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), *common, "--out", str(tmp_path / "ddp")],
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", os.path.join(HERE, "train.py"), *common, "--out",
+                        str(tmp_path / "ddp")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    last = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")][-1]
+    last = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")][-1]
     assert last["world_size"] == 2 and last["replica_max_abs_diff"] == 0.0
     assert "global batch 8" in p.stdout
     run_train(*common, "--out", str(tmp_path / "one"))
@@ -579,7 +654,8 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
     # resume under torchrun: 2 steps, then --resume to 4, equals the 4-step DDP run
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                os.path.join(HERE, "train.py"), *TINY, "--encoder", "vdrl", "--ckpt-every", "2", "--out", str(tmp_path / "r")]
+                os.path.join(HERE, "train.py"), *TINY, "--encoder", "vdrl", "--ckpt-every", "2",
+                "--out", str(tmp_path / "r")]
     for extra in (["--steps", "2"], ["--steps", "4", "--resume"]):
         p = subprocess.run(torchrun + extra, capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -590,6 +666,7 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
 
 def test_cifar_offline_gives_one_sentence(tmp_path, monkeypatch):
     import urllib.error
+
     import torchvision
 
     def offline(self):  # what an offline machine does (torchvision makes the folder, then fails)
@@ -605,9 +682,9 @@ def test_cifar_offline_gives_one_sentence(tmp_path, monkeypatch):
 
 
 def test_dataloader_workers_give_the_same_run(tmp_path):
-    """Images decoded in 2 worker processes (a folder tree: PIL and transforms run there) and dropout
-    on (the global RNG stream matters): the run equals the one without workers, while another seed,
-    which changes the batches and the dropout masks, gives another run."""
+    """Images decoded in 2 worker processes (a folder tree: PIL and transforms run there) and
+    dropout on (the global RNG stream matters): the run equals the one without workers, while
+    another seed, which changes the batches and the dropout masks, gives another run."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
@@ -616,37 +693,50 @@ def test_dataloader_workers_give_the_same_run(tmp_path):
             for i in range(12):
                 pixels = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
                 Image.fromarray(pixels).save(tmp_path / "imgs" / split / f"c{c}" / f"{i}.png")
-    common = [*TINY, "--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--image-size", "8",
-              "--num-train", "24", "--dropout", "0.2", "--steps", "4"]
+    common = [*TINY, "--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--image-size",
+              "8", "--num-train", "24", "--dropout", "0.2", "--steps", "4"]
     run_train(*common, "--out", str(tmp_path / "w0"))
     run_train(*common, "--out", str(tmp_path / "w2"), "--workers", "2")
     run_train(*common, "--out", str(tmp_path / "s1"), "--seed", "1")
     a, b, c = (tr.load_checkpoint(str(tmp_path / n)) for n in ("w0", "w2", "s1"))
-    assert state_equal(a["model"], b["model"]) and state_equal(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert state_equal(a["model"], b["model"]) and state_equal(
+        a["optimizer"]["state"], b["optimizer"]["state"]
+    )
     assert not state_equal(a["model"], c["model"])
 
 
 def test_probe_and_analyze_scripts_end_to_end(tmp_path):
-    """train.py -> probe.py -> analyze.py on a tiny run: the files appear and agree with the data."""
+    """train.py -> probe.py -> analyze.py on a tiny run: the files appear and agree with the
+    data."""
     import analyze
     import probe
     run = str(tmp_path / "run")
     run_train(*TINY, "--out", run, "--steps", "2", "--num-train", "120")
-    probe.main([run, "--target", "bg_colour", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--lrs", "1e-3",
-                "--width", "8", "--max-train", "120", "--max-test", "40"])
+    probe.main([run, "--target", "bg_colour", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1",
+                "--lrs", "1e-3", "--width", "8", "--max-train", "120", "--max-test", "40"])
     out = json.load(open(os.path.join(run, "results", "probe.json")))["targets"]["bg_colour"]
     cfg = tr.load_checkpoint(run)["config"]
-    test_labels = train.run_datasets(cfg, max_test=40)["test"].labels[:, 2]  # the probe's stratified subset
-    assert out["chance"] == np.bincount(test_labels, minlength=9).max() / 40  # its majority-class rate
-    assert set(out["init"]) >= {"mlp", "best_t", "gru", "transformer"} and 0 < out["pixels"]["mean"] <= 1
+    # the probe's stratified subset
+    test_labels = train.run_datasets(cfg, max_test=40)["test"].labels[:, 2]
+    # its majority-class rate
+    assert out["chance"] == np.bincount(test_labels, minlength=9).max() / 40
+    assert set(out["init"]) >= {"mlp", "best_t", "gru",
+                                "transformer"} and 0 < out["pixels"]["mean"] <= 1
     assert out["best_t_index"] == int(np.argmax(out["mlp"]["val_mean"]))  # chosen on validation
-    assert abs(sum(out["attention"]) - 1) < 1e-5 and set(out["continuous_grids"]) == {"5", "11", "51", "random11"}
+    assert abs(sum(out["attention"]) - 1) < 1e-5 and set(out["continuous_grids"]) == {
+        "5",
+        "11",
+        "51",
+        "random11",
+    }
     with pytest.raises(tr.UserError, match="raise --steps"):  # too small a budget: said, not hidden
         analyze.main([run, "--steps", "1", "--seeds", "1", "--hidden", "8", "--max-train", "120"])
-    analyze.main([run, "--steps", "150", "--seeds", "1", "--hidden", "16", "--max-train", "120", "--lr", "3e-3"])
+    analyze.main([run, "--steps", "150", "--seeds", "1", "--hidden", "16", "--max-train", "120",
+                  "--lr", "3e-3"])
     nmi = json.load(open(os.path.join(run, "results", "nmi.json")))
     m = np.array(nmi["nmi_mean"])  # the lag profile is the mean of each off-diagonal
-    assert np.allclose(nmi["nmi_by_lag"], [np.diagonal(m, k).mean() for k in range(1, 11)], atol=1e-6)
+    assert np.allclose(nmi["nmi_by_lag"], [np.diagonal(m, k).mean() for k in range(1, 11)],
+                       atol=1e-6)
     assert "findings" in nmi
     for name in ("probe.png", "nmi.png", "attention.png", "attributes.png"):
         assert os.path.getsize(os.path.join(run, "results", name)) > 1000
@@ -659,8 +749,9 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path):
 @pytest.mark.parametrize("t_dist", tr.T_DISTRIBUTIONS)
 def test_training_time_distributions_match_their_closed_form_cdf(t_dist):
     """Kolmogorov-Smirnov distance between 200k draws and the CDF written from the definitions:
-    uniform t: (t - eps) / (1 - eps); sigma uniform: (sigma(t) - sigma_min) / (sigma_max - sigma_min);
-    mixture: their average. A wrong inversion (e.g. t = u for 'sigma') is off by ~0.5."""
+    uniform t: (t - eps) / (1 - eps); sigma uniform: (sigma(t) - sigma_min) / (sigma_max -
+    sigma_min); mixture: their average. A wrong inversion (e.g. t = u for 'sigma') is off by
+    ~0.5."""
     eps, smin, smax, n = 1e-5, 0.01, 50.0, 200_000
     gen = torch.Generator().manual_seed(0)
     u, coin = torch.rand(2, n, generator=gen, dtype=torch.float64)
@@ -687,15 +778,16 @@ def test_weighted_dsm_with_exact_score_of_gaussian_data(weighting):
         sigma = tr.ve_sigma(torch.tensor(t_val), 0.01, 2.0).item()
         noise = torch.randn(B, 3, 2, 2, generator=gen)
         exact = lambda xt, z, t: -(xt - m) / (s ** 2 + sigma ** 2)
-        dsm = tr.drl_loss(ZeroEncoder(), exact, x0, torch.full((B,), t_val), noise, None, 0.0, 0.01, 2.0,
-                          weighting, sd)[1]
+        dsm = tr.drl_loss(ZeroEncoder(), exact, x0, torch.full((B,), t_val), noise, None, 0.0, 0.01,
+                          2.0, weighting, sd)[1]
         lam_over_s2 = 1.0 if weighting == "sigma2" else 1 + sigma ** 2 / sd ** 2
         assert abs(dsm.item() / (lam_over_s2 * 0.5 * d * s ** 2 / (s ** 2 + sigma ** 2)) - 1) < 0.02
 
 
 def test_edm_preconditioning_is_karras_denoiser():
     """With precond='edm' the score is (D - x_t) / sigma^2 for D = c_skip x_t + c_out F(c_in x_t):
-    with F forced to 0, s = (c_skip - 1) x_t / sigma^2 exactly; with F = 1 the code path adds c_out."""
+    with F forced to 0, s = (c_skip - 1) x_t / sigma^2 exactly; with F = 1 the code path adds
+    c_out."""
     torch.manual_seed(0)
     net = tr.ScoreNet(3, 4, 8, (1, 2), 1, (), 16, 0.01, 50.0, precond="edm", sigma_data=0.5)
     xt, z, t = torch.randn(5, 3, 16, 16) * 3, torch.randn(5, 4), torch.linspace(0.1, 0.9, 5)
@@ -705,17 +797,19 @@ def test_edm_preconditioning_is_karras_denoiser():
     assert torch.allclose(net(xt, z, t) * sigma ** 2, (c_skip - 1) * xt, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         net.conv_out.bias.fill_(1.0)  # F = 1 everywhere (weights are zero-initialised)
-    assert torch.allclose(net(xt, z, t) * sigma ** 2, (c_skip - 1) * xt + c_out, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(net(xt, z, t) * sigma ** 2, (c_skip - 1) * xt + c_out, rtol=1e-4,
+                          atol=1e-4)
 
 
 def test_flatten_head_keeps_position_that_pooling_loses():
-    """A one-pixel object at two places away from the borders: convolutions are shift-equivariant, so
-    the pooled features are the same for both places; the flattened head's code differs. head='both'
-    is Linear([pooled (C), flattened (C*r*r)]): with the weights of its flattened part zeroed the code
-    no longer sees the place, with its pooled part zeroed it does (fails if the parts are swapped)."""
+    """A one-pixel object at two places away from the borders: convolutions are shift-equivariant,
+    so the pooled features are the same for both places; the flattened head's code differs.
+    head='both' is Linear([pooled (C), flattened (C*r*r)]): with the weights of its flattened part
+    zeroed the code no longer sees the place, with its pooled part zeroed it does (fails if the
+    parts are swapped)."""
     torch.manual_seed(0)
-    kw = dict(in_channels=3, code_dim=4, widths=(8, 8), blocks=1, probabilistic=False, sigma_min=0.01,
-              sigma_max=50.0)
+    kw = dict(in_channels=3, code_dim=4, widths=(8, 8), blocks=1, probabilistic=False,
+              sigma_min=0.01, sigma_max=50.0)
     pool, flat = tr.Encoder(**kw, head="pool"), tr.Encoder(**kw, head="flatten", image_size=32)
     x = -torch.ones(2, 3, 32, 32)
     x[0, :, 12, 12] = x[1, :, 12, 20] = 1.0  # one object, shifted by 8 pixels, far from the borders
@@ -743,16 +837,20 @@ def test_flatten_head_keeps_position_that_pooling_loses():
 
 
 def test_learning_rate_schedule_closed_form_and_used_by_train_py(tmp_path):
-    """Warm-up (step + 1) / warmup, then constant ('none') or lr (1 + cos(pi p)) / 2 with p the share
-    of the steps after the warm-up; and train.py's logged learning rate is that of its last step."""
+    """Warm-up (step + 1) / warmup, then constant ('none') or lr (1 + cos(pi p)) / 2 with p the
+    share of the steps after the warm-up; and train.py's logged learning rate is that of its last
+    step."""
     lr, warmup, steps = 1.0, 10, 110
     for step in range(warmup):
         for decay in tr.LR_DECAYS:
-            assert tr.learning_rate(step, lr, warmup, steps, decay) == pytest.approx((step + 1) / warmup)
+            assert tr.learning_rate(step, lr, warmup, steps,
+                                    decay) == pytest.approx((step + 1) / warmup)
     for step in range(warmup, steps + 1):
         assert tr.learning_rate(step, lr, warmup, steps, "none") == lr
         expected = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
-        assert tr.learning_rate(step, lr, warmup, steps, "cosine") == pytest.approx(expected, abs=1e-12)
+        assert tr.learning_rate(step, lr, warmup, steps, "cosine") == pytest.approx(
+            expected, abs=1e-12
+        )
     assert tr.learning_rate(60, lr, warmup, steps, "cosine") == pytest.approx(0.5)
     with pytest.raises(ValueError):
         tr.learning_rate(0, lr, warmup, steps, "linear")
@@ -761,7 +859,8 @@ def test_learning_rate_schedule_closed_form_and_used_by_train_py(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:  # the row of step k is written after the update of step index k - 1
-        assert r["lr"] == pytest.approx(tr.learning_rate(r["step"] - 1, 1e-3, 2, 6, "cosine"), rel=1e-12)
+        assert r["lr"] == pytest.approx(tr.learning_rate(r["step"] - 1, 1e-3, 2, 6, "cosine"),
+                                        rel=1e-12)
     assert rows[-1]["lr"] < rows[3]["lr"] < rows[2]["lr"]
 
 
@@ -772,7 +871,8 @@ def test_random_init_control_is_train_py_starting_point(tmp_path):
     ema, _, _ = tr.load_encoder(str(tmp_path))
     state = torch.random.get_rng_state()
     init, _, _ = tr.load_encoder(str(tmp_path), weights="init")
-    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random state is untouched
+    # the caller's random state is untouched
+    assert torch.equal(state, torch.random.get_rng_state())
     x = tr.dataset_tensors(tr.load_dataset("shapes", "test", num_examples=8))[0]
     a, b = (tr.extract_trajectories(e, x, tr.paper_times(3)) for e in (ema, init))
     assert torch.allclose(a, b, atol=1e-6)
@@ -802,8 +902,8 @@ def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol(
     accs = {}
     for name, encoder in (("init", init), ("trained", trained)):
         codes = tr.extract_trajectories(encoder, x, tr.paper_times(2))  # (N, 2, 8)
-        res = tr.run_probe_protocol("mlp", codes[:700], loc[:700], codes[700:], loc[700:], 16, lrs=[3e-3],
-                                    epochs=30, seeds=[0])
+        res = tr.run_probe_protocol("mlp", codes[:700], loc[:700], codes[700:], loc[700:], 16,
+                                    lrs=[3e-3], epochs=30, seeds=[0])
         accs[name] = res["test_mean"].max().item()
     assert accs["trained"] > 0.85 and accs["trained"] > accs["init"] + 0.3, accs  # 16 classes
 
@@ -826,9 +926,11 @@ def test_folder_subset_and_probe_subset_keep_every_class(tmp_path):
         for c in range(4):
             os.makedirs(tmp_path / split / f"c{c}")
             for i in range(5):
-                Image.new("RGB", (8, 8), (60 * c, 0, 0)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+                Image.new("RGB", (8, 8), (60 * c, 0,
+                                          0)).save(tmp_path / split / f"c{c}" / f"{i}.png")
     ds = tr.load_dataset("folder", "train", str(tmp_path), image_size=8, num_examples=8)
-    assert sorted(ds.labels[:, 0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # "the first 8" would be classes 0, 1
+    # "the first 8" would be classes 0, 1
+    assert sorted(ds.labels[:, 0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
     cfg = dict(dataset="folder", data_root=str(tmp_path), image_size=8, num_train=None, seed=0)
     splits = train.run_datasets(cfg, max_train=12, max_test=4)
     assert set(splits["train"].labels[:, 0].tolist()) == {0, 1, 2, 3} and len(splits["test"]) == 4
@@ -842,12 +944,14 @@ def test_folder_subset_and_probe_subset_keep_every_class(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def run_script(script, *argv):
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def one_sentence(p, match):
-    assert p.returncode != 0 and "Traceback" not in p.stderr and re.search(match, p.stderr), p.stderr[-2000:]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and re.search(match, p.stderr), (
+        p.stderr[-2000:]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -889,7 +993,11 @@ def test_corrupt_image_in_folder_is_named_before_training(tmp_path):
 def test_non_numeric_train_flags_are_argparse_errors(tmp_path, argv, capsys):
     with pytest.raises(SystemExit) as e:
         run_train(*TINY, "--out", str(tmp_path / "r"), *argv)
-    assert e.value.code == 2 and "invalid" in capsys.readouterr().err and not os.path.exists(tmp_path / "r")
+    assert (
+        e.value.code == 2
+        and "invalid" in capsys.readouterr().err
+        and not os.path.exists(tmp_path / "r")
+    )
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -925,7 +1033,7 @@ def test_run_folder_lock_metrics_and_stale_temp_files(tmp_path):
     (out / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 2.0}\n{"st')
     (out / ".tmp-abc.pt").write_bytes(b"")
     run_train(*TINY, "--out", str(out), "--steps", "4", "--ckpt-every", "2")
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4] and rows[0]["loss"] != 1.0
     assert not os.path.exists(out / ".tmp-abc.pt")
     # a resume from step 2 after rows up to step 4 were written keeps each step once
@@ -933,14 +1041,20 @@ def test_run_folder_lock_metrics_and_stale_temp_files(tmp_path):
     run_train(*TINY, "--out", str(tmp_path / "two"), "--steps", "2", "--ckpt-every", "2")
     os.replace(tmp_path / "two" / "ckpt.pt", out / "ckpt.pt")  # as if killed after step 4's log row
     run_train(*TINY, "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--resume")
-    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [2, 4]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [2, 4]
     assert state_equal(tr.load_checkpoint(str(out))["model"], ckpt4["model"])  # and the same run
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--times", "nan,0.5"], "at least 2 increasing finite"), (["--times", "0.5"], "at least 2 increasing"),
-    (["--times", "0.5,0.2"], "increasing"), (["--lrs", "0"], "lrs must be positive"),
-    (["--max-groups", "-1"], "must be 0 \\(all\\) or positive")])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--times", "nan,0.5"], "at least 2 increasing finite"),
+        (["--times", "0.5"], "at least 2 increasing"),
+        (["--times", "0.5,0.2"], "increasing"),
+        (["--lrs", "0"], "lrs must be positive"),
+        (["--max-groups", "-1"], "must be 0 \\(all\\) or positive"),
+    ],
+)
 def test_bad_probe_flags_are_one_sentence(tiny_run, argv, match):
     import probe
     with pytest.raises(tr.UserError, match=match):
@@ -950,7 +1064,9 @@ def test_bad_probe_flags_are_one_sentence(tiny_run, argv, match):
 @pytest.mark.parametrize("argv", [["--times", "a,b"], ["--lrs", "abc"]])
 def test_non_numeric_probe_flags_are_argparse_errors(tiny_run, argv):
     p = run_script("probe.py", tiny_run, *argv)
-    assert p.returncode == 2 and "invalid float_list value" in p.stderr and "Traceback" not in p.stderr
+    assert (
+        p.returncode == 2 and "invalid float_list value" in p.stderr and "Traceback" not in p.stderr
+    )
 
 
 def test_probe_given_the_checkpoint_file_says_give_the_folder(tiny_run):
@@ -962,42 +1078,51 @@ def test_probe_given_the_checkpoint_file_says_give_the_folder(tiny_run):
 def test_cache_is_keyed_by_content_and_bad_cache_files_are_re_encoded(tmp_path):
     model = tiny_model()
     a = tr.load_dataset("shapes", "test", num_examples=12)
-    b = tr.LabelledImages(a.images[::-1].copy(), a.labels[::-1].copy(), a.attributes, a.num_classes)  # same size
+    # same size
+    b = tr.LabelledImages(a.images[::-1].copy(), a.labels[::-1].copy(), a.attributes, a.num_classes)
     times = tr.paper_times(3)
     ca = tr.cached_trajectories(str(tmp_path), model.encoder, a, "test", times, "s1")
     cb = tr.cached_trajectories(str(tmp_path), model.encoder, b, "test", times, "s1")
-    assert torch.allclose(cb["codes"], ca["codes"].flip(0), atol=1e-5)  # b's own codes, not a's cache
+    # b's own codes, not a's cache
+    assert torch.allclose(cb["codes"], ca["codes"].flip(0), atol=1e-5)
     assert torch.equal(cb["labels"], torch.from_numpy(b.labels))
     files = sorted((tmp_path / "cache").iterdir())
     assert len(files) == 2
     lines = []
-    for bad in ({"not": "a cache"}, dict(codes=torch.zeros(12, 3, 5), labels=ca["labels"], times=times)):
+    for bad in ({"not": "a cache"}, dict(codes=torch.zeros(12, 3, 5), labels=ca["labels"],
+                                         times=times)):
         for f in files:
             torch.save(bad, f)  # a foreign torch file; a cache of another code size
-        out = tr.cached_trajectories(str(tmp_path), model.encoder, a, "test", times, "s1", log=lines.append)
+        out = tr.cached_trajectories(str(tmp_path), model.encoder, a, "test", times, "s1",
+                                     log=lines.append)
         assert torch.allclose(out["codes"], ca["codes"], atol=1e-6)
-    assert sum("not a cache of this split and encoder" in l for l in lines) >= 2
+    assert sum("not a cache of this split and encoder" in line for line in lines) >= 2
 
 
 def test_one_class_attribute_cannot_be_probed(tmp_path):
     from PIL import Image
+
     import probe
     for split in ("train", "test"):
         os.makedirs(tmp_path / "data" / split / "only")
         for i in range(12):
-            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / "data" / split / "only" / f"{i}.png")
+            Image.new("RGB", (8, 8), (20 * i, 0,
+                                      0)).save(tmp_path / "data" / split / "only" / f"{i}.png")
     run = str(tmp_path / "run")
-    run_train("--dataset", "folder", "--preset", "cpu", "--data-root", str(tmp_path / "data"), "--image-size", "8",
-              *TINY, "--ch-mult", "1", "--steps", "1", "--num-train", "12", "--out", run)
+    run_train("--dataset", "folder", "--preset", "cpu", "--data-root", str(tmp_path / "data"),
+              "--image-size", "8", *TINY, "--ch-mult", "1", "--steps", "1", "--num-train", "12",
+              "--out", run)
     with pytest.raises(tr.UserError, match="single class"):
-        probe.main([run, "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--width", "8", "--no-continuous"])
+        probe.main([run, "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--width", "8",
+                    "--no-continuous"])
 
 
 def test_library_functions_leave_the_global_random_state_alone():
     codes, y = synthetic_curves(200, T=3, k=1)
     state = torch.random.get_rng_state()
     tr.mine_pairs(codes, codes, [[0, 1]], steps=5, hidden=8)
-    tr.run_probe_protocol("mlp", codes[:150], y[:150], codes[150:], y[150:], 4, lrs=[1e-3], epochs=1, seeds=[0])
+    tr.run_probe_protocol("mlp", codes[:150], y[:150], codes[150:], y[150:], 4, lrs=[1e-3],
+                          epochs=1, seeds=[0])
     assert torch.equal(state, torch.random.get_rng_state())
 
 
@@ -1006,6 +1131,7 @@ def test_probe_figure_title_fits_a_one_panel_figure(tmp_path, monkeypatch):
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+
     import probe
     seen = {}
     save = Figure.savefig
@@ -1048,7 +1174,9 @@ def test_ema_update_equals_its_closed_form_and_train_py_applies_it(tmp_path):
     assert state_equal(ckpt["ema"], ckpt["model"])  # decay 0: the EMA is the last weights
     run_train(*TINY, "--out", str(tmp_path / "e9"), "--steps", "2", "--ema", "0.9")
     ckpt9 = tr.load_checkpoint(str(tmp_path / "e9"))
-    assert state_equal(ckpt9["model"], ckpt["model"]) and not state_equal(ckpt9["ema"], ckpt9["model"])
+    assert state_equal(ckpt9["model"], ckpt["model"]) and not state_equal(
+        ckpt9["ema"], ckpt9["model"]
+    )
 
 
 class FixedEncoder(nn.Module):
@@ -1078,18 +1206,25 @@ def test_drl_and_vdrl_loss_equal_dsm_plus_lambda_times_the_analytic_regulariser(
         return -0.1 * xt + z.sum(1)[:, None, None, None] * 0.01 * t[:, None, None, None]
 
     for weighting in tr.WEIGHTINGS:
-        total, dsm, reg = tr.drl_loss(FixedEncoder(mu, logvar), score, x0, t, noise, code_noise, lambda_z=0.7,
-                                      weighting=weighting, sigma_data=0.3)
+        total, dsm, reg = tr.drl_loss(FixedEncoder(mu, logvar), score, x0, t, noise, code_noise,
+                                      lambda_z=0.7, weighting=weighting, sigma_data=0.3)
         sigma = 0.01 * (50 / 0.01) ** t
         z = mu if logvar is None else mu + torch.exp(0.5 * logvar) * code_noise
         s = score(x0 + sigma[:, None, None, None] * noise, z, t)
-        lam = sigma ** 2 if weighting == "sigma2" else sigma ** 2 * (sigma ** 2 + 0.09) / 0.09  # lambda(t)
-        want_dsm = (lam * 0.5 * ((s + noise / sigma[:, None, None, None]) ** 2).sum((1, 2, 3))).mean()
+        # lambda(t)
+        lam = sigma ** 2 if weighting == "sigma2" else sigma ** 2 * (sigma ** 2 + 0.09) / 0.09
+        want_dsm = (
+            lam * 0.5 * ((s + noise / sigma[:, None, None, None]) ** 2).sum((1, 2, 3))
+        ).mean()
         if logvar is None:
             want_reg = mu.abs().sum(1).mean()
         else:
             q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
-            want_reg = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1).mean()
+            want_reg = (
+                torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0))
+                .sum(1)
+                .mean()
+            )
         assert torch.allclose(dsm, want_dsm, rtol=1e-5) and torch.allclose(reg, want_reg, rtol=1e-5)
         assert torch.allclose(total, want_dsm + 0.7 * want_reg, rtol=1e-5)
 
@@ -1097,11 +1232,12 @@ def test_drl_and_vdrl_loss_equal_dsm_plus_lambda_times_the_analytic_regulariser(
 def test_score_parameterisations_against_their_formulas():
     """'sigma': s = F / sigma, F read off the network's last layer by a hook. 'edm' with the same
     weights and sigma_data 0.3: s = (c_skip x + c_out F(c_in x) - x) / sigma^2 with Karras et al.'s
-    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2).
-    Fails if c_in is left out, sigma_data is taken as 0.5, or the sigma path multiplies by sigma."""
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 /
+    sqrt(sigma^2 + sd^2). Fails if c_in is left out, sigma_data is taken as 0.5, or the sigma path
+    multiplies by sigma."""
     torch.manual_seed(0)
-    kw = dict(in_channels=3, code_dim=4, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-              image_size=8, sigma_min=0.01, sigma_max=50.0)
+    kw = dict(in_channels=3, code_dim=4, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+              attn_resolutions=(), image_size=8, sigma_min=0.01, sigma_max=50.0)
     net_sigma = tr.ScoreNet(**kw, precond="sigma").eval()
     for p in net_sigma.conv_out.parameters():  # a non-trivial F (the network starts with F = 0)
         nn.init.normal_(p, std=0.3)
@@ -1127,12 +1263,18 @@ def test_score_parameterisations_against_their_formulas():
 
 
 FLAG_CASES = [  # (flag, value, where it must arrive)
-    ("--t-dist", "sigma", "noise"), ("--weighting", "sigma2", "loss"), ("--lambda-z", "0.07", "loss"),
-    ("--precond", "sigma", "model"), ("--enc-head", "pool", "model")]
+    ("--t-dist", "sigma", "noise"),
+    ("--weighting", "sigma2", "loss"),
+    ("--lambda-z", "0.07", "loss"),
+    ("--precond", "sigma", "model"),
+    ("--enc-head", "pool", "model"),
+]
 
 
 @pytest.mark.parametrize("flag,value,where", FLAG_CASES)
-def test_each_training_flag_reaches_the_model_or_the_loss(tmp_path, monkeypatch, flag, value, where):
+def test_each_training_flag_reaches_the_model_or_the_loss(
+    tmp_path, monkeypatch, flag, value, where
+):
     """Each flag, set to a value other than the `cpu` preset's, is seen where it acts: the training
     draws (sample_training_noise), the loss (drl_loss) or the built model. A flag dropped on its way
     would fall back to the preset's value in silence."""
@@ -1185,18 +1327,22 @@ def test_quadrature_weights_and_the_log_width_attention_bias_on_an_irregular_gri
     _, attention = tr.trajectory_attention(qkv, bias, heads=2)  # (2, 4)
     assert torch.allclose(attention, (widths / widths.sum()).expand(2, 4), atol=1e-6)
     assert torch.allclose(tr.attention_density(attention[0], times), torch.ones(4), atol=1e-5)
-    peaked = torch.tensor([0.1, 0.6, 0.2, 0.1])  # weight / width, normalised: 2, 3, 0.444, 0.333 / 1
+    # weight / width, normalised: 2, 3, 0.444, 0.333 / 1
+    peaked = torch.tensor([0.1, 0.6, 0.2, 0.1])
     dens = peaked / widths
-    assert torch.allclose(tr.attention_density(peaked, times), dens / (dens * widths).sum(), atol=1e-6)
+    assert torch.allclose(tr.attention_density(peaked, times), dens / (dens * widths).sum(),
+                          atol=1e-6)
     assert tr.attention_density(peaked, times).argmax() == 1
 
 
 def test_nmi_normalisation_from_a_known_mi_matrix(monkeypatch):
     """With MINE replaced by known MI values, NMI(i, j) = I(i;j) / sqrt(I(i;i) I(j;j)): for
-    I = [[4, 1, 0.2], [1, 1, 0.5], [0.2, 0.5, 0.25]] NMI(0, 1) = 0.5, NMI(0, 2) = 0.2, NMI(1, 2) = 1.
-    Rows and columns whose I(i;i) is about 0 are NaN. Fails for (I_ii + I_jj) / 2 or max(I_ii, I_jj)."""
+    I = [[4, 1, 0.2], [1, 1, 0.5], [0.2, 0.5, 0.25]] NMI(0, 1) = 0.5, NMI(0, 2) = 0.2, NMI(1, 2) =
+    1. Rows and columns whose I(i;i) is about 0 are NaN. Fails for (I_ii + I_jj) / 2 or max(I_ii,
+    I_jj)."""
     known = torch.tensor([[4.0, 1.0, 0.2], [1.0, 1.0, 0.5], [0.2, 0.5, 0.25]])
-    monkeypatch.setattr(tr, "mine_pairs", lambda x, y, pairs, seeds, **kw: known.flatten()[None].expand(
+    monkeypatch.setattr(tr, "mine_pairs", lambda x, y, pairs, seeds,
+                        **kw: known.flatten()[None].expand(
         len(seeds), -1).clone())
     nmi, mi = tr.nmi_matrix(torch.randn(10, 3, 2), seeds=(0, 1))
     want = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 1.0], [0.2, 1.0, 1.0]])
@@ -1213,11 +1359,17 @@ def test_shapes_classes_are_balanced_distinct_and_drawn_from_the_seed():
     for a, k in enumerate(tr.SHAPES_CLASSES):
         counts = np.bincount(labels[:, a], minlength=k)
         p = 1 / k
-        assert len(counts) == k and np.all(np.abs(counts / 20000 - p) < 5 * np.sqrt(p * (1 - p) / 20000)), a
+        assert len(counts) == k and np.all(
+            np.abs(counts / 20000 - p) < 5 * np.sqrt(p * (1 - p) / 20000)
+        ), a
     assert (labels[:, 1] != labels[:, 2]).all()
     pairs = np.bincount(labels[:, 1] * 9 + labels[:, 2], minlength=81).reshape(9, 9)
     assert (pairs[~np.eye(9, dtype=bool)] > 150).all()  # every (fg, bg) pair with fg != bg occurs
-    first, again, other = tr.make_shapes(200, seed=3), tr.make_shapes(200, seed=3), tr.make_shapes(200, seed=4)
+    first, again, other = (
+        tr.make_shapes(200, seed=3),
+        tr.make_shapes(200, seed=3),
+        tr.make_shapes(200, seed=4),
+    )
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert not np.array_equal(first[1], other[1]) and not np.array_equal(first[0], other[0])
 
@@ -1252,9 +1404,16 @@ def test_constant_curve_control_repeats_each_inputs_own_best_point():
     assert torch.equal(const[1], codes[1][:, 1:2].expand(4, 5, 3))
 
 
-@pytest.mark.parametrize("a,b,chance,words", [
-    (0.80, 0.70, 0.2, "beats"), (0.70, 0.80, 0.2, "is below"), (0.71, 0.70, 0.2, "within the seed spread"),
-    (0.00, 0.00, 0.5, "at or below chance"), (0.997, 0.999, 0.1, "ceiling")])
+@pytest.mark.parametrize(
+    "a,b,chance,words",
+    [
+        (0.80, 0.70, 0.2, "beats"),
+        (0.70, 0.80, 0.2, "is below"),
+        (0.71, 0.70, 0.2, "within the seed spread"),
+        (0.00, 0.00, 0.5, "at or below chance"),
+        (0.997, 0.999, 0.1, "ceiling"),
+    ],
+)
 def test_probe_verdicts_follow_the_numbers(a, b, chance, words):
     import probe
     text = probe.verdict("A", dict(mean=a, std=0.01), dict(mean=b, std=0.01), "B", chance)
@@ -1274,12 +1433,16 @@ def test_analyze_findings_follow_the_numbers():
     nmi[-1, :-1] *= 0.5  # t = 1 shares half as much with the rest: the most isolated point
     nmi[:-1, -1] *= 0.5
     decaying = analyze.findings(nmi, small, times, None, 0.5, 1.0, {})
-    assert "decays away from the diagonal beyond the seed spread" in decaying and "NOT" not in decaying
+    assert (
+        "decays away from the diagonal beyond the seed spread" in decaying and "NOT" not in decaying
+    )
     assert "most information with the rest of the curve is t = 0.50" in decaying  # the centre
     assert "most isolated is t = 1.00" in decaying
-    flat = analyze.findings(torch.ones(5, 5) - 0.01 * lag, torch.full((5, 5), 0.1), times, None, 0.5, 1.0, {})
+    flat = analyze.findings(torch.ones(5, 5) - 0.01 * lag, torch.full((5, 5), 0.1), times, None,
+                            0.5, 1.0, {})
     assert "does not decay" in flat and "NOT supported" in flat
-    assert "nearly a single point" in analyze.findings(torch.ones(5, 5), small, times, None, 0.01, 1.0, {})
+    assert "nearly a single point" in analyze.findings(torch.ones(5, 5), small, times, None, 0.01,
+                                                       1.0, {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1288,7 +1451,8 @@ def test_analyze_findings_follow_the_numbers():
 
 def test_cache_is_keyed_by_the_weights_not_the_step(tmp_path):
     """Two encoders with other weights under the same tag ('step2', as after a retrain to the same
-    step) never share a cache; a cache file copied over another's name is detected and re-encoded."""
+    step) never share a cache; a cache file copied over another's name is detected and
+    re-encoded."""
     ds = tr.load_dataset("shapes", "test", num_examples=12)
     x, _ = tr.dataset_tensors(ds)
     times = tr.paper_times(3)
@@ -1300,13 +1464,15 @@ def test_cache_is_keyed_by_the_weights_not_the_step(tmp_path):
     lines = []
     b = tr.cached_trajectories(str(tmp_path), second, ds, "test", times, "step2", log=lines.append)
     assert torch.allclose(b["codes"], tr.extract_trajectories(second, x, times), atol=1e-6)
-    assert not torch.allclose(a["codes"], b["codes"], atol=1e-3) and any("encoding" in l for l in lines)
+    assert not torch.allclose(a["codes"], b["codes"],
+                              atol=1e-3) and any("encoding" in line for line in lines)
     path_a, path_b = sorted((tmp_path / "cache").iterdir(), key=lambda p: p.stat().st_mtime)
     path_b.write_bytes(path_a.read_bytes())  # the first encoder's codes under the second's name
     lines = []
-    again = tr.cached_trajectories(str(tmp_path), second, ds, "test", times, "step2", log=lines.append)
+    again = tr.cached_trajectories(str(tmp_path), second, ds, "test", times, "step2",
+                                   log=lines.append)
     assert torch.allclose(again["codes"], b["codes"], atol=1e-6)
-    assert any("not a cache of this split and encoder" in l for l in lines)
+    assert any("not a cache of this split and encoder" in line for line in lines)
 
 
 def image_folder(root, classes, per_class, size=8, seed=0, mode="RGB"):
@@ -1344,11 +1510,11 @@ def test_probe_refuses_a_training_part_with_one_class(tmp_path):
     import probe
     root = image_folder(tmp_path / "imgs", 2, 1)
     run = str(tmp_path / "run")
-    run_train(*TINY, "--dataset", "folder", "--data-root", root, "--image-size", "8", "--num-train", "2",
-              "--batch-size", "2", "--out", run, "--steps", "1")
+    run_train(*TINY, "--dataset", "folder", "--data-root", root, "--image-size", "8", "--num-train",
+              "2", "--batch-size", "2", "--out", run, "--steps", "1")
     with pytest.raises(tr.UserError, match="single class"):
-        probe.main([run, "--target", "class", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--width", "8",
-                    "--probes", "mlp"])
+        probe.main([run, "--target", "class", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1",
+                    "--width", "8", "--probes", "mlp"])
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
@@ -1356,10 +1522,12 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     for split in ("train", "test"):
         for c, level in enumerate((16384, 49152)):  # a quarter and three quarters of 65535
             os.makedirs(tmp_path / split / f"c{c}")
-            Image.fromarray(np.full((8, 8), level, dtype=np.uint16)).save(tmp_path / split / f"c{c}" / "0.png")
+            Image.fromarray(np.full((8, 8), level,
+                                    dtype=np.uint16)).save(tmp_path / split / f"c{c}" / "0.png")
     assert Image.open(tmp_path / "train" / "c0" / "0.png").mode.startswith("I")
     x, _ = tr.dataset_tensors(tr.load_dataset("folder", "train", str(tmp_path), image_size=8))
-    assert torch.allclose(x[:, :, 0, 0], torch.tensor([[-0.5], [0.5]]).expand(2, 3), atol=0.01)  # in [-1, 1]
+    # in [-1, 1]
+    assert torch.allclose(x[:, :, 0, 0], torch.tensor([[-0.5], [0.5]]).expand(2, 3), atol=0.01)
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -1394,7 +1562,8 @@ def test_ctrl_c_and_a_failed_checkpoint_write_say_where_the_run_stands(tmp_path,
         return ema_update(*a)
 
     monkeypatch.setattr(tr, "ema_update", interrupt_at_step_3)
-    with pytest.raises(tr.UserError, match=r"interrupted; the last checkpoint \(step 2\).*--resume"):
+    with pytest.raises(tr.UserError,
+                       match=r"interrupted; the last checkpoint \(step 2\).*--resume"):
         run_train(*TINY, "--out", str(tmp_path / "a"), "--steps", "6", "--ckpt-every", "2")
     assert tr.load_checkpoint(str(tmp_path / "a"))["step"] == 2
     monkeypatch.setattr(tr, "ema_update", ema_update)
@@ -1402,13 +1571,13 @@ def test_ctrl_c_and_a_failed_checkpoint_write_say_where_the_run_stands(tmp_path,
     def disk_full_on_second_save(obj, path, *a, **k):
         calls["save"] += 1
         if calls["save"] == 2:
-            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file: "
-                               "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed "
+                               "writing file: No space left on device")
         return save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", disk_full_on_second_save)
-    with pytest.raises(tr.UserError, match=r"could not write .*ckpt.pt at step 4.*previous checkpoint \(step 2\) "
-                                           r"is intact"):
+    with pytest.raises(tr.UserError, match=r"could not write .*ckpt.pt at step 4.*previous "
+                                           r"checkpoint \(step 2\) is intact"):
         run_train(*TINY, "--out", str(tmp_path / "b"), "--steps", "6", "--ckpt-every", "2")
     assert tr.load_checkpoint(str(tmp_path / "b"))["step"] == 2
     assert not [f for f in os.listdir(tmp_path / "b") if f.startswith(".tmp-")]
@@ -1441,9 +1610,11 @@ def test_unwritable_results_stop_probe_and_analyze_before_the_work(tiny_run, mon
 @pytest.mark.parametrize("argv,match", [(["--run", "/nonexistent/run"], "error: no checkpoint at"),
                                         (["--device", "tpu"], "error: unknown device")])
 def test_bench_checks_its_arguments_before_measuring(argv, match):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True, text=True,
-                       timeout=120, cwd=HERE)
-    assert p.returncode == 1 and re.search(match, p.stderr) and "Traceback" not in p.stderr, p.stderr[-500:]
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True,
+                       text=True, timeout=120, cwd=HERE)
+    assert p.returncode == 1 and re.search(match, p.stderr) and "Traceback" not in p.stderr, (
+        p.stderr[-500:]
+    )
 
 
 def write_tiny_cifar10(root, per_batch=12, test=20, seed=0):
@@ -1465,25 +1636,37 @@ def write_tiny_cifar10(root, per_batch=12, test=20, seed=0):
 
 
 def test_headline_command_cifar10_vdrl_end_to_end(tmp_path, monkeypatch):
-    """`python train.py --dataset cifar10 --encoder vdrl` (the `paper` preset, a few steps of a small
-    batch) on a CIFAR-10 written in torchvision's format (its checksum check bypassed here only),
-    then probe.py --target class and analyze.py on the run."""
+    """`python train.py --dataset cifar10 --encoder vdrl` (the `paper` preset, a few steps of a
+    small batch) on a CIFAR-10 written in torchvision's format (its checksum check bypassed here
+    only), then probe.py --target class and analyze.py on the run."""
+    import torchvision
+
     import analyze
     import probe
-    import torchvision
     write_tiny_cifar10(str(tmp_path / "data"))
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.exists(path))
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path,
+                        md5=None: os.path.exists(path))
     run = str(tmp_path / "run")
-    run_train("--dataset", "cifar10", "--encoder", "vdrl", "--data-root", str(tmp_path / "data"), "--out", run,
-              "--steps", "2", "--batch-size", "10", "--log-every", "1")
+    run_train("--dataset", "cifar10", "--encoder", "vdrl", "--data-root", str(tmp_path / "data"),
+              "--out", run, "--steps", "2", "--batch-size", "10", "--log-every", "1")
     ckpt = tr.load_checkpoint(run)
-    assert ckpt["config"]["preset"] == "paper" and ckpt["model_kwargs"]["probabilistic"] and ckpt["step"] == 2
-    assert ckpt["model_kwargs"]["attn_resolutions"] == (16,) or list(ckpt["model_kwargs"]["attn_resolutions"]) == [16]
-    probe.main([run, "--target", "class", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1", "--width", "8",
-                "--lrs", "1e-3", "--num-times", "3", "--no-continuous"])
+    assert (
+        ckpt["config"]["preset"] == "paper"
+        and ckpt["model_kwargs"]["probabilistic"]
+        and ckpt["step"] == 2
+    )
+    assert ckpt["model_kwargs"]["attn_resolutions"] == (16,) or list(
+        ckpt["model_kwargs"]["attn_resolutions"]
+    ) == [16]
+    probe.main([run, "--target", "class", "--epochs", "1", "--seeds", "1", "--mlp-seeds", "1",
+                "--width", "8", "--lrs", "1e-3", "--num-times", "3", "--no-continuous"])
     out = json.load(open(os.path.join(run, "results", "probe.json")))
-    assert out["targets"]["class"]["num_classes"] == 10 and len(out["targets"]["class"]["mlp"]["mean"]) == 3
+    assert (
+        out["targets"]["class"]["num_classes"] == 10
+        and len(out["targets"]["class"]["mlp"]["mean"]) == 3
+    )
     assert out["dataset"] == "cifar10" and out["encoder"] == "vdrl"
-    analyze.main([run, "--steps", "20", "--seeds", "1", "--hidden", "8", "--num-times", "3", "--lr", "3e-3"])
+    analyze.main([run, "--steps", "20", "--seeds", "1", "--hidden", "8", "--num-times", "3", "--lr",
+                  "3e-3"])
     assert os.path.exists(os.path.join(run, "results", "nmi.json"))

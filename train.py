@@ -6,13 +6,14 @@ sigma^2 weighting in the `paper` preset; --weighting) plus lambda_z times the co
 (L1 for DRL, KL for VDRL). The trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py
 study.
 
-    python train.py                                          # shapes, `cpu` preset, ~8 min on 2 cores
-    python train.py --dataset cifar10 --encoder vdrl         # the paper's configuration (`paper` preset)
-    python train.py --resume                                 # continue runs/<dataset>-<encoder> exactly
+    python train.py                                     # shapes, `cpu` preset, ~5 min on 2 cores
+    python train.py --dataset cifar10 --encoder vdrl    # the paper's configuration (`paper` preset)
+    python train.py --resume                            # continue runs/<dataset>-<encoder> exactly
     torchrun --nproc_per_node=4 train.py --dataset cifar10   # DDP (NCCL on GPUs, gloo on CPU)
     python train.py --dataset cifar10 --amp --compile --workers 8   # one GPU, fast paths
 
-Writes <out>/ckpt.pt (model, EMA, optimiser, step, RNG states, config; atomic) and <out>/metrics.jsonl.
+Writes <out>/ckpt.pt (model, EMA, optimiser, step, RNG states, config; atomic) and
+<out>/metrics.jsonl.
 """
 import argparse
 import copy
@@ -29,114 +30,147 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import trajrep as tr
 
-# Presets: every value can be overridden by its flag. `paper` is the published DRL configuration (paper
-# section 3). `cpu` is what made the encoder learn on `shapes` in under 8 minutes on 2 CPU cores (docs/results.md,
-# "Making the encoder learn"); its departures from the published settings, each a flag:
-#   weighting / precond edm  Karras et al.'s loss weight and parameterisation: at high noise the denoiser
-#                            is the decoder of an autoencoder, so the code must carry the image
+# Presets: every value can be overridden by its flag. `paper` is the published DRL configuration
+# (paper section 3). `cpu` is what made the encoder learn on `shapes` in under 8 minutes on 2 CPU
+# cores (docs/results.md, "Making the encoder learn"); its departures from the published settings,
+# each a flag:
+#   weighting / precond edm  Karras et al.'s loss weight and parameterisation: at high noise the
+#                            denoiser is the decoder of an autoencoder, so the code must carry
+#                            the image
 #   t_dist mixture           half of the training times drawn with sigma uniform (high noise)
 #   enc_head flatten         the encoder keeps where things are instead of average-pooling it away
-#   lambda_z 0.3             a regulariser with weight: each t keeps only what the denoiser needs there
+#   lambda_z 0.3             a regulariser with weight: each t keeps only what the denoiser needs
+#                            there
 #   nf 8, batch 32, lr 2e-3  a small score network and many small steps: more updates per minute
 PRESETS = {
     "cpu": dict(steps=2200, batch_size=32, lr=2e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,
                 enc_widths=[16, 32, 64], enc_blocks=1, nf=8, ch_mult=[1, 2, 2], num_res_blocks=1,
                 attn_res=[], dropout=0.0, enc_head="flatten", weighting="edm", precond="edm",
                 t_dist="mixture", lambda_z=0.3, lr_decay="none", log_every=100, ckpt_every=500),
-    "paper": dict(steps=250_000, batch_size=100, lr=2e-4, warmup=5000, clip=1.0, ema=0.999, code_dim=128,
-                  enc_widths=[32, 64, 128], enc_blocks=4, nf=16, ch_mult=[1, 2, 2, 2], num_res_blocks=2,
-                  attn_res=[16], dropout=0.1, enc_head="pool", weighting="sigma2", precond="sigma",
-                  t_dist="uniform", lambda_z=1e-5, lr_decay="none", log_every=100, ckpt_every=5000),
+    "paper": dict(steps=250_000, batch_size=100, lr=2e-4, warmup=5000, clip=1.0, ema=0.999,
+                  code_dim=128, enc_widths=[32, 64, 128], enc_blocks=4, nf=16, ch_mult=[1, 2, 2, 2],
+                  num_res_blocks=2, attn_res=[16], dropout=0.1, enc_head="pool", weighting="sigma2",
+                  precond="sigma", t_dist="uniform", lambda_z=1e-5, lr_decay="none", log_every=100,
+                  ckpt_every=5000),
 }
-# Per-dataset defaults applied under the preset: image size, Mini-ImageNet's 3-level U-Net (84 px), and
-# the size of the `shapes` object (1.5 times the first version's) and its fine-scale texture (see make_shapes).
-DATASETS = {"shapes": dict(image_size=32, object_scale=1.5, texture=True), "cifar10": dict(image_size=32),
-            "cifar100": dict(image_size=32),
+# Per-dataset defaults applied under the preset: image size, Mini-ImageNet's 3-level U-Net (84 px),
+# and the size of the `shapes` object (1.5 times the first version's) and its fine-scale texture
+# (see make_shapes).
+DATASETS = {"shapes": dict(image_size=32, object_scale=1.5, texture=True),
+            "cifar10": dict(image_size=32), "cifar100": dict(image_size=32),
             "miniimagenet": dict(image_size=84, ch_mult=[1, 2, 2], data_root="./data/miniimagenet"),
             "folder": dict(image_size=64)}
 # Fallbacks for flags no preset sets, and for checkpoints written before a flag existed (their runs
 # used the published setting).
-DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None, object_scale=1.0,
-                texture=False,
-                lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, t_dist="uniform", weighting="sigma2",
-                precond="sigma", sigma_data=0.5, enc_head="pool", lr_decay="none", seed=0, device="auto",
-                amp=False, channels_last=True, compile=False, workers=0, out=None, allow_new_data=False)
-# What a resumed run may change; everything else must match the checkpoint's config. The learning rate,
-# warm-up and clip may change so that a run that diverged can go on from its last good checkpoint.
+DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None,
+                object_scale=1.0, texture=False,
+                lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0, eps=1e-5, t_dist="uniform",
+                weighting="sigma2", precond="sigma", sigma_data=0.5, enc_head="pool",
+                lr_decay="none", seed=0, device="auto", amp=False, channels_last=True,
+                compile=False, workers=0, out=None, allow_new_data=False)
+# What a resumed run may change; everything else must match the checkpoint's config. The learning
+# rate, warm-up and clip may change so that a run that diverged can go on from its last good
+# checkpoint.
 RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "device", "amp", "channels_last", "compile",
                     "workers", "out", "data_root", "lr", "warmup", "clip", "allow_new_data"}
-# Largest checkpoint (model, EMA and Adam's two moments: 16 bytes per parameter) and largest in-memory
-# `shapes` array a run may ask for; beyond, a typo such as --image-size 1000 would fill the disk or RAM.
+# Largest checkpoint (model, EMA and Adam's two moments: 16 bytes per parameter) and largest
+# in-memory `shapes` array a run may ask for; beyond, a typo such as --image-size 1000 would fill
+# the disk or RAM.
 MAX_CHECKPOINT_GB, MAX_SHAPES_GB = 1.0, 4.0
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default shapes, embedded)")
-    g.add_argument("--data-root", help="folder of the data (default ./data; Mini-ImageNet ./data/miniimagenet "
-                                       "with train/<class>/ and test/<class>/)")
-    g.add_argument("--image-size", type=int, help="image side in pixels (32; Mini-ImageNet 84; folder 64)")
-    g.add_argument("--num-train", type=int, help="number of training images (shapes: generated, default 10000; "
-                                                 "others: a seeded class-stratified subset)")
-    g.add_argument("--object-scale", type=float, help="shapes only: size of the object relative to the "
-                                                      "first version's 4-5.5 px radius (default 1.5)")
+    g.add_argument("--data-root", help="folder of the data (default ./data; Mini-ImageNet "
+                                       "./data/miniimagenet with train/<class>/ and test/<class>/)")
+    g.add_argument("--image-size", type=int, help="image side in pixels (32; Mini-ImageNet 84; "
+                                                  "folder 64)")
+    g.add_argument("--num-train", type=int, help="number of training images (shapes: generated, "
+                                                 "default 10000; others: a seeded class-stratified "
+                                                 "subset)")
+    g.add_argument("--object-scale", type=float, help="shapes only: size of the object relative to "
+                                                      "the first version's 4-5.5 px radius "
+                                                      "(default 1.5)")
     g.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
-                   help="shapes only: the fifth attribute, a 2-pixel texture on the object (default on; "
-                        "--no-texture: the four-attribute data of earlier runs)")
+                   help="shapes only: the fifth attribute, a 2-pixel texture on the object "
+                        "(default on; --no-texture: the four-attribute data of earlier runs)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="cpu (default on shapes) or paper (default otherwise)")
-    g.add_argument("--encoder", choices=["drl", "vdrl"], help="deterministic (DRL) or probabilistic (VDRL) code")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="cpu (default on shapes) or paper (default otherwise)",
+    )
+    g.add_argument(
+        "--encoder",
+        choices=["drl", "vdrl"],
+        help="deterministic (DRL) or probabilistic (VDRL) code",
+    )
     g.add_argument("--code-dim", type=int, help="code size D (paper 128)")
-    g.add_argument("--enc-widths", type=int_list, help="encoder stage widths, comma-separated (paper 32,64,128 = WRN-28-2)")
+    g.add_argument("--enc-widths", type=int_list, help="encoder stage widths, comma-separated "
+                                                       "(paper 32,64,128 = WRN-28-2)")
     g.add_argument("--enc-blocks", type=int, help="residual blocks per encoder stage (paper 4)")
     g.add_argument("--nf", type=int, help="score U-Net base channels (cpu 8, paper 16)")
-    g.add_argument("--ch-mult", type=int_list, help="score U-Net channel multipliers per level (paper 1,2,2,2)")
-    g.add_argument("--num-res-blocks", type=int, help="score U-Net residual blocks per level (paper 2)")
-    g.add_argument("--attn-res", type=int_list, help="resolutions with self-attention, comma-separated, '' for none (paper 16)")
+    g.add_argument("--ch-mult", type=int_list, help="score U-Net channel multipliers per level "
+                                                    "(paper 1,2,2,2)")
+    g.add_argument("--num-res-blocks", type=int, help="score U-Net residual blocks per level "
+                                                      "(paper 2)")
+    g.add_argument("--attn-res", type=int_list, help="resolutions with self-attention, "
+                                                     "comma-separated, '' for none (paper 16)")
     g.add_argument("--dropout", type=float, help="score U-Net dropout (paper 0.1)")
-    g.add_argument("--enc-head", choices=tr.ENCODER_HEADS, help="encoder head: global average pooling "
-                   "(paper), the flattened last feature map, which keeps where things are, or both side by side")
+    g.add_argument("--enc-head", choices=tr.ENCODER_HEADS, help="encoder head: global average "
+                   "pooling (paper), the flattened last feature map, which keeps where things are, "
+                   "or both side by side")
     g = p.add_argument_group("diffusion and loss (eq. 1-4)")
     g.add_argument("--sigma-min", type=float, help="VE-SDE sigma_min (0.01)")
     g.add_argument("--sigma-max", type=float, help="VE-SDE sigma_max (50)")
     g.add_argument("--eps", type=float, help="training times t ~ U(eps, 1) (1e-5)")
-    g.add_argument("--lambda-z", type=float, help="weight of the L1 (DRL) or KL (VDRL) regulariser (cpu 0.3, paper 1e-5)")
-    g.add_argument("--t-dist", choices=tr.T_DISTRIBUTIONS, help="training times: uniform t (paper), sigma "
-                   "(sigma(t) uniform), mixture (half each)")
-    g.add_argument("--weighting", choices=tr.WEIGHTINGS, help="loss weight lambda(t): sigma2 (paper, "
-                   "lambda = sigma^2) or edm (Karras et al.: reconstruction-like at high noise)")
+    g.add_argument("--lambda-z", type=float, help="weight of the L1 (DRL) or KL (VDRL) regulariser "
+                                                  "(cpu 0.3, paper 1e-5)")
+    g.add_argument("--t-dist", choices=tr.T_DISTRIBUTIONS, help="training times: uniform t "
+                   "(paper), sigma (sigma(t) uniform), mixture (half each)")
+    g.add_argument("--weighting", choices=tr.WEIGHTINGS, help="loss weight lambda(t): sigma2 "
+                   "(paper, lambda = sigma^2) or edm (Karras et al.: reconstruction-like at high "
+                   "noise)")
     g.add_argument("--precond", choices=tr.PRECONDS, help="score parameterisation: sigma (paper, "
                    "s = F / sigma) or edm (Karras et al.'s c_skip / c_out / c_in)")
-    g.add_argument("--sigma-data", type=float, help="data std assumed by edm weighting and preconditioning (0.5)")
+    g.add_argument("--sigma-data", type=float, help="data std assumed by edm weighting and "
+                                                    "preconditioning (0.5)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="training steps (cpu 2200, paper 250000)")
-    g.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over DDP ranks (cpu 32, paper 100)")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over DDP ranks (cpu "
+                                                  "32, paper 100)")
     g.add_argument("--lr", type=float, help="Adam learning rate (cpu 2e-3, paper 2e-4)")
     g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (paper 5000)")
-    g.add_argument("--lr-decay", choices=tr.LR_DECAYS, help="after the warm-up: none (paper, constant) or cosine "
-                   "to 0 at --steps (a resume that changes --steps stretches what is left of it)")
+    g.add_argument("--lr-decay", choices=tr.LR_DECAYS, help="after the warm-up: none (paper, "
+                   "constant) or cosine to 0 at --steps (a resume that changes --steps stretches "
+                   "what is left of it)")
     g.add_argument("--clip", type=float, help="gradient-norm clip (1.0)")
     g.add_argument("--ema", type=float, help="EMA decay of the weights (cpu 0.99, paper 0.999)")
     g.add_argument("--seed", type=int, help="random seed (0)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder, created if absent (default runs/<dataset>-<encoder>)")
     g.add_argument("--resume", action="store_true", default=False,
-                   help="continue from <out>/ckpt.pt exactly; may change only --steps, --lr, --warmup, --clip, "
-                        "--data-root and the flags of this group")
+                   help="continue from <out>/ckpt.pt exactly; may change only --steps, --lr, "
+                        "--warmup, --clip, --data-root and the flags of this group")
     g.add_argument("--allow-new-data", action="store_true", default=None,
-                   help="with --resume: continue on images other than those the checkpoint was trained on "
-                        "(without it, such a resume is refused)")
+                   help="with --resume: continue on images other than those the checkpoint was "
+                        "trained on (without it, such a resume is refused)")
     g.add_argument("--log-every", type=int, help="steps between log lines")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default on: 1.06-1.09x faster training on 2 CPU cores "
-                        "in bench.py; the usual choice on GPUs with --amp)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPU)")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes (0; with workers, memory is pinned)")
+                   help="channels-last memory format (default on: 1.06-1.09x faster training on 2 "
+                        "CPU cores in bench.py; the usual choice on GPUs with --amp)")
+    g.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the model (GPU)"
+    )
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (0; with workers, "
+                                               "memory is pinned)")
     return p.parse_args(argv)
 
 
@@ -153,9 +187,10 @@ def resolve_config(args):
 def check_config(cfg, given=()):
     """Impossible values end with one sentence, before anything is built or written. `given`: the
     flags the user set (a preset's self-attention resolution may be absent at another image size:
-    Mini-ImageNet's 84 px has no 16 px level, as in the published code; one asked for must exist)."""
-    for key in ("steps", "batch_size", "code_dim", "nf", "enc_blocks", "num_res_blocks", "image_size",
-                "log_every", "ckpt_every", "num_train"):
+    Mini-ImageNet's 84 px has no 16 px level, as in the published code; one asked for must
+    exist)."""
+    for key in ("steps", "batch_size", "code_dim", "nf", "enc_blocks", "num_res_blocks",
+                "image_size", "log_every", "ckpt_every", "num_train"):
         if cfg[key] is not None and cfg[key] <= 0:
             raise tr.UserError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
     if cfg["seed"] < 0:
@@ -164,22 +199,33 @@ def check_config(cfg, given=()):
         if not ints(cfg[key]) or min(ints(cfg[key])) <= 0:
             raise tr.UserError(f"--{key.replace('_', '-')} needs positive integers, e.g. {example}")
     if not 0.5 <= cfg["object_scale"] <= 1.5:
-        raise tr.UserError(f"--object-scale must be in [0.5, 1.5] (beyond, objects of neighbouring location "
-                           f"cells overlap or become too small to show their shape), got {cfg['object_scale']}")
-    for key in ("lr", "clip", "ema", "eps", "lambda_z", "sigma_min", "sigma_max", "dropout", "sigma_data"):
+        raise tr.UserError("--object-scale must be in [0.5, 1.5] (beyond, objects of neighbouring "
+                           "location cells overlap or become too small to show their shape), got "
+                           f"{cfg['object_scale']}")
+    for key in ("lr", "clip", "ema", "eps", "lambda_z", "sigma_min", "sigma_max", "dropout",
+                "sigma_data"):
         if not math.isfinite(cfg[key]):
             raise tr.UserError(f"--{key.replace('_', '-')} must be a finite number, got {cfg[key]}")
     if not 0 < cfg["sigma_min"] < cfg["sigma_max"]:
-        raise tr.UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']} and {cfg['sigma_max']}")
-    for key, ok, rule in (("ema", 0 <= cfg["ema"] < 1, "in [0, 1)"), ("eps", 0 < cfg["eps"] < 1, "in (0, 1)"),
-                          ("lr", cfg["lr"] > 0, "positive"), ("warmup", cfg["warmup"] >= 0, "0 or positive")):
+        raise tr.UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']} and "
+                           f"{cfg['sigma_max']}")
+    for key, ok, rule in (
+        ("ema", 0 <= cfg["ema"] < 1, "in [0, 1)"),
+        ("eps", 0 < cfg["eps"] < 1, "in (0, 1)"),
+        ("lr", cfg["lr"] > 0, "positive"),
+        ("warmup", cfg["warmup"] >= 0, "0 or positive"),
+    ):
         if not ok:
             raise tr.UserError(f"--{key} must be {rule}, got {cfg[key]}")
     if cfg["clip"] <= 0:
-        raise tr.UserError(f"--clip must be positive (it is the largest gradient norm), got {cfg['clip']}")
-    for key, ok, rule in (("dropout", 0 <= cfg["dropout"] < 1, "in [0, 1)"), ("lambda_z", cfg["lambda_z"] >= 0,
-                          "0 or positive"), ("sigma_data", cfg["sigma_data"] > 0, "positive"),
-                          ("workers", cfg["workers"] >= 0, "0 or positive")):
+        raise tr.UserError("--clip must be positive (it is the largest gradient norm), got "
+                           f"{cfg['clip']}")
+    for key, ok, rule in (
+        ("dropout", 0 <= cfg["dropout"] < 1, "in [0, 1)"),
+        ("lambda_z", cfg["lambda_z"] >= 0, "0 or positive"),
+        ("sigma_data", cfg["sigma_data"] > 0, "positive"),
+        ("workers", cfg["workers"] >= 0, "0 or positive"),
+    ):
         if not ok:
             raise tr.UserError(f"--{key.replace('_', '-')} must be {rule}, got {cfg[key]}")
     check_model(cfg, "attn_res" in given)
@@ -189,12 +235,15 @@ def check_model(cfg, check_attention=True):
     """What only the network's shape can tell, checked before anything is written: self-attention at
     resolutions the U-Net has, channel counts GroupNorm can split, and a size that fits on disk. The
     model is built on the `meta` device: shapes only, no memory, no time."""
-    levels = [cfg["image_size"] // 2 ** k for k in range(len(ints(cfg["ch_mult"])))]  # the U-Net's resolutions
+    # the U-Net's resolutions
+    levels = [cfg["image_size"] // 2 ** k for k in range(len(ints(cfg["ch_mult"])))]
     bad = [r for r in ints(cfg["attn_res"]) if r not in levels]
     if bad and check_attention:
-        raise tr.UserError(f"--attn-res {','.join(map(str, bad))} is not a resolution of the score U-Net, whose "
-                           f"levels are {', '.join(map(str, levels))} px (--image-size {cfg['image_size']}, "
-                           f"--ch-mult {','.join(map(str, ints(cfg['ch_mult'])))}); pick from those, or '' for none")
+        raise tr.UserError(f"--attn-res {','.join(map(str, bad))} is not a resolution of the score "
+                           f"U-Net, whose levels are {', '.join(map(str, levels))} px "
+                           f"(--image-size {cfg['image_size']}, --ch-mult "
+                           f"{','.join(map(str, ints(cfg['ch_mult'])))}); pick from those, or '' "
+                           "for none")
     try:
         with torch.device("meta"):
             model = tr.DRLModel(**model_kwargs(cfg))
@@ -202,19 +251,22 @@ def check_model(cfg, check_attention=True):
         if "divisible" not in str(e):
             raise
         raise tr.UserError(f"the networks cannot be built with --nf {cfg['nf']} and --enc-widths "
-                           f"{','.join(map(str, ints(cfg['enc_widths'])))}: GroupNorm splits each layer's channels "
-                           f"into groups of 4 (at most 32 groups) and one layer's count does not divide; use "
-                           f"multiples of 8, e.g. --nf 8 --enc-widths 16,32,64") from None
+                           f"{','.join(map(str, ints(cfg['enc_widths'])))}: GroupNorm splits each "
+                           "layer's channels into groups of 4 (at most 32 groups) and one layer's "
+                           "count does not divide; use multiples of 8, e.g. --nf 8 --enc-widths "
+                           "16,32,64") from None
     gigabytes = 16 * tr.count_parameters(model) / 1e9
     if gigabytes > MAX_CHECKPOINT_GB:
-        raise tr.UserError(f"at --image-size {cfg['image_size']} the model has {tr.count_parameters(model):,} "
-                           f"parameters, a {gigabytes:.1f} GB checkpoint (the flattened encoder head grows with the "
-                           f"image's area); use a smaller --image-size or --enc-head pool")
+        raise tr.UserError(f"at --image-size {cfg['image_size']} the model has "
+                           f"{tr.count_parameters(model):,} parameters, a {gigabytes:.1f} GB "
+                           "checkpoint (the flattened encoder head grows with the image's area); "
+                           "use a smaller --image-size or --enc-head pool")
     if cfg["dataset"] == "shapes":
         data_gb = (cfg["num_train"] or 10000) * cfg["image_size"] ** 2 * 3 / 1e9
         if data_gb > MAX_SHAPES_GB:
-            raise tr.UserError(f"shapes at --image-size {cfg['image_size']} would hold {data_gb:.1f} GB of images "
-                               f"in memory; use a smaller --image-size or --num-train")
+            raise tr.UserError(f"shapes at --image-size {cfg['image_size']} would hold "
+                               f"{data_gb:.1f} GB of images in memory; use a smaller --image-size "
+                               "or --num-train")
 
 
 def ints(value):
@@ -233,41 +285,51 @@ def int_list(text):
 
 
 def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits=("train", "test")):
-    """The splits of a training run's dataset (its config from the checkpoint), each cut to a seeded,
-    class-stratified subset of max_* examples when given; data_root overrides the run's folder.
-    Returns dict(train=LabelledImages, test=LabelledImages) (the names in `splits`)."""
+    """The splits of a training run's dataset (its config from the checkpoint), each cut to a
+    seeded, class-stratified subset of max_* examples when given; data_root overrides the run's
+    folder. Returns dict(train=LabelledImages, test=LabelledImages) (the names in `splits`)."""
     root = data_root or config["data_root"]
     limits = dict(train=(config["num_train"], max_train), test=(None, max_test))
     out = {}
     for name in splits:
-        out[name] = tr.load_dataset(config["dataset"], name, root, config["image_size"], limits[name][0],
-                                 config["seed"], config.get("object_scale", 1.0), config.get("texture", False))
+        out[name] = tr.load_dataset(config["dataset"], name, root, config["image_size"],
+                                    limits[name][0],
+                                 config["seed"], config.get("object_scale", 1.0),
+                                 config.get("texture", False))
         if limits[name][1] and limits[name][1] < len(out[name]):
             out[name] = out[name].subset(limits[name][1], seed)
     return out
 
 
 def model_kwargs(cfg, in_channels=3):
-    return dict(in_channels=in_channels, image_size=cfg["image_size"], probabilistic=cfg["encoder"] == "vdrl",
-                code_dim=cfg["code_dim"], enc_widths=ints(cfg["enc_widths"]), enc_blocks=cfg["enc_blocks"],
-                nf=cfg["nf"], ch_mult=ints(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
-                attn_resolutions=ints(cfg["attn_res"]), dropout=cfg["dropout"], lambda_z=cfg["lambda_z"],
-                sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"], enc_head=cfg["enc_head"],
-                precond=cfg["precond"], weighting=cfg["weighting"], sigma_data=cfg["sigma_data"])
+    return dict(in_channels=in_channels, image_size=cfg["image_size"],
+                probabilistic=cfg["encoder"] == "vdrl", code_dim=cfg["code_dim"],
+                enc_widths=ints(cfg["enc_widths"]), enc_blocks=cfg["enc_blocks"], nf=cfg["nf"],
+                ch_mult=ints(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
+                attn_resolutions=ints(cfg["attn_res"]), dropout=cfg["dropout"],
+                lambda_z=cfg["lambda_z"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"],
+                enc_head=cfg["enc_head"], precond=cfg["precond"], weighting=cfg["weighting"],
+                sigma_data=cfg["sigma_data"])
 
 
 def setup_distributed(cfg):
     """DDP when launched by torchrun (RANK / WORLD_SIZE set), else a single process."""
     if "RANK" not in os.environ:
         return 0, 1, tr.pick_device(cfg["device"])
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world, local = (
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ["LOCAL_RANK"]),
+    )
     device = tr.pick_device(cfg["device"])
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg["batch_size"] % world:
-        raise tr.UserError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
+        raise tr.UserError(
+            f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks"
+        )
     return rank, world, device
 
 
@@ -288,10 +350,14 @@ def main(argv=None):
             shutil.rmtree(cfg["out"], ignore_errors=True)
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C: say where the run stands, not a traceback
             if not os.path.exists(ckpt_path):
-                raise tr.UserError("interrupted before the first checkpoint; nothing was kept") from None
-            raise tr.UserError(f"interrupted; the last checkpoint (step {tr.load_checkpoint(ckpt_path)['step']}) "
-                               f"in {cfg['out']} is intact: continue with python train.py --resume --out "
-                               f"{cfg['out']}") from None
+                raise tr.UserError(
+                    "interrupted before the first checkpoint; nothing was kept"
+                ) from None
+            raise tr.UserError(
+                "interrupted; the last checkpoint (step "
+                f"{tr.load_checkpoint(ckpt_path)['step']}) in {cfg['out']} is "
+                f"intact: continue with python train.py --resume --out {cfg['out']}"
+            ) from None
         raise
     finally:
         if lock is not None:
@@ -307,17 +373,19 @@ def train(args, cfg, given):
         ckpt = tr.load_checkpoint(os.path.join(cfg["out"], "ckpt.pt"))
         cfg = resumed_config(ckpt, given)
     elif os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
-        raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue it, or --out "
-                           f"to start a new run elsewhere (nothing was overwritten)")
+        raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue "
+                           f"it, or --out to start a new run elsewhere (nothing was overwritten)")
     check_config(cfg, given)
     rank, world, device = setup_distributed(cfg)
     if cfg["amp"] and device.type != "cuda":
-        raise tr.UserError(f"--amp (bf16 autocast) is for CUDA devices and this run is on {device}; drop --amp")
+        raise tr.UserError("--amp (bf16 autocast) is for CUDA devices and this run is on "
+                           f"{device}; drop --amp")
     log = print if rank == 0 else (lambda *a, **k: None)  # one rank speaks
     log("config: " + json.dumps(cfg, sort_keys=True))
     if device.type == "cpu" and cfg["preset"] == "paper":
-        log(f"note: the `paper` preset ({cfg['steps']} steps of a 2.3M-parameter model at {cfg['image_size']} px) "
-            f"is a GPU job that takes days on a CPU; for a CPU run add --preset cpu --image-size 32")
+        log(f"note: the `paper` preset ({cfg['steps']} steps of a 2.3M-parameter model at "
+            f"{cfg['image_size']} px) is a GPU job that takes days on a CPU; for a CPU run add "
+            "--preset cpu --image-size 32")
     # ---- data, model, loop: each phase is a function below ----
     data, sampler, data_key = load_training_data(cfg, ckpt, rank, world, log)
     run = build_run(cfg, ckpt, data, data_key, device, rank, world, log)
@@ -334,10 +402,12 @@ def resumed_config(ckpt, given):
     """The config a --resume runs with: the checkpoint's, with only RESUME_OVERRIDES changed (any
     other flag that differs from the checkpoint's value is refused), and --allow-new-data asked
     anew every time. Checkpoints written before a flag existed get its DEFAULTS value."""
-    clash = {k: v for k, v in given.items() if k not in RESUME_OVERRIDES and ckpt["config"].get(k) != v}
+    clash = {k: v for k,
+             v in given.items() if k not in RESUME_OVERRIDES and ckpt["config"].get(k) != v}
     if clash:
-        raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was trained with "
-                           f"{ {k: ckpt['config'].get(k) for k in clash} }; drop those flags")
+        raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was "
+                           f"trained with { {k: ckpt['config'].get(k) for k in clash} }; drop "
+                           "those flags")
     return {**DEFAULTS, **ckpt["config"], "allow_new_data": False,
             **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
 
@@ -345,22 +415,26 @@ def resumed_config(ckpt, given):
 def load_training_data(cfg, ckpt, rank, world, log):
     """The training split and its sampler: a seeded DistributedSampler deals every rank its shard,
     epoch by epoch (one rank: a seeded shuffle). A resume is refused on images other than those
-    the checkpoint was trained on, unless --allow-new-data. Returns (data, sampler, its dataset_key)."""
+    the checkpoint was trained on, unless --allow-new-data. Returns (data, sampler, its
+    dataset_key)."""
     data = run_datasets(cfg, splits=("train",))["train"]
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"],
-                                 drop_last=True)
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg["seed"], drop_last=True)
     if len(sampler) < cfg["batch_size"] // world:
-        raise tr.UserError(f"{len(data)} training images are fewer than one batch of {cfg['batch_size']}; "
-                           f"pass --batch-size {max(world, len(data) // world * world)} or less, or use more images")
+        raise tr.UserError(f"{len(data)} training images are fewer than one batch of "
+                           f"{cfg['batch_size']}; pass --batch-size "
+                           f"{max(world, len(data) // world * world)} or less, or use more images")
     data_key = tr.dataset_key(data)  # which images these are; saved with every checkpoint
-    if ckpt is not None and ckpt.get("data_key", data_key) != data_key and not cfg["allow_new_data"]:
-        raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt was trained on; "
-                           f"give the run's --data-root, or add --allow-new-data to continue on these")
+    if ckpt is not None and ckpt.get("data_key",
+                                     data_key) != data_key and not cfg["allow_new_data"]:
+        raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt "
+                           "was trained on; give the run's --data-root, or add --allow-new-data "
+                           "to continue on these")
     if rank == 0 and ckpt is None:  # sigma_max against the data (Song & Ermon's rule of thumb)
         sample = torch.stack([x for x, _ in data.__getitems__(list(range(min(500, len(data)))))])
-        log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance in {len(sample)} of "
-            f"them {tr.max_pairwise_distance(sample):.1f} (Song & Ermon: sigma_max about that; it is "
-            f"{cfg['sigma_max']})")
+        log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance in "
+            f"{len(sample)} of them {tr.max_pairwise_distance(sample):.1f} (Song & Ermon: "
+            f"sigma_max about that; it is {cfg['sigma_max']})")
     return data, sampler, data_key
 
 
@@ -374,19 +448,21 @@ def build_run(cfg, ckpt, data, data_key, device, rank, world, log):
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # Fused Adam on CUDA: one kernel for the whole update (1.75x the training img/s of the `cpu` size
-    # on an H200, where the step is launch-bound); elsewhere the for-each form, unchanged.
+    # Fused Adam on CUDA: one kernel for the whole update (1.75x the training img/s of the `cpu`
+    # size on an H200, where the step is launch-bound); elsewhere the for-each form, unchanged.
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
                            fused=device.type == "cuda")
-    noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # shared by all ranks (see run_loop)
-    run = dict(model=model, ema=ema, opt=opt, noise_gen=noise_gen, kwargs=kwargs, data_key=data_key, step=0,
-               device=device, t_start=time.time())
+    # shared by all ranks (see run_loop)
+    noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"])
+    run = dict(model=model, ema=ema, opt=opt, noise_gen=noise_gen, kwargs=kwargs, data_key=data_key,
+               step=0, device=device, t_start=time.time())
     if ckpt is None:
         torch.manual_seed(cfg["seed"] + rank)  # per-rank seed for dropout
     else:
         restore(cfg, ckpt, run, rank, world, log)
-    log(f"parameters: encoder {tr.count_parameters(model.encoder):,}, score {tr.count_parameters(model.score):,}; "
-        f"{world} rank(s) x {cfg['batch_size'] // world} = global batch {cfg['batch_size']} on {device}")
+    log(f"parameters: encoder {tr.count_parameters(model.encoder):,}, score "
+        f"{tr.count_parameters(model.score):,}; {world} rank(s) x {cfg['batch_size'] // world} = "
+        f"global batch {cfg['batch_size']} on {device}")
     return run
 
 
@@ -404,9 +480,9 @@ def restore(cfg, ckpt, run, rank, world, log):
             if run["device"].type == "cuda" and ranks[rank].get("cuda") is not None:
                 torch.cuda.set_rng_state(ranks[rank]["cuda"], run["device"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-        raise tr.UserError(f"{cfg['out']}/ckpt.pt does not fit the model it describes ({type(e).__name__}); "
-                           f"it is damaged or from another version: resume from an intact copy or "
-                           f"start a new run with another --out") from None
+        raise tr.UserError(f"{cfg['out']}/ckpt.pt does not fit the model it describes "
+                           f"({type(e).__name__}); it is damaged or from another version: resume "
+                           f"from an intact copy or start a new run with another --out") from None
     run["step"] = ckpt["step"]
     if len(ranks) != world:
         log(f"checkpoint saved with {len(ranks)} ranks, running {world}: dropout RNG reseeded")
@@ -417,23 +493,26 @@ def restore(cfg, ckpt, run, rank, world, log):
 def save_run(cfg, run, rank, world):
     """Writes the checkpoint (rank 0), with every rank's random state gathered into it."""
     device = run["device"]
-    rngs = [dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+    rngs = [dict(cpu=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, rngs[0])
         rngs = gathered
     if rank == 0:
-        tr.save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), config=cfg, model_kwargs=run["kwargs"],
-                           step=run["step"], model=run["model"].state_dict(), ema=run["ema"].state_dict(),
-                           optimizer=run["opt"].state_dict(), rng=dict(noise=run["noise_gen"].get_state(), ranks=rngs),
+        tr.save_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), config=cfg,
+                           model_kwargs=run["kwargs"], step=run["step"],
+                           model=run["model"].state_dict(), ema=run["ema"].state_dict(),
+                           optimizer=run["opt"].state_dict(),
+                           rng=dict(noise=run["noise_gen"].get_state(), ranks=rngs),
                            data_key=run["data_key"])
 
 
 def run_loop(cfg, run, data, sampler, rank, world, log):
-    """The training loop: draw the batch's times and noise, one step of eq. 4 with gradient clipping,
-    the EMA update; every log_every steps a log line (and the non-finite check), every ckpt_every
-    steps a checkpoint. Batches continue from the step reached, so a resumed run sees exactly the
-    batches the uninterrupted one would have."""
+    """The training loop: draw the batch's times and noise, one step of eq. 4 with gradient
+    clipping, the EMA update; every log_every steps a log line (and the non-finite check), every
+    ckpt_every steps a checkpoint. Batches continue from the step reached, so a resumed run sees
+    exactly the batches the uninterrupted one would have."""
     model, opt, device = run["model"], run["opt"], run["device"]
     train_model = model
     if world > 1:
@@ -459,15 +538,25 @@ def run_loop(cfg, run, data, sampler, rank, world, log):
             x0 = x0.to(device, non_blocking=True)
             if cfg["channels_last"]:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            # The randomness of the GLOBAL batch, from a generator identical on every rank; each rank
-            # takes the rows of its own images (DistributedSampler deals rows round-robin), so N ranks
-            # compute exactly the gradient of one process with the same global batch.
-            t, noise, code_noise = tr.sample_training_noise(cfg["batch_size"], image_shape, cfg["code_dim"],
-                                                            cfg["eps"], run["noise_gen"], device, cfg["t_dist"],
-                                                            cfg["sigma_min"], cfg["sigma_max"])
-            t, noise, code_noise = t[rank::world], noise[rank::world], code_noise[rank::world]  # (B/world, ...)
+            # The randomness of the GLOBAL batch, from a generator identical on every rank; each
+            # rank takes the rows of its own images (DistributedSampler deals rows round-robin), so
+            # N ranks compute exactly the gradient of one process with the same global batch.
+            t, noise, code_noise = tr.sample_training_noise(
+                cfg["batch_size"],
+                image_shape,
+                cfg["code_dim"],
+                cfg["eps"],
+                run["noise_gen"],
+                device,
+                cfg["t_dist"],
+                cfg["sigma_min"],
+                cfg["sigma_max"],
+            )
+            # (B/world, ...)
+            t, noise, code_noise = t[rank::world], noise[rank::world], code_noise[rank::world]
             for group in opt.param_groups:  # linear warm-up, then constant or cosine decay
-                group["lr"] = tr.learning_rate(run["step"], cfg["lr"], cfg["warmup"], cfg["steps"], cfg["lr_decay"])
+                group["lr"] = tr.learning_rate(run["step"], cfg["lr"], cfg["warmup"], cfg["steps"],
+                                               cfg["lr_decay"])
             with autocast:
                 loss, dsm, reg = train_model(x0, t, noise, code_noise)
             opt.zero_grad(set_to_none=True)
@@ -495,7 +584,8 @@ class Metrics:
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
         self.path = os.path.join(cfg["out"], "metrics.jsonl")
         if rank == 0:
-            tr.cut_metrics(self.path, step)  # a new run starts an empty file; a resume keeps rows up to its step
+            # a new run starts an empty file; a resume keeps rows up to its step
+            tr.cut_metrics(self.path, step)
         self.sums, self.count = None, 0  # loss, dsm, reg summed since the last log line
         self.t_start = self.t_last = time.time()
         self.step_last = step
@@ -515,16 +605,18 @@ class Metrics:
             ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
             if os.path.exists(ckpt_path):
                 raise tr.UserError(
-                    f"the loss became non-finite before step {step}; the last good checkpoint (step "
-                    f"{tr.load_checkpoint(ckpt_path)['step']}) in {cfg['out']} is intact: continue it "
-                    f"with --resume and a lower --lr or a longer --warmup")
-            raise tr.UserError(f"the loss became non-finite before step {step}, before any checkpoint "
-                               f"was written; start again with a lower --lr or a longer --warmup")
+                    f"the loss became non-finite before step {step}; the last good checkpoint "
+                    f"(step {tr.load_checkpoint(ckpt_path)['step']}) in {cfg['out']} is intact: "
+                    f"continue it with --resume and a lower --lr or a longer --warmup")
+            raise tr.UserError(f"the loss became non-finite before step {step}, before any "
+                               "checkpoint was written; start again with a lower --lr or a longer "
+                               "--warmup")
         now = time.time()
-        ips = (step - self.step_last) * cfg["batch_size"] / max(now - self.t_last, 1e-9)  # images per second
+        # images per second
+        ips = (step - self.step_last) * cfg["batch_size"] / max(now - self.t_last, 1e-9)
         eta = (cfg["steps"] - step) * cfg["batch_size"] / max(ips, 1e-9)
-        self.log(f"step {step:>7d} | loss {mean[0]:9.3f} (dsm {mean[1]:9.3f}, reg {mean[2]:8.3f}) | "
-                 f"{ips:7.1f} img/s | ETA {eta / 60:6.1f} min")
+        self.log(f"step {step:>7d} | loss {mean[0]:9.3f} (dsm {mean[1]:9.3f}, reg {mean[2]:8.3f}) "
+                 f"| {ips:7.1f} img/s | ETA {eta / 60:6.1f} min")
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(dict(step=step, loss=mean[0], dsm=mean[1], reg=mean[2], lr=lr,
@@ -542,7 +634,8 @@ def compare_replicas(cfg, run, world, rank, log):
     log(f"replicas: max |difference| of weights across {world} ranks = {diff}")
     if rank == 0:
         with open(os.path.join(cfg["out"], "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(dict(step=run["step"], replica_max_abs_diff=diff, world_size=world)) + "\n")
+            f.write(json.dumps(dict(step=run["step"], replica_max_abs_diff=diff,
+                                    world_size=world)) + "\n")
 
 
 

@@ -41,6 +41,9 @@ import train
 import trajrep as tr
 
 # Probe protocol of the published code (paper section 3.1); `cpu` is the same at a CPU budget.
+# `paper`: 100 epochs, six learning rates chosen on validation, 5 seeds (3 for the MLPs), every
+# image, width 256. `cpu`: 10 epochs, two learning rates, 2 seeds, 3000 / 1000 images, width 64;
+# the per-t MLPs keep the published 512 hidden units in both.
 PRESETS = {
     "cpu": dict(epochs=10, lrs=[3e-3, 1e-3], seeds=2, mlp_seeds=2, max_train=3000, max_test=1000,
                 width=64),
@@ -56,27 +59,26 @@ MAX_GROUPS = {"cpu": 4, "other": 30}
 
 
 def parse_args(argv):
+    """The command line; unset protocol flags stay None and take the --preset's values."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder of train.py (holding ckpt.pt)")
+    # Which attributes, on which grid of times, and which probes.
     g = p.add_argument_group("what to probe")
     g.add_argument("--target", default=None, help="attribute to predict ('class' for CIFAR; for "
                                                   "shapes one of shape, fg_colour, bg_colour, "
                                                   "location) or 'all' (default all)")
-    g.add_argument(
-        "--num-times", type=int, default=11, help="points of the regular grid on [0, 1] (paper 11)"
-    )
+    g.add_argument("--num-times", type=int, default=11,
+                   help="points of the regular grid on [0, 1] (paper 11)")
     g.add_argument("--times", type=train.float_list, default=None,
                    help="explicit comma-separated times instead of --num-times, e.g. "
                         "0,0.25,0.5,0.75,1")
-    g.add_argument(
-        "--no-continuous",
-        action="store_true",
-        help="skip the grid-free probe (saves encoding time)",
-    )
+    g.add_argument("--no-continuous", action="store_true",
+                   help="skip the grid-free probe (saves encoding time)")
     g.add_argument("--probes", choices=["all", "mlp"], default="all",
                    help="all (default) or mlp: only the per-t MLPs and their random-init and pixel "
                         "controls")
+    # How each probe is trained and chosen; every value defaults to the --preset's.
     g = p.add_argument_group("protocol")
     g.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="cpu (default) or paper")
@@ -103,14 +105,17 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# ---- one attribute's table: the probes, their summaries and the verdicts ----
+
 def fmt(mean, std):
+    """An accuracy and its spread over seeds, in percent: ' 77.5 ±  0.2'."""
     return f"{100 * mean:5.1f} ± {100 * std:4.1f}"
 
 
 def summary(res, head=0, v=None):
     """Mean, spread, per-seed accuracies and chosen lrs of one readout (of input v, for grouped
     inputs)."""
-    pick = (lambda x: x) if v is None else (lambda x: x[v])
+    pick = (lambda x: x) if v is None else (lambda x: x[v])  # grouped inputs lead with V
     return dict(mean=pick(res["test_mean"])[head].item(), std=pick(res["test_std"])[head].item(),
                 seeds=pick(res["tests"])[:, head].tolist(), lrs=pick(res["lrs"])[:, head].tolist())
 
@@ -120,6 +125,7 @@ def verdict(name, a, b, b_name, chance):
     between two probes both within 2 points of the majority-class rate, or both above 99.5%, are
     not read."""
     diff = a["mean"] - b["mean"]
+    # The spread of a difference of two independent means: their spreads added in quadrature.
     spread = (a["std"] ** 2 + b["std"] ** 2) ** 0.5
     if max(a["mean"], b["mean"]) < chance + 0.02:
         return (f"{name} and {b_name} are both at or below chance ({100 * a['mean']:.1f}% and "
@@ -127,12 +133,35 @@ def verdict(name, a, b, b_name, chance):
     if min(a["mean"], b["mean"]) > 0.995:
         return (f"{name} and {b_name} are both at the ceiling ({100 * a['mean']:.2f}% and "
                 f"{100 * b['mean']:.2f}%, above 99.5%): no comparison")
-    word = (
-        "beats"
-        if diff > spread
-        else ("is below" if diff < -spread else "is within the seed spread of")
-    )
+    word = ("beats" if diff > spread else "is below" if diff < -spread
+            else "is within the seed spread of")
     return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
+
+
+def verdicts(out):
+    """The comparisons the Figure 1 table is read for, each one sentence (see verdict): the trained
+    encoder against its two controls, and (when every probe ran) the curve probes against the best
+    single point, against their constant-curve controls and against the same probe at random
+    init."""
+    best, init = f"the best single-t MLP (t={out['best_t']:.2f})", out["init"]
+    rows = [("the trained encoder's " + best.removeprefix("the "), "best_mlp", init["best_mlp"],
+             f"the random-init encoder's (t={init['best_t']:.2f})"),
+            ("the trained encoder's best single-t MLP", "best_mlp", out["pixels"],
+             "an MLP on the raw pixels")]
+    if "gru" in out:  # the whole protocol ran
+        rows += [("GRU", "gru", out["best_mlp"], best),
+                 ("Transformer", "transformer", out["best_mlp"], "the best single-t MLP"),
+                 ("GRU", "gru", out["gru_const"], "its constant-curve control"),
+                 ("Transformer", "transformer", out["transformer_const"],
+                  "its constant-curve control"),
+                 ("MLP on the concatenated curve", "concat", out["best_mlp"],
+                  "the best single-t MLP"),
+                 ("Transformer", "transformer", init["transformer"],
+                  "the same probe at random init")]
+    if "continuous" in out:
+        rows.append(("grid-free Transformer", "continuous", out["transformer"],
+                     "the index Transformer"))
+    return [verdict(name, out[key], b, b_name, out["chance"]) for name, key, b, b_name in rows]
 
 
 def constant_curves(codes, best):
@@ -147,8 +176,10 @@ def constant_curves(codes, best):
 def continuous_on_grid(res, codes, labels, times):
     """Accuracy of the trained grid-free probes (the chosen one per seed) on codes (N, T', D) at
     `times` (T',), and their mean attention density over t."""
-    mean, std = res["standardiser"]
+    mean, std = res["standardiser"]  # the training codes' statistics, pooled over t
     accs, dens = [], []
+    # Per seed, the grouped model at its best epochs and the group (learning rate) chosen on
+    # validation: evaluated on codes at times it never trained on.
     for model, group in res["chosen_models"]:
         groups = model.token.shape[0]  # (G, W): one group per learning rate
         acc, att = tr.evaluate_groups(model, ((codes - mean) / std)[None], labels, [0] * groups,
@@ -169,6 +200,7 @@ def probe_target(a, name, k, data, cfg, log):
     if len(torch.unique(y_tr)) < 2:
         raise tr.UserError(f"attribute {name!r} has a single class in the training split: there is "
                            f"nothing to predict; probe a dataset with at least two classes")
+    # A probe needs two classes in the part it learns from, not only in the whole training split.
     fit_idx, _ = tr.split_train_val(len(y_tr))  # the split run_probe_protocol makes
     if len(torch.unique(y_tr[fit_idx])) < 2:
         raise tr.UserError(f"attribute {name!r}: after a tenth of the {len(y_tr)} training images "
@@ -203,24 +235,21 @@ def probe_target(a, name, k, data, cfg, log):
     x_tr = torch.stack([grid["train"]["codes"], init["train"]["codes"]])
     x_te = torch.stack([grid["test"]["codes"], init["test"]["codes"]])
     t0 = time.time()
+    # 1. The per-t MLPs: where along the curve the attribute is read, and the best single point.
     mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"])
     out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
     out["init"], best = {}, []
     for v, o in enumerate((out, out["init"])):
         b = int(mlp["val_mean"][v].argmax())  # chosen on VALIDATION accuracy, never on test
         best.append(b)
-        o.update(
-            mlp=dict(
-                mean=mlp["test_mean"][v].tolist(),
-                std=mlp["test_std"][v].tolist(),
-                val_mean=mlp["val_mean"][v].tolist(),
-                lrs=mlp["lrs"][v].tolist(),
-            ),
-            best_t_index=b,
-            best_t=times[b].item(),
-            best_mlp=dict(mean=mlp["test_mean"][v, b].item(), std=mlp["test_std"][v, b].item()),
-        )
+        per_t = {key: mlp[key][v].tolist() for key in ("val_mean", "lrs")}
+        o.update(mlp=dict(mean=mlp["test_mean"][v].tolist(), std=mlp["test_std"][v].tolist(),
+                          **per_t), best_t_index=b, best_t=times[b].item(),
+                 best_mlp=dict(mean=mlp["test_mean"][v, b].item(),
+                               std=mlp["test_std"][v, b].item()))
     if cfg["probes"] == "all":
+        # 2. The curve read whole: the MLP on all T codes side by side and on their mean
+        # (controls), then the GRU and the Transformer on the curve and on the constant curve.
         for kind in ("concat", "mean"):
             res = run(kind, x_tr, x_te, cfg["mlp_seeds"])
             out[kind], out["init"][kind] = summary(res, v=0), summary(res, v=1)
@@ -234,10 +263,13 @@ def probe_target(a, name, k, data, cfg, log):
                 if kind == "transformer":
                     # Figure 3: token's attention over the T points
                     o["attention"] = res["attention"][v].tolist()
+    # 3. The control without any encoder: an MLP on the raw pixels.
     px = run("mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"],
              what="pixel MLP")
     out["pixels"] = summary(px)
     if fine is not None and cfg["probes"] == "all":
+        # 4. The grid-free probe: trained on random sub-grids of the fine grid, validated on the
+        # grid's columns, then tested on grids of 5, 11 and 51 points and on random times.
         cols = (times / FINE_STEP).round().long()
         res = run("continuous", fine["train"]["codes"], grid["test"]["codes"], cfg["seeds"],
                   continuous=dict(fine_times=fine["train"]["times"], eval_cols=cols))
@@ -247,51 +279,14 @@ def probe_target(a, name, k, data, cfg, log):
             for g, d in test_grids.items()
         }
     out["seconds"] = time.time() - t0
-    chance, best_t = out["chance"], f"t={out['best_t']:.2f}"
-    out["verdicts"] = [verdict(f"the trained encoder's best single-t MLP ({best_t})",
-                               out["best_mlp"], out["init"]["best_mlp"], "the random-init "
-                               f"encoder's (t={out['init']['best_t']:.2f})", chance),
-                       verdict("the trained encoder's best single-t MLP", out["best_mlp"],
-                               out["pixels"], "an MLP on the raw pixels", chance)]
-    if cfg["probes"] == "all":
-        out["verdicts"] += [
-            verdict(
-                "GRU", out["gru"], out["best_mlp"], f"the best single-t MLP ({best_t})", chance
-            ),
-            verdict(
-                "Transformer", out["transformer"], out["best_mlp"], "the best single-t MLP", chance
-            ),
-            verdict("GRU", out["gru"], out["gru_const"], "its constant-curve control", chance),
-            verdict(
-                "Transformer",
-                out["transformer"],
-                out["transformer_const"],
-                "its constant-curve control",
-                chance,
-            ),
-            verdict(
-                "MLP on the concatenated curve",
-                out["concat"],
-                out["best_mlp"],
-                "the best single-t MLP",
-                chance,
-            ),
-            verdict(
-                "Transformer",
-                out["transformer"],
-                out["init"]["transformer"],
-                "the same probe at random init",
-                chance,
-            ),
-        ]
-    if "continuous" in out:
-        out["verdicts"].append(verdict("grid-free Transformer", out["continuous"],
-                                       out["transformer"], "the index Transformer", chance))
+    out["verdicts"] = verdicts(out)
     print_table(name, out, times, log)
     return out
 
 
 def print_table(name, out, times, log):
+    """The Figure 1 table of one attribute: the per-t MLPs (the best t starred), every other probe,
+    each with its random-init control beside it, the pixel MLP, and the verdicts in words."""
     log(f"\n== target: {name} ({out['num_classes']} classes, majority-class rate "
         f"{100 * out['chance']:.1f}%) ==")
     log(f"{'probe':<36} {'trained encoder':>15}   {'random init':>13}   (test accuracy %, mean ± "
@@ -324,6 +319,8 @@ def print_table(name, out, times, log):
         log("  " + v)
 
 
+# ---- Figure 1 ----
+
 def plot(result, path):
     """Figure 1 per attribute: accuracy of the per-t MLP against t, the curve probes as lines, and
     the controls. Each panel's y-axis spans its own data (a panel whose probes all sit at 99-100%
@@ -331,7 +328,7 @@ def plot(result, path):
     Redraw from a saved result: python -c "import json, probe; probe.plot(json.load(open(
     'runs/shapes-drl/results/probe.json')), 'probe.png')"."""
     plt = pyplot()
-    targets = result["targets"]
+    targets = result["targets"]  # one panel per attribute
     fig, axes = plt.subplots(1, len(targets), figsize=(max(3.6 * len(targets), 6.5), 3.6),
                              squeeze=False)
     t = result["times"]
@@ -341,6 +338,9 @@ def plot(result, path):
               ("transformer_const", "tab:red", ":", "Transformer, constant curve"),
               ("concat", "tab:green", "--", "MLP on the concatenated curve"),
               ("continuous", "tab:purple", "-.", "grid-free Transformer")]
+    # The per-t MLP as points with error bars; every probe on the whole curve as a horizontal line
+    # (it has no t); the random-init MLP per t in grey, the pixel MLP and the majority class as
+    # reference lines.
     for ax, (name, out) in zip(axes[0], targets.items()):
         m, s = torch.tensor(out["mlp"]["mean"]) * 100, torch.tensor(out["mlp"]["std"]) * 100
         ax.errorbar(t, m, yerr=s, marker="o", color="k", label="MLP at t (trained encoder)")
@@ -375,6 +375,9 @@ def plot(result, path):
 
 
 def main(argv=None):
+    """probe.py: the protocol's flags checked, the run opened, its codes encoded (or read from the
+    cache), every probe trained per attribute, the summary printed and probe.json / probe.png
+    written."""
     args = parse_args(argv)
     cfg = protocol_config(PRESETS, args)
     times = check_protocol(cfg, args)
@@ -388,13 +391,13 @@ def main(argv=None):
     attrs = splits["train"].attributes
     targets = list(attrs) if (args.target or "all") == "all" else [args.target]
     if any(t not in attrs for t in targets):
-        raise tr.UserError(
-            f"--target must be one of {', '.join(attrs)} or all, got {args.target!r}"
-        )
+        raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, "
+                           f"got {args.target!r}")
     # ---- the codes: every grid the probes read, encoded once and cached in <run>/cache ----
     data = encode(args, cfg, splits, (encoder, init_encoder), step, times, device)
+    # How far the codes move along t, relative to the spread between images: a curve that barely
+    # moves is one point in disguise, and no probe of it can beat its best point.
     movement = {}
-    # how far the codes move along t, relative to the spread between images
     for key in ("grid", "init"):
         along, across = tr.curve_movement(data[key]["train"]["codes"])
         movement[key] = dict(along=along, across=across, ratio=along / max(across, 1e-12))
@@ -442,13 +445,8 @@ def check_protocol(cfg, args):
     if cfg["max_train"] < 0 or cfg["max_test"] < 0 or (cfg.get("max_groups") or 0) < 0:
         raise tr.UserError("--max-train, --max-test and --max-groups must be 0 (all) or positive")
     times = torch.tensor(args.times) if args.times else tr.paper_times(args.num_times)
-    if (
-        len(times) < 2
-        or not bool(torch.isfinite(times).all())
-        or times.min() < 0
-        or times.max() > 1
-        or not bool((times[1:] > times[:-1]).all())
-    ):
+    finite_in_range = bool(torch.isfinite(times).all()) and times.min() >= 0 and times.max() <= 1
+    if len(times) < 2 or not finite_in_range or not bool((times[1:] > times[:-1]).all()):
         raise tr.UserError("--times must be at least 2 increasing finite values in [0, 1], e.g. "
                            "0,0.5,1")
     return times
@@ -462,6 +460,7 @@ def encode(args, cfg, splits, encoders, step, times, device):
     trained, init = encoders
 
     def codes(split, grid, control=False):
+        """The codes of one split on one grid, from the cache when there, moved to `device`."""
         c = tr.cached_trajectories(args.run, init if control else trained, splits[split], split,
                                    grid, "init" if control else f"step{step}",
                                    log=lambda m: print(m, flush=True))

@@ -43,10 +43,14 @@ import trajrep as tr
 #                            there
 #   nf 8, batch 32, lr 2e-3  a small score network and many small steps: more updates per minute
 PRESETS = {
+    # A 0.2M-parameter model: encoder 16-32-64 with one block per stage and a code of 32 numbers,
+    # a 3-level U-Net of 8 base channels without attention.
     "cpu": dict(steps=2200, batch_size=32, lr=2e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,
                 enc_widths=[16, 32, 64], enc_blocks=1, nf=8, ch_mult=[1, 2, 2], num_res_blocks=1,
                 attn_res=[], dropout=0.0, enc_head="flatten", weighting="edm", precond="edm",
                 t_dist="mixture", lambda_z=0.3, lr_decay="none", log_every=100, ckpt_every=500),
+    # The published sizes: a WRN-28-2 encoder (32-64-128, 4 blocks per stage), a code of 128
+    # numbers, a 4-level U-Net of 16 base channels with self-attention at 16 px; 250k steps of 100.
     "paper": dict(steps=250_000, batch_size=100, lr=2e-4, warmup=5000, clip=1.0, ema=0.999,
                   code_dim=128, enc_widths=[32, 64, 128], enc_blocks=4, nf=16, ch_mult=[1, 2, 2, 2],
                   num_res_blocks=2, attn_res=[16], dropout=0.1, enc_head="pool", weighting="sigma2",
@@ -78,11 +82,18 @@ RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "device", "amp", "channe
 # the disk or RAM.
 MAX_CHECKPOINT_GB, MAX_SHAPES_GB = 1.0, 4.0
 
+# ---- the command line and the config ----
+# A run's config is one flat dict: the fallbacks, then the preset, then the dataset's defaults,
+# then the flags given. It is saved in every checkpoint, and a resume starts from it.
+
 
 def parse_args(argv):
+    """The command line. Every flag defaults to None, so that resolve_config can tell the flags the
+    user gave (which override the preset, and which a --resume must not change) from the rest."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None)
+    # What the model learns from: the dataset, where it lies, and its size.
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default shapes, embedded)")
     g.add_argument("--data-root", help="folder of the data (default ./data; Mini-ImageNet "
@@ -98,6 +109,7 @@ def parse_args(argv):
     g.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
                    help="shapes only: the fifth attribute, a 2-pixel texture on the object "
                         "(default on; --no-texture: the four-attribute data of earlier runs)")
+    # The two networks: the time-aware encoder E(x0, t) and the score U-Net s(x_t, z, t).
     g = p.add_argument_group("model")
     g.add_argument(
         "--preset",
@@ -124,6 +136,7 @@ def parse_args(argv):
     g.add_argument("--enc-head", choices=tr.ENCODER_HEADS, help="encoder head: global average "
                    "pooling (paper), the flattened last feature map, which keeps where things are, "
                    "or both side by side")
+    # The VE-SDE of eq. 1 and the weighted score-matching loss of eq. 4 with its code regulariser.
     g = p.add_argument_group("diffusion and loss (eq. 1-4)")
     g.add_argument("--sigma-min", type=float, help="VE-SDE sigma_min (0.01)")
     g.add_argument("--sigma-max", type=float, help="VE-SDE sigma_max (50)")
@@ -139,6 +152,7 @@ def parse_args(argv):
                    "s = F / sigma) or edm (Karras et al.'s c_skip / c_out / c_in)")
     g.add_argument("--sigma-data", type=float, help="data std assumed by edm weighting and "
                                                     "preconditioning (0.5)")
+    # Adam with warm-up, clipping and an EMA of the weights, as the published code.
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="training steps (cpu 2200, paper 250000)")
     g.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over DDP ranks (cpu "
@@ -151,6 +165,7 @@ def parse_args(argv):
     g.add_argument("--clip", type=float, help="gradient-norm clip (1.0)")
     g.add_argument("--ema", type=float, help="EMA decay of the weights (cpu 0.99, paper 0.999)")
     g.add_argument("--seed", type=int, help="random seed (0)")
+    # Where and how the run goes; these may change on --resume (RESUME_OVERRIDES).
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder, created if absent (default runs/<dataset>-<encoder>)")
     g.add_argument("--resume", action="store_true", default=False,
@@ -177,8 +192,11 @@ def parse_args(argv):
 def resolve_config(args):
     """defaults < preset < dataset defaults < flags given; on --resume, the checkpoint's config."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    # The preset follows the dataset: `cpu` for the embedded `shapes`, the published one otherwise.
     dataset = given.get("dataset", DEFAULTS["dataset"])
     preset = given.get("preset") or ("cpu" if dataset == "shapes" else "paper")
+    # Later entries win: a flag the user gave overrides the dataset's default, which overrides the
+    # preset's, which overrides the fallbacks.
     cfg = {**DEFAULTS, **PRESETS[preset], **DATASETS[dataset], **given, "preset": preset}
     cfg["out"] = cfg["out"] or os.path.join("runs", f"{dataset}-{cfg['encoder']}")
     return cfg, given
@@ -189,6 +207,7 @@ def check_config(cfg, given=()):
     flags the user set (a preset's self-attention resolution may be absent at another image size:
     Mini-ImageNet's 84 px has no 16 px level, as in the published code; one asked for must
     exist)."""
+    # Sizes and counts: a zero or a negative value has no meaning.
     for key in ("steps", "batch_size", "code_dim", "nf", "enc_blocks", "num_res_blocks",
                 "image_size", "log_every", "ckpt_every", "num_train"):
         if cfg[key] is not None and cfg[key] <= 0:
@@ -202,6 +221,7 @@ def check_config(cfg, given=()):
         raise tr.UserError("--object-scale must be in [0.5, 1.5] (beyond, objects of neighbouring "
                            "location cells overlap or become too small to show their shape), got "
                            f"{cfg['object_scale']}")
+    # Real numbers: nan and inf pass every comparison below unnoticed, so they are refused first.
     for key in ("lr", "clip", "ema", "eps", "lambda_z", "sigma_min", "sigma_max", "dropout",
                 "sigma_data"):
         if not math.isfinite(cfg[key]):
@@ -209,6 +229,7 @@ def check_config(cfg, given=()):
     if not 0 < cfg["sigma_min"] < cfg["sigma_max"]:
         raise tr.UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']} and "
                            f"{cfg['sigma_max']}")
+    # Ranges: an EMA decay of 1 never moves, eps = 0 reaches sigma_min exactly at t = 0, and so on.
     for key, ok, rule in (
         ("ema", 0 <= cfg["ema"] < 1, "in [0, 1)"),
         ("eps", 0 < cfg["eps"] < 1, "in (0, 1)"),
@@ -228,6 +249,7 @@ def check_config(cfg, given=()):
     ):
         if not ok:
             raise tr.UserError(f"--{key.replace('_', '-')} must be {rule}, got {cfg[key]}")
+    # What only the network's shape can tell.
     check_model(cfg, "attn_res" in given)
 
 
@@ -235,7 +257,7 @@ def check_model(cfg, check_attention=True):
     """What only the network's shape can tell, checked before anything is written: self-attention at
     resolutions the U-Net has, channel counts GroupNorm can split, and a size that fits on disk. The
     model is built on the `meta` device: shapes only, no memory, no time."""
-    # the U-Net's resolutions
+    # The U-Net's resolutions: the image side halved at each level after the first.
     levels = [cfg["image_size"] // 2 ** k for k in range(len(ints(cfg["ch_mult"])))]
     bad = [r for r in ints(cfg["attn_res"]) if r not in levels]
     if bad and check_attention:
@@ -292,16 +314,19 @@ def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits
     limits = dict(train=(config["num_train"], max_train), test=(None, max_test))
     out = {}
     for name in splits:
+        # Checkpoints written before object_scale or texture existed trained on the first
+        # version's data: scale 1.0, no texture.
         out[name] = tr.load_dataset(config["dataset"], name, root, config["image_size"],
-                                    limits[name][0],
-                                 config["seed"], config.get("object_scale", 1.0),
-                                 config.get("texture", False))
+                                    limits[name][0], config["seed"],
+                                    config.get("object_scale", 1.0), config.get("texture", False))
         if limits[name][1] and limits[name][1] < len(out[name]):
             out[name] = out[name].subset(limits[name][1], seed)
     return out
 
 
 def model_kwargs(cfg, in_channels=3):
+    """The DRLModel arguments of a config; saved in the checkpoint, so that probe.py and analyze.py
+    rebuild the same networks without train.py's flags."""
     return dict(in_channels=in_channels, image_size=cfg["image_size"],
                 probabilistic=cfg["encoder"] == "vdrl", code_dim=cfg["code_dim"],
                 enc_widths=ints(cfg["enc_widths"]), enc_blocks=cfg["enc_blocks"], nf=cfg["nf"],
@@ -313,7 +338,8 @@ def model_kwargs(cfg, in_channels=3):
 
 
 def setup_distributed(cfg):
-    """DDP when launched by torchrun (RANK / WORLD_SIZE set), else a single process."""
+    """DDP when launched by torchrun (RANK / WORLD_SIZE set), else a single process.
+    Returns (rank, world size, device)."""
     if "RANK" not in os.environ:
         return 0, 1, tr.pick_device(cfg["device"])
     rank, world, local = (
@@ -322,10 +348,12 @@ def setup_distributed(cfg):
         int(os.environ["LOCAL_RANK"]),
     )
     device = tr.pick_device(cfg["device"])
-    if device.type == "cuda":
+    if device.type == "cuda":  # one GPU per process: the one torchrun assigned to this rank
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # --batch-size is the GLOBAL batch: each rank takes its share, so the gradient is that of one
+    # process with the whole batch (tested against a single process).
     if cfg["batch_size"] % world:
         raise tr.UserError(
             f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks"
@@ -333,18 +361,22 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+# ---- the run: main claims the folder and calls train, whose phases follow it in order ----
+
 def main(argv=None):
     """Parses flags, claims the run folder, trains; a run that fails before its first checkpoint
     removes the folder it created (it holds nothing worth keeping), so a retry starts clean."""
     args = parse_args(argv)
     cfg, given = resolve_config(args)
     lock, created = None, False
+    # Rank 0 (or the only process) checks the flags and takes the folder's lock; with DDP the
+    # other ranks write nothing there.
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         check_config(cfg, given)  # before anything is written
         lock, created = tr.claim_run_folder(cfg["out"])
     try:
         train(args, cfg, given)
-    except BaseException as e:
+    except BaseException as e:  # any failure, Ctrl-C included: leave the folder as a retry needs it
         ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
         if created and not os.path.exists(ckpt_path):
             shutil.rmtree(cfg["out"], ignore_errors=True)
@@ -372,9 +404,11 @@ def train(args, cfg, given):
     if args.resume:
         ckpt = tr.load_checkpoint(os.path.join(cfg["out"], "ckpt.pt"))
         cfg = resumed_config(ckpt, given)
+    # A new run never writes over an old one's checkpoint.
     elif os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):
         raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue "
                            f"it, or --out to start a new run elsewhere (nothing was overwritten)")
+    # Checked again after a resume: the checkpoint's config with the flags that may change.
     check_config(cfg, given)
     rank, world, device = setup_distributed(cfg)
     if cfg["amp"] and device.type != "cuda":
@@ -402,8 +436,9 @@ def resumed_config(ckpt, given):
     """The config a --resume runs with: the checkpoint's, with only RESUME_OVERRIDES changed (any
     other flag that differs from the checkpoint's value is refused), and --allow-new-data asked
     anew every time. Checkpoints written before a flag existed get its DEFAULTS value."""
-    clash = {k: v for k,
-             v in given.items() if k not in RESUME_OVERRIDES and ckpt["config"].get(k) != v}
+    # A flag that would change what the run learns (the model, the loss, the data) is refused.
+    clash = {k: v for k, v in given.items()
+             if k not in RESUME_OVERRIDES and ckpt["config"].get(k) != v}
     if clash:
         raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was "
                            f"trained with { {k: ckpt['config'].get(k) for k in clash} }; drop "
@@ -418,13 +453,17 @@ def load_training_data(cfg, ckpt, rank, world, log):
     the checkpoint was trained on, unless --allow-new-data. Returns (data, sampler, its
     dataset_key)."""
     data = run_datasets(cfg, splits=("train",))["train"]
+    # drop_last: every rank gets the same number of images, so no rank waits for a batch that the
+    # others never send; with one rank it is a seeded shuffle that drops at most world - 1 images.
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg["seed"], drop_last=True)
     if len(sampler) < cfg["batch_size"] // world:
         raise tr.UserError(f"{len(data)} training images are fewer than one batch of "
                            f"{cfg['batch_size']}; pass --batch-size "
                            f"{max(world, len(data) // world * world)} or less, or use more images")
-    data_key = tr.dataset_key(data)  # which images these are; saved with every checkpoint
+    # Which images these are (a hash of pixels or file names): saved with every checkpoint, so that
+    # a resume on other images is noticed instead of silently mixing two datasets.
+    data_key = tr.dataset_key(data)
     if ckpt is not None and ckpt.get("data_key",
                                      data_key) != data_key and not cfg["allow_new_data"]:
         raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt "
@@ -445,9 +484,9 @@ def build_run(cfg, ckpt, data, data_key, device, rank, world, log):
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     kwargs = model_kwargs(cfg, in_channels=data[0][0].shape[0])
     model = tr.DRLModel(**kwargs).to(device)
-    if cfg["channels_last"]:
+    if cfg["channels_last"]:  # NHWC convolutions: faster on CPUs and tensor cores
         model = model.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False)  # starts at the initial weights
     # Fused Adam on CUDA: one kernel for the whole update (1.75x the training img/s of the `cpu`
     # size on an H200, where the step is launch-bound); elsewhere the for-each form, unchanged.
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
@@ -475,7 +514,7 @@ def restore(cfg, ckpt, run, rank, world, log):
         run["opt"].load_state_dict(ckpt["optimizer"])
         run["noise_gen"].set_state(ckpt["rng"]["noise"])
         ranks = ckpt["rng"]["ranks"]
-        if len(ranks) == world:
+        if len(ranks) == world:  # each rank continues its own dropout stream
             torch.set_rng_state(ranks[rank]["cpu"])
             if run["device"].type == "cuda" and ranks[rank].get("cuda") is not None:
                 torch.cuda.set_rng_state(ranks[rank]["cuda"], run["device"])
@@ -484,7 +523,7 @@ def restore(cfg, ckpt, run, rank, world, log):
                            f"({type(e).__name__}); it is damaged or from another version: resume "
                            f"from an intact copy or start a new run with another --out") from None
     run["step"] = ckpt["step"]
-    if len(ranks) != world:
+    if len(ranks) != world:  # a seed that differs per rank and per step, never reused
         log(f"checkpoint saved with {len(ranks)} ranks, running {world}: dropout RNG reseeded")
         torch.manual_seed(cfg["seed"] + 7919 * rank + run["step"])
     log(f"resumed from {cfg['out']}/ckpt.pt at step {run['step']}")
@@ -493,9 +532,11 @@ def restore(cfg, ckpt, run, rank, world, log):
 def save_run(cfg, run, rank, world):
     """Writes the checkpoint (rank 0), with every rank's random state gathered into it."""
     device = run["device"]
+    # The CPU and CUDA streams drive dropout; the noise generator, shared by all ranks, draws t
+    # and the noise. With all of them saved, --resume continues bit for bit.
     rngs = [dict(cpu=torch.get_rng_state(),
                  cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
-    if world > 1:
+    if world > 1:  # every rank's dropout stream goes into the one checkpoint
         gathered = [None] * world
         dist.all_gather_object(gathered, rngs[0])
         rngs = gathered
@@ -514,6 +555,8 @@ def run_loop(cfg, run, data, sampler, rank, world, log):
     ckpt_every steps a checkpoint. Batches continue from the step reached, so a resumed run sees
     exactly the batches the uninterrupted one would have."""
     model, opt, device = run["model"], run["opt"], run["device"]
+    # What the step calls: the model, wrapped for DDP (gradients averaged across ranks) and/or
+    # compiled; `model` itself keeps the plain weights that the EMA and the checkpoint read.
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -522,10 +565,12 @@ def run_loop(cfg, run, data, sampler, rank, world, log):
         train_model = torch.compile(train_model)
     params, ema_params = list(model.parameters()), list(run["ema"].parameters())
     image_shape, per_rank = tuple(data[0][0].shape), cfg["batch_size"] // world
-    steps_per_epoch = len(sampler) // per_rank
+    steps_per_epoch = len(sampler) // per_rank  # every epoch drops its last partial batch
     metrics = Metrics(cfg, run["step"], rank, world, log)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"])
     while run["step"] < cfg["steps"]:
+        # The epoch and the batch within it follow from the step alone: a resumed run starts at
+        # the batch the uninterrupted one would have drawn next.
         epoch, offset = divmod(run["step"], steps_per_epoch)
         sampler.set_epoch(epoch)
         batches = list(BatchSampler(sampler, per_rank, drop_last=True))[offset:]
@@ -534,7 +579,8 @@ def run_loop(cfg, run, data, sampler, rank, world, log):
         loader = DataLoader(data, batch_sampler=batches, num_workers=cfg["workers"],
                             pin_memory=cfg["workers"] > 0 and device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        for x0, _ in loader:
+        for x0, _ in loader:  # the labels are not used: the model learns from the images alone
+            # non_blocking: with pinned memory (--workers) the copy overlaps the previous step.
             x0 = x0.to(device, non_blocking=True)
             if cfg["channels_last"]:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -553,25 +599,30 @@ def run_loop(cfg, run, data, sampler, rank, world, log):
                 cfg["sigma_max"],
             )
             # (B/world, ...)
+            # Rank r takes rows r, r + world, ...: the rows of the images its sampler gave it.
             t, noise, code_noise = t[rank::world], noise[rank::world], code_noise[rank::world]
             for group in opt.param_groups:  # linear warm-up, then constant or cosine decay
                 group["lr"] = tr.learning_rate(run["step"], cfg["lr"], cfg["warmup"], cfg["steps"],
                                                cfg["lr_decay"])
-            with autocast:
+            with autocast:  # bf16 on CUDA with --amp; otherwise a no-op
+                # eq. 4: the weighted denoising loss plus lambda_z times the code regulariser
                 loss, dsm, reg = train_model(x0, t, noise, code_noise)
+            # One optimisation step. Clipping the gradient norm (1.0, as the published code) keeps
+            # the rare step at high noise, with its large loss, from throwing the weights off.
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
             opt.step()
-            tr.ema_update(ema_params, params, cfg["ema"])
+            tr.ema_update(ema_params, params, cfg["ema"])  # the EMA weights are what probes read
             metrics.add(loss, dsm, reg)  # no host-device synchronisation: summed on the device
             run["step"] += 1
             last = run["step"] == cfg["steps"]
+            # Log lines and checkpoints: the only places where the host waits for the device.
             if run["step"] % cfg["log_every"] == 0 or run["step"] % cfg["ckpt_every"] == 0 or last:
                 metrics.write(run["step"], opt.param_groups[0]["lr"])  # the one synchronising point
                 if run["step"] % cfg["ckpt_every"] == 0 or last:
                     save_run(cfg, run, rank, world)
-            if last:
+            if last:  # --steps may end mid-epoch
                 break
 
 
@@ -581,6 +632,7 @@ class Metrics:
     anything is saved (the last good checkpoint stays intact)."""
 
     def __init__(self, cfg, step, rank, world, log):
+        # Only rank 0 writes metrics.jsonl; every rank joins the all_reduce in write.
         self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
         self.path = os.path.join(cfg["out"], "metrics.jsonl")
         if rank == 0:
@@ -591,16 +643,20 @@ class Metrics:
         self.step_last = step
 
     def add(self, loss, dsm, reg):
+        """Adds one step's losses to the device-side sums (no .item(): the host does not wait)."""
         row = torch.stack([loss.detach(), dsm.detach(), reg.detach()]).float()  # (3,)
         self.sums = row if self.sums is None else self.sums + row
         self.count += 1
 
     def write(self, step, lr):
+        """The mean losses since the last write (averaged over ranks), checked finite, then one log
+        line (with images/s and an ETA) and one metrics.jsonl row; the sums start again."""
         cfg, sums = self.cfg, self.sums
         if self.world > 1:
             dist.all_reduce(sums)
             sums /= self.world
-        mean = (sums / self.count).tolist()
+        mean = (sums / self.count).tolist()  # the one host-device synchronisation
+        # A non-finite loss stops here, before the checkpoint below would save broken weights.
         if not all(math.isfinite(v) for v in mean):
             ckpt_path = os.path.join(cfg["out"], "ckpt.pt")
             if os.path.exists(ckpt_path):
@@ -627,6 +683,8 @@ class Metrics:
 def compare_replicas(cfg, run, world, rank, log):
     """After DDP training: the largest difference between the ranks' weights (0 when they agree),
     in the log and in metrics.jsonl."""
+    # DDP averages gradients, so replicas that start equal stay equal; a difference would mean a
+    # rank saw other data or other randomness than it should.
     flat = torch.cat([p.detach().flatten() for p in run["model"].parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)

@@ -961,6 +961,27 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+def test_exported_weights_read_like_the_run_and_cannot_be_resumed(tmp_path, tiny_run):
+    """export_weights keeps what reading a run needs: the same EMA encoder (equal codes), its
+    random-init control, config and step, the sentence saying who made it; it is much smaller than
+    the checkpoint, and train.py --resume on it stops with one sentence."""
+    folder = tmp_path / "weights"
+    os.makedirs(folder)
+    tr.export_weights(tiny_run, str(folder / "ckpt.pt"), made_by="python train.py (tiny), cpu")
+    x, t = torch.rand(5, 3, 32, 32) * 2 - 1, torch.tensor([0.0, 0.3, 0.5, 0.8, 1.0])
+    ran, exported = tr.load_encoders(tiny_run), tr.load_encoders(str(folder))
+    with torch.no_grad():
+        for a, b in zip(ran[:2], exported[:2]):  # trained, then the random-init control
+            assert torch.equal(a(x, t)[0], b(x, t)[0])
+    assert ran[2:] == exported[2:]  # config and step
+    assert tr.load_checkpoint(str(folder))["made_by"] == "python train.py (tiny), cpu"
+    size = os.path.getsize(folder / "ckpt.pt")
+    assert size < 0.5 * os.path.getsize(os.path.join(tiny_run, "ckpt.pt"))
+    with pytest.raises(tr.UserError, match="exported weights only.*cannot be resumed"):
+        run_train("--resume", "--out", str(folder))
+    assert os.path.exists(folder / "ckpt.pt")  # the refused resume left the file alone
+
+
 @pytest.mark.parametrize("missing", ["model_kwargs", "config", "ema"])
 def test_incomplete_checkpoint_is_one_sentence(tmp_path, tiny_run, missing):
     ckpt = tr.load_checkpoint(tiny_run)

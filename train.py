@@ -402,7 +402,7 @@ def train(args, cfg, given):
     # ---- config: a resumed run continues with the checkpoint's, changing only what may change ----
     ckpt = None
     if args.resume:
-        ckpt = tr.load_checkpoint(os.path.join(cfg["out"], "ckpt.pt"))
+        ckpt = tr.load_checkpoint(os.path.join(cfg["out"], "ckpt.pt"), resumable=True)
         cfg = resumed_config(ckpt, given)
     # A new run never writes over an old one's checkpoint.
     elif os.path.exists(os.path.join(cfg["out"], "ckpt.pt")):

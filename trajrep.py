@@ -1311,6 +1311,7 @@ def separation_profile(codes, labels, max_pairs=2000, seed=0):
 # =================================================================================================
 
 CHECKPOINT_KIND = "trajrep-drl-checkpoint"
+WEIGHTS_KIND = "trajrep-drl-weights"  # EMA weights alone, for reading a run: see export_weights
 
 
 def atomic_save(obj, path):
@@ -1341,8 +1342,10 @@ def check_writable(*folders):
                             f"copy the run folder somewhere writable and give that copy") from None
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Loads a training checkpoint as DATA (weights_only=True) and checks that it is one.
+def load_checkpoint(path, map_location="cpu", resumable=False):
+    """Loads a training checkpoint, or an exported weights file (see export_weights), as DATA
+    (weights_only=True) and checks that it is one. resumable=True (train.py --resume) accepts
+    only a training checkpoint: a weights file holds no optimiser state or random streams.
 
     Raises UserError with one sentence for a missing, corrupted or foreign file."""
     if os.path.isdir(path):
@@ -1355,13 +1358,18 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint (corrupted or truncated: "
                         f"{type(e).__name__}); retrain, or resume from an intact copy") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+    kinds = (CHECKPOINT_KIND,) if resumable else (CHECKPOINT_KIND, WEIGHTS_KIND)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
+        if isinstance(ckpt, dict) and ckpt.get("kind") == WEIGHTS_KIND:
+            raise UserError(f"{path} holds exported weights only (for probe.py and analyze.py), "
+                            "not a training state; it cannot be resumed: start a new run")
         raise UserError(f"{path} is not a trajrep training checkpoint; give a ckpt.pt written by "
                         "train.py")
-    expected = dict(config=dict, model_kwargs=dict, step=int, model=dict, ema=dict, optimizer=dict,
-                    rng=dict)
+    expected = dict(config=dict, model_kwargs=dict, step=int, ema=dict)
+    if ckpt["kind"] == CHECKPOINT_KIND:  # the training state besides the weights
+        expected.update(model=dict, optimizer=dict, rng=dict)
     broken = [k for k, kind in expected.items() if not isinstance(ckpt.get(k), kind)]
-    if not broken and not isinstance(ckpt["rng"].get("ranks"), list):
+    if not broken and "rng" in expected and not isinstance(ckpt["rng"].get("ranks"), list):
         broken = ["rng"]
     if broken:
         raise UserError(f"{path} is an incomplete trajrep checkpoint (missing or malformed: "
@@ -1382,6 +1390,18 @@ def save_checkpoint(path, **contents):
         raise UserError(f"could not write {path} at step {contents.get('step')} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); {before}: free "
                         f"space or pass another --out, then --resume") from None
+
+
+def export_weights(run, path, made_by):
+    """Writes a run's EMA weights alone to `path`, a file for READING the run (load_encoder,
+    probe.py, analyze.py), not for resuming it: config, model description, step, EMA weights, the
+    data key, and made_by, the command and device that trained it (a sentence kept with the
+    weights). About a quarter of a checkpoint: no raw weights, no optimiser moments. Name it
+    <folder>/ckpt.pt to give the folder to probe.py and analyze.py as a run."""
+    ckpt = load_checkpoint(run)
+    atomic_save(dict(kind=WEIGHTS_KIND, config=ckpt["config"], model_kwargs=ckpt["model_kwargs"],
+                     step=ckpt["step"], ema=ckpt["ema"], data_key=ckpt.get("data_key"),
+                     made_by=str(made_by)), path)
 
 
 def claim_run_folder(out):

@@ -1691,3 +1691,25 @@ def test_headline_command_cifar10_vdrl_end_to_end(tmp_path, monkeypatch):
     analyze.main([run, "--steps", "20", "--seeds", "1", "--hidden", "8", "--num-times", "3", "--lr",
                   "3e-3"])
     assert os.path.exists(os.path.join(run, "results", "nmi.json"))
+
+
+def test_shipped_weights_are_the_learnt_encoder():
+    """pretrained/shapes-drl/ckpt.pt, the exported 12000-step DRL encoder, loads as data, says who
+    made it, and holds the outline: a nearest-class-mean classifier on its codes at t = 0.7 reads
+    the shape of held-out images far above the random-init control and chance (measured 53% vs
+    21%; chance 20%), which a wrong, untrained or damaged file could not."""
+    folder = os.path.join(HERE, "pretrained", "shapes-drl")
+    ckpt = tr.load_checkpoint(folder)
+    assert ckpt["kind"] == tr.WEIGHTS_KIND and ckpt["step"] == 12000
+    assert "python train.py --steps 12000" in ckpt["made_by"] and ckpt["config"]["texture"]
+    trained, init, cfg, _ = tr.load_encoders(folder)
+    data = train.run_datasets(cfg, max_test=1000, splits=("test",))["test"]
+    x, y = tr.dataset_tensors(data)
+    shape = y[:, data.attributes.index("shape")]
+    accuracy = {}
+    for name, encoder in (("trained", trained), ("init", init)):
+        z = tr.extract_trajectories(encoder, x, torch.tensor([0.7]))[:, 0]  # (N, D)
+        z = (z - z[:700].mean(0)) / z[:700].std(0).clamp_min(1e-6)
+        means = torch.stack([z[:700][shape[:700] == k].mean(0) for k in range(5)])  # (5, D)
+        accuracy[name] = (torch.cdist(z[700:], means).argmin(1) == shape[700:]).float().mean()
+    assert accuracy["trained"] > 0.4 and accuracy["trained"] > accuracy["init"] + 0.2, accuracy

@@ -6,7 +6,7 @@ sigma^2 weighting in the `paper` preset; --weighting) plus lambda_z times the co
 (L1 for DRL, KL for VDRL). The trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py
 study.
 
-    python train.py                                     # shapes, `cpu` preset, ~5 min on 2 cores
+    python train.py                                     # shapes, `cpu` preset, ~8 min on 2 cores
     python train.py --dataset cifar10 --encoder vdrl    # the paper's configuration (`paper` preset)
     python train.py --resume                            # continue runs/<dataset>-<encoder> exactly
     torchrun --nproc_per_node=4 train.py --dataset cifar10   # DDP (NCCL on GPUs, gloo on CPU)

@@ -6,16 +6,20 @@ Implements "From Points to Functions: Infinite-Dimensional Representations in Di
 t -> E(x0, t), t in [0, 1]; probes read the curve (Figure 1), MINE measures how information changes
 along it (Figure 2), and a Transformer probe shows which part it attends to (Figure 3).
 
-Sections, in reading order (each banner-marked below):
-    SDE                 sigma(t), the perturbation kernel, training draws            (paper eq. 1)
-    networks            time embedding, time-aware encoder E(x0, t), score U-Net s(x_t, z, t)
-    losses              weighted denoising score matching (sigma^2 or EDM) + code regulariser (eq.
-    3-4) data                embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any image folder
-    trajectories        E(x0, t) on a grid of times, as one (B, T, D) tensor         (section 2.1)
-    probes              MLPs, GRU, Transformer; grouped forms; the protocol          (Figure 1, 3)
-    mutual information  MINE, grouped over pairs and seeds, the NMI matrix           (Figure 2)
-    curve analysis      attention densities, the eq. 5 separation profile
-    checkpoints         atomic save and safe load (weights_only=True), run folders, EMA, devices
+Sections, in reading order (each banner-marked below); the method first, the speed machinery last:
+    SDE                sigma(t), the perturbation kernel, training draws          (paper eq. 1)
+    networks           time embedding, time-aware encoder E(x0, t), score U-Net s(x_t, z, t)
+    losses             weighted denoising score matching (sigma^2 or EDM weight)   (eq. 3-4)
+                       + the code regulariser; the learning-rate schedule and the EMA
+    data               embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any image folder
+    trajectories       E(x0, t) on a grid of times, as one (B, T, D) tensor       (section 2.1)
+    probes             MLPs, GRU, Transformer, and train_probe, which trains one  (Figure 1, 3)
+    mutual information MINE for one pair, and the NMI matrix                      (Figure 2)
+    curve analysis     attention densities, the eq. 5 separation profile
+    checkpoints        atomic save, safe load (weights_only=True), exported weights, run folders,
+                       loading an encoder and its random-init control, devices
+    speed              the grouped forms of the probes and of MINE, and the probe protocol
+                       (every learning rate x seed x input) that trains them: what the scripts run
 
 This file is a library: no argparse, no I/O and no device probing at import. The scripts are
 train.py (eq. 4 training), probe.py (Figure 1 and 3), analyze.py (Figure 2) and bench.py (speed).

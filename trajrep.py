@@ -1473,22 +1473,28 @@ def load_encoder(path, device="cpu", weights="ema"):
     initialisation train.py started from (same seed): the control that every representation result
     needs, since a random convolutional encoder already separates colours and positions."""
     ckpt = load_checkpoint(path)
-    if weights == "init":
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
-            # as train.py before building the model
-            torch.manual_seed(ckpt["config"].get("seed", 0))
-            model = build_model(ckpt, None)
-    else:
-        model = build_model(ckpt, "ema")
-    encoder = model.encoder.to(device, memory_format=torch.channels_last).eval()
-    return encoder, ckpt["config"], ckpt["step"]
+    return checkpoint_encoder(ckpt, device, weights), ckpt["config"], ckpt["step"]
 
 
 def load_encoders(path, device="cpu"):
     """A run's trained encoder and its control, the same architecture at the random initialisation
-    train.py started from (see load_encoder): (trained, random init, config, step)."""
-    trained, config, step = load_encoder(path, device)
-    return trained, load_encoder(path, device, weights="init")[0], config, step
+    train.py started from (see load_encoder), from one read of the checkpoint:
+    (trained, random init, config, step)."""
+    ckpt = load_checkpoint(path)
+    return (checkpoint_encoder(ckpt, device, "ema"), checkpoint_encoder(ckpt, device, "init"),
+            ckpt["config"], ckpt["step"])
+
+
+def checkpoint_encoder(ckpt, device="cpu", weights="ema"):
+    """The encoder of a loaded checkpoint, with its `weights` ('ema' or 'init'; see load_encoder),
+    in eval mode and channels-last on `device`."""
+    if weights == "init":
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(ckpt["config"].get("seed", 0))  # as train.py, before building it
+            model = build_model(ckpt, None)
+    else:
+        model = build_model(ckpt, "ema")
+    return model.encoder.to(device, memory_format=torch.channels_last).eval()
 
 
 def pick_device(name="auto"):

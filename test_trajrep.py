@@ -1444,26 +1444,32 @@ def test_probe_verdicts_follow_the_numbers(a, b, chance, words):
 
 
 def test_analyze_findings_follow_the_numbers():
-    """A matrix that decays with |i - j| is reported as a decay that supports Figure 2; a flat one
-    as NOT supported. The most shared / isolated points are those of the matrix."""
+    """A matrix that decays with |i - j| is reported as a decay that supports Figure 2, even with
+    one noisy cell whose spread over seeds exceeds the fall (a lag averages many cells); a fall
+    smaller than its own spread over seeds as NOT supported. The most shared / isolated points are
+    those of the matrix."""
     import analyze
     times = [0.0, 0.25, 0.5, 0.75, 1.0]
     lag = torch.tensor([[abs(i - j) for j in range(5)] for i in range(5)]).float()
-    small = torch.full((5, 5), 0.02)
-    nmi = torch.exp(-lag)
+    nmi = torch.exp(-lag)  # falls by e^-1 - e^-4 = 0.35 from lag 1 to lag 4
     nmi[-1, :-1] *= 0.5  # t = 1 shares half as much with the rest: the most isolated point
     nmi[:-1, -1] *= 0.5
-    decaying = analyze.findings(nmi, small, times, None, 0.5, 1.0, {})
-    assert (
-        "decays away from the diagonal beyond the seed spread" in decaying and "NOT" not in decaying
-    )
+    noisy = torch.zeros(5, 5)
+    noisy[1, 2] = 0.4  # one cell, +-0.4 over the two seeds: more than the whole fall
+    decaying = analyze.findings(torch.stack([nmi + noisy, nmi - noisy]), times, None, 0.5, 1.0, {})
+    assert "decays away from the diagonal beyond the seed spread" in decaying
+    assert "NOT" not in decaying and "single cells vary by up to 0.40" in decaying
     assert "most information with the rest of the curve is t = 0.50" in decaying  # the centre
     assert "most isolated is t = 1.00" in decaying
-    flat = analyze.findings(torch.ones(5, 5) - 0.01 * lag, torch.full((5, 5), 0.1), times, None,
-                            0.5, 1.0, {})
-    assert "does not decay" in flat and "NOT supported" in flat
-    assert "nearly a single point" in analyze.findings(torch.ones(5, 5), small, times, None, 0.01,
-                                                       1.0, {})
+    flat = torch.ones(5, 5) - 0.01 * lag  # falls by 0.03 ...
+    corner = torch.zeros(5, 5)
+    corner[0, 4] = 0.1  # ... and each seed's corner moves the last lag by 0.1 either way
+    seeds = torch.stack([flat + corner, flat - corner])
+    unsure = analyze.findings(seeds, times, None, 0.5, 1.0, {})
+    assert "does not decay" in unsure and "NOT supported" in unsure
+    assert "a fall of 0.03 (its spread over seeds 0.10" in unsure
+    same = torch.stack([flat, flat])
+    assert "nearly a single point" in analyze.findings(same, times, None, 0.01, 1.0, {})
 
 
 # ------------------------------------------------------------------------------------------------

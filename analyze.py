@@ -135,6 +135,8 @@ def lag_fall(nmis):
     """How much NMI falls from neighbours to the ends of the curve: lag 1 minus lag T-1 of each
     seed's matrix, (S, T, T) -> (mean, std) over seeds. The spread is that of the fall itself, not
     of single cells: a lag averages many cells, and its noise is smaller than theirs."""
+    # One fall per seed: each seed's matrix is a whole estimate, made with its own initial weights,
+    # batches and held-out rows.
     falls = torch.stack([lag_profile(n)[0] - lag_profile(n)[-1] for n in nmis])  # (S,)
     return falls.mean().item(), falls.std(unbiased=False).item()
 
@@ -351,7 +353,9 @@ def read_probe(path, times, cfg):
 
 def summarise(run, step, times, cfg, curves, probe_result, separation):
     """nmi.json's contents: the trained codes' NMI, MI and lag profile, the findings in words (the
-    control's line appended), and the random-init control's numbers beside them."""
+    control's line appended), and the random-init control's numbers beside them. The per-seed
+    matrices and the fall of the lag profile are kept, so that the decay verdict can be checked
+    from the file alone."""
     trained, init = curves["trained"], curves["random init"]
     # The findings read off the trained codes; the control's numbers follow in one sentence, so
     # that every claim stands beside what an untrained encoder gives.

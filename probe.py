@@ -181,7 +181,7 @@ def continuous_on_grid(res, codes, labels, times):
     # Per seed, the grouped model at its best epochs and the group (learning rate) chosen on
     # validation: evaluated on codes at times it never trained on.
     for model, group in res["chosen_models"]:
-        groups = model.token.shape[0]  # (G, W): one group per learning rate
+        groups = model.token.shape[0]  # (G, E): one group per learning rate
         acc, att = tr.evaluate_groups(model, ((codes - mean) / std)[None], labels, [0] * groups,
                                       times=times)
         accs.append(acc[group, 0].item())

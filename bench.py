@@ -1,33 +1,25 @@
-"""What the code costs: throughput, FLOP efficiency, grouped-vs-loop ratios, wall times, peak
-memory.
+"""What the code costs on one device. Every timing is the MEDIAN of several calls after warm-up,
+with its spread (min - max); nothing is asserted (tests never time anything).
+    1. the training step (images/s) of train.py's `cpu` and `paper` model sizes, channels-last,
+       torch.optim.Adam as train.py (fused on CUDA), gradient clip (the EMA update left out);
+    2. trajectory extraction (images/s at 11 time points);
+    3. MINE: all 11 x 11 pairs in one tr.mine call (a batched matmul per layer) against the plain
+       loop of 121 one-pair calls at equal work (same steps, rows, width: analyze.py's `cpu`
+       size), a ratio;
+    4. seconds per probe of tr.probe_protocol (mlp, gru, transformer) at probe.py's `cpu` protocol
+       size, timed on 2 epochs and scaled to its epochs: probe.py's minutes are about (the probes
+       it trains: inputs x seeds x learning rates per kind and attribute) x that;
+    5. with --run RUN: the wall time of `python probe.py RUN` and `python analyze.py RUN` (their
+       `cpu` protocol; the first probe.py on a run also encodes and caches the codes).
 
-Measured side by side in one run on this device (nothing is asserted; tests never time anything).
-Every timing is the MEDIAN of several calls after warm-up, with its spread (min - max); the
-ceiling, the device's dense fp32 matmul rate, is measured the same way.
-    - training step (images/s) of the `cpu` and `paper` model sizes, channels-last, with train.py's
-      optimiser (torch.optim.Adam, default for-each update) and with the fused Adam, side by side;
-      model FLOPs per image (torch.utils.flop_counter, forward + backward) and the achieved FLOP/s
-      as a fraction of the ceiling;
-    - trajectory extraction (images/s at 11 time points);
-    - grouped programs against their loop form AT EQUAL WORK, at the `cpu` and `paper` probe
-      protocol sizes: the per-t MLPs, GRU and Transformer probes with every learning rate x seed as
-      groups of one model (loop: each probe alone by train_probe, the same epoch), and MINE with
-      every pair x seed as groups (loop: one pair and seed at a time);
-    - peak host memory of the `paper` probe protocol on 45k x 11 x 128 codes (its data and largest
-    step);
-    - with --run RUN: the wall time of probe.py and analyze.py (`cpu` protocol, cached codes).
-
-    python bench.py                           # CPU here; prints a table, writes results/bench.json
-    python bench.py --run runs/shapes-drl          # adds the wall times of probe.py and analyze.py
-    python bench.py --device cuda --fast      # adds bf16 autocast, channels-last, compile rows
-
-Peak memory: CUDA max allocated, or on CPU the growth of the peak resident set of a fresh process.
-"""
+    python bench.py                        # on --device auto; a table, and results/bench.json
+    python bench.py --quick                # 3 calls per timing, not 7: a smoke run
+    python bench.py --run runs/shapes-drl  # adds the wall times of probe.py and analyze.py
+    python bench.py --device cuda          # on the GPU (train.py's --amp / --compile: not timed)"""
 import argparse
+import ast
 import json
-import multiprocessing as mp
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,323 +27,125 @@ import time
 
 import torch
 
-import analyze
-import probe
-import train
 import trajrep as tr
 
-# The model sizes and batch sizes of train.py's presets, at 32x32 (CIFAR / shapes).
-SIZES = {size: train.model_kwargs({**train.DEFAULTS, **preset, **train.DATASETS["cifar10"]})
-         for size, preset in train.PRESETS.items()}
-BATCH = {size: preset["batch_size"] for size, preset in train.PRESETS.items()}
-CODE = {size: SIZES[size]["code_dim"] for size in SIZES}
+HERE = os.path.dirname(os.path.abspath(__file__))
 
+def script_table(script, name):
+    """The module-level table `name = ...` of another script (its PRESETS, ...), read from its
+    source as data, not imported: bench.py imports no script. dict(k=v) calls become {k: v}; the
+    rest goes to ast.literal_eval (nothing is executed; anything but literals is a ValueError)."""
+    def literal(node):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "dict" and not node.args:
+            return {k.arg: literal(k.value) for k in node.keywords}
+        if isinstance(node, ast.Dict):
+            return {literal(k): literal(v) for k, v in zip(node.keys, node.values)}
+        return ast.literal_eval(node)
+    with open(os.path.join(HERE, script)) as f:
+        tree = ast.parse(f.read())
+    return next(literal(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                and [getattr(t, "id", None) for t in n.targets] == [name])
 
-def sync(device):
-    """Waits for the device's queued work (CUDA runs asynchronously: a timer must not stop
-    early)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, warmup=2, repeat=7):
-    """Seconds per call of fn after warm-up: (median, min, max) over `repeat` calls. The median,
-    not the mean: one call slowed by the machine's other work does not move it."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, device, repeat, warmup=1, work=None):
+    """Seconds per call of fn after `warmup` calls, or with `work` that work per second:
+    dict(median, low, high) over `repeat` calls. The median: one call slowed by other work on the
+    machine does not move it. A GPU runs asynchronously: each call ends when its queue is empty."""
+    sync = getattr(torch, device.type).synchronize if device.type != "cpu" else lambda: None
     times = []
-    for _ in range(repeat):
-        sync(device)
+    for _ in range(warmup + repeat):
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+    v = sorted(t if work is None else work / t for t in times[warmup:])
+    return dict(median=statistics.median(v), low=v[0], high=v[-1])
 
-
-def matmul_flops(device, n=2048):
-    """The practical ceiling: dense fp32 n x n matmul FLOP/s, median (min, max) of several calls."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    med, lo, hi = timed(lambda: a @ b, device, warmup=2, repeat=9)
-    return dict(median=2 * n ** 3 / med, low=2 * n ** 3 / hi, high=2 * n ** 3 / lo)
-
-
-def count_flops(fn):
-    """FLOPs of one call of fn, counted by torch's FlopCounterMode (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def rate(work, t):
-    """(median, min, max) seconds -> work per second: dict(median, low, high)."""
-    return dict(median=work / t[0], low=work / t[2], high=work / t[1])
-
-
-# ---- the benchmarks: each returns a dict of its numbers ----
-
-def bench_train(device, size, variant):
-    """variant: 'foreach' (torch.optim.Adam's default update, as train.py), 'fused' (fused Adam) or
-    'fast' (fused + torch.compile + bf16 autocast, CUDA). Channels-last, as train.py."""
+def bench_model(cfg, device, repeat, n=256):
+    """Images/s of train.py's step at one preset's size (eq. 4's loss on random images: the cost
+    does not depend on the pixels; backward, clip, Adam), and of tr.extract_trajectories of n
+    images (from the host, as probe.py reads them) at 11 times."""
     torch.manual_seed(0)
-    # Random images stand in for data: the step's cost does not depend on the pixels.
-    model = tr.DRLModel(**SIZES[size]).to(device).to(memory_format=torch.channels_last)
-    B = BATCH[size]
-    x0 = torch.randn(B, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    fast = variant == "fast"
-    step_model = torch.compile(model) if fast else model
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=variant != "foreach")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=fast and device.type == "cuda")
-    code_dim = SIZES[size]["code_dim"]
-
-    def step(m=step_model):  # one training step, as train.py's loop
-        t, noise, code_noise = tr.sample_training_noise(B, (3, 32, 32), code_dim, device=device)
-        with autocast:
-            loss = m(x0, t, noise, code_noise)[0]
+    model = tr.DRLModel(**tr.model_kwargs(cfg)).to(device).to(memory_format=torch.channels_last)
+    B, shape = cfg["batch_size"], (3, cfg["image_size"], cfg["image_size"])
+    x0 = torch.randn(B, *shape, device=device).contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
+    def step():  # one step of train.py's loop, in fp32 (its --amp and --compile are off by default)
+        t, noise, code_noise = tr.sample_training_noise(B, shape, cfg["code_dim"], device=device,
+                                                        t_dist=cfg["t_dist"])
+        loss = model(x0, t, noise, code_noise)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
         opt.step()
+    x, times = torch.randn(n, *shape), tr.paper_times(11)
+    extract = lambda: tr.extract_trajectories(model.encoder, x, times)
+    return timed(step, device, repeat, 2, work=B), timed(extract, device, repeat, work=n)
 
-    # FLOPs of forward + backward per image, counted on the eager model (a compiled one hides its
-    # kernels from the counter).
-    flops = count_flops(lambda: step(model)) / B
-    t = timed(step, device, warmup=3 if fast else 2, repeat=9)
-    return dict(images_per_s=rate(B, t), flops_per_image=flops, params=tr.count_parameters(model))
+def bench_mine(cfg, d, device, repeat, steps=40, T=11):
+    """All T x T pairs of (T, N, d) codes in one batched tr.mine call against T * T one-pair
+    calls, same steps (a fraction of analyze.py's), rows, batch and width: loop / batched."""
+    points = torch.randn(T, cfg["max_train"], d, device=device)  # (T, N, d); values cost nothing
+    kw = dict(steps=steps, batch_size=cfg["batch_size"], lr=cfg["lr"], hidden=cfg["hidden"])
+    batched = timed(lambda: tr.mine(points[:, None], points[None], **kw), device, repeat)
+    loop = timed(lambda: [tr.mine(points[i], points[j], **kw) for i in range(T) for j in range(T)],
+                 device, repeat)
+    return dict(kw, batched_s=batched, loop_s=loop, ratio=loop["median"] / batched["median"])
 
+def bench_probe(cfg, kind, d, device, repeat, epochs=2, T=11, K=10):
+    """Seconds of ONE probe (one input, seed and learning rate) of tr.probe_protocol on random
+    codes at probe.py's `cpu` size, timed on `epochs` epochs and scaled to the preset's epochs."""
+    x, x_te = (torch.randn(n, T, d, device=device) for n in (cfg["max_train"], cfg["max_test"]))
+    y, y_te = (torch.randint(K, (len(c),), device=device) for c in (x, x_te))
+    s = timed(lambda: tr.probe_protocol(kind, x, y, x_te, y_te, K, cfg["lrs"][:1], epochs, [0],
+                                        width=cfg["width"]), device, repeat)
+    return {k: v * cfg["epochs"] / epochs for k, v in s.items()}
 
-def bench_extract(device, size):
-    """Trajectory extraction: 256 images at the paper's 11 times, the encoder of one model size."""
-    torch.manual_seed(0)
-    enc = tr.DRLModel(**SIZES[size]).encoder.to(device).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(256, 3, 32, 32, device=device)
-    times = tr.paper_times(11)
-    flops = count_flops(lambda: tr.extract_trajectories(enc, x[:23], times, 256)) / 23
-    t = timed(lambda: tr.extract_trajectories(enc, x, times, 256), device, warmup=1, repeat=5)
-    return dict(images_per_s=rate(len(x), t), flops_per_image=flops)
-
-
-GPU_MAX_GROUPS = probe.MAX_GROUPS["other"]
-# Probe protocol sizes: (code size, width of GRU / Transformer, learning rates, seeds); 11 times, 10
-# classes.
-PROTOCOLS = {name: dict(d=CODE[name], width=p["width"], lrs=len(p["lrs"]), seeds=p["seeds"])
-             for name, p in probe.PRESETS.items()}
-
-
-def bench_probe(device, protocol, kind, batch=256, T=11, K=10):
-    """One epoch of the grouped probes (every lr x seed: train_probe_groups, as probe.py) against
-    each probe trained alone (train_probe), on the same codes: 20 batches at the `cpu` size, 3 at
-    the `paper` size (minutes on a CPU). Both evaluate on one small batch after the epoch."""
-    steps, repeat = (20, 3) if protocol == "cpu" else (3, 1)
-    p = PROTOCOLS[protocol]
-    G = p["lrs"] * p["seeds"]
-    x = torch.randn(1, steps * batch, T, p["d"], device=device)  # (1, N, T, D): one input
-    y = torch.randint(K, (steps * batch,), device=device)
-    held = (x[:, :64], y[:64])  # validation = test: a small batch, the same for both forms
-    probes = [tr.build_probe(kind, T, p["d"], K, p["width"]).to(device) for _ in range(G)]
-    clip = None if kind == "mlp" else 1.0
-
-    # Both forms start from the same G probes and do the same work: one epoch of `steps` batches,
-    # one evaluation. The grouped form builds its model inside the timing, as probe.py does.
-    def grouped():
-        model = tr.group_probes(probes).to(device)
-        tr.train_probe_groups(model, (x, y), held, held, [0] * G, [1e-3] * G, [0] * G, epochs=1,
-                              batch_size=batch, clip=clip)
-
-    def loop():  # each probe alone, one after another: the plain form
-        for ref in probes:
-            tr.train_probe(ref, (x[0], y), (x[0, :64], y[:64]), (x[0, :64], y[:64]), 1e-3, epochs=1,
-                           batch_size=batch, clip=clip)
-    grouped_s = timed(grouped, device, warmup=1, repeat=repeat)
-    loop_s = timed(loop, device, warmup=1, repeat=repeat)
-    return dict(groups=G, steps=steps, grouped_s=grouped_s, loop_s=loop_s,
-                speedup=loop_s[0] / grouped_s[0])
-
-
-def bench_mine(device, protocol, T=11):
-    """All T*T pairs x seeds as groups of one MINE against one pair and seed at a time, same steps
-    (20 at the `cpu` size, 4 at the `paper` size)."""
-    steps = 20 if protocol == "cpu" else 4
-    hidden, seeds = analyze.PRESETS[protocol]["hidden"], analyze.PRESETS[protocol]["seeds"]
-    codes = torch.randn(3000, T, CODE[protocol], device=device)
-    pairs = torch.cartesian_prod(torch.arange(T), torch.arange(T))
-    # One evaluation shuffle and a small held-out part: the timing is of training, mostly.
-    kw = dict(steps=steps, hidden=hidden, eval_shuffles=1, holdout=0.1)
-    grouped_s = timed(lambda: tr.mine_pairs(codes, codes, pairs, seeds=tuple(range(seeds)), **kw),
-                      device, warmup=1, repeat=3 if protocol == "cpu" else 1)
-    # The plain one-pair MINE, once per pair and seed (no warm-up: it is minutes at the paper size).
-    loop_s = timed(lambda: [tr.mine(codes[:, i], codes[:, j], seed=s, **kw) for s in range(seeds)
-                            for i, j in pairs.tolist()], device, warmup=0, repeat=1)
-    return dict(groups=len(pairs) * seeds, steps=steps, grouped_s=grouped_s, loop_s=loop_s,
-                speedup=loop_s[0] / grouped_s[0])
-
-
-def bench_paper_memory(device, kind, n=45000, n_test=10000, T=11, D=128, K=10):
-    """Peak memory of the `paper` probe protocol (6 lrs x 5 seeds x V inputs, trained as grouped
-    models of probe.py's chunk size off the CPU) on V x n x T x D codes: what run_probe_protocol
-    holds (the codes, their standardised train / val / test copies) plus its largest transient, one
-    training step on a (30, 256, T, D) batch and one evaluation chunk of 1024 rows. The peak does
-    not grow with further steps and chunks; the full epoch, hours on a CPU, is not run."""
-    p = probe.PRESETS["paper"]
-    V = 2 if kind == "mlp" else 4  # as probe.py: trained + random-init codes (+ constant curves)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(V, n, T, D, generator=gen).to(device)
-    x_te = torch.randn(V, n_test, T, D, generator=gen).to(device)
-    y = torch.randint(K, (n,), generator=gen).to(device)
-    # What run_probe_protocol holds: the standardised train / val / test copies, (V, N, T, D) each.
-    tr_idx, va_idx = tr.split_train_val(n)
-    mean, std = tr.standardiser_stats(x[:, tr_idx])
-    x_tr, x_va, x_te = [((c - mean) / std) for c in (x[:, tr_idx], x[:, va_idx], x_te)]
-    G = GPU_MAX_GROUPS  # probe.py trains the V * 30 groups in chunks of this many off the CPU
-    model = tr.group_probes([tr.build_probe(kind, T, D, K, p["width"]) for _ in range(G)])
-    model = model.to(device)
-    t0 = time.perf_counter()
-    inputs = (torch.arange(G) % V).tolist()  # which codes each group reads
-    held = (x_te[:, :1024], torch.zeros(1024, dtype=torch.long, device=device))
-    # One step (one batch of 256 of the whole codes in memory) and one evaluation: the largest step.
-    tr.train_probe_groups(model, (x_tr[:, :256], y[tr_idx][:256]), held, held, inputs, [1e-3] * G,
-                          [0] * G, epochs=1, batch_size=256, clip=None if kind == "mlp" else 1.0)
-    return dict(seconds=time.perf_counter() - t0, groups=G)
-
-
-# ---- each benchmark in a fresh process, so that its peak memory is its own ----
-
-def child(name, args, device_name, queue):
-    """Runs one benchmark in a fresh process, so that its peak memory is its own."""
-    device = torch.device(device_name)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    out = globals()[name](device, *args)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
-    out["peak_memory_mb"] = peak / 2 ** 20
-    queue.put(out)
-
-
-def in_child(name, device, *args):
-    """Runs the benchmark function `name` in a fresh spawned process and returns its result."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=child, args=(name, args, str(device), queue))
-    p.start()
-    out = queue.get()
-    p.join()
-    return out
-
-
-def script_wall_time(script, run):
-    """Wall seconds of one script on a run (its codes already cached by an earlier probe.py)."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, script, run], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
-
-
-def parse_args():
-    """The command line: where to measure, what to add to the default rows, where to write."""
+def main(argv=None):
+    """Checks (device, run, output folder); then measures, a row of the table at a time."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--fast", action="store_true",
-                   help="also measure bf16 autocast + channels-last + torch.compile")
-    p.add_argument("--run",
-                   help="also time probe.py and analyze.py on this run folder (cpu protocol)")
-    p.add_argument("--no-memory", action="store_true", help="skip the paper-protocol memory rows")
-    p.add_argument("--out", default="results/bench.json",
-                   help="where to write the JSON (folder created)")
-    return p.parse_args()
-
-
-class Table:
-    """The rows bench.py prints as it goes and again as one table at the end: what, median,
-    spread, work, peak memory. Throughput rows also get their fraction of the matmul ceiling."""
-
-    def __init__(self, ceiling):
-        self.ceiling, self.rows = ceiling, []
-
-    def add(self, *row):
-        self.rows.append(row)
-        print(*row, flush=True)
-
-    def throughput(self, label, r):
-        """A training or extraction row: images/s and the achieved fraction of the ceiling."""
-        ips = r["images_per_s"]
-        r["flops_fraction"] = ips["median"] * r["flops_per_image"] / self.ceiling["median"]
-        work = f"{r['flops_per_image'] / 1e9:.3f} GFLOP/img, {r['flops_fraction']:.2f} of matmul"
-        self.add(label, f"{ips['median']:8.1f} img/s", f"({ips['low']:.0f}-{ips['high']:.0f})",
-                 work, f"{r['peak_memory_mb']:6.0f} MB")
-        return r
-
-    def ratio(self, label, r):
-        """A grouped-vs-loop row: the speed-up at equal work."""
-        self.add(label, f"{r['speedup']:8.2f} x", f"({r['groups']} groups, {r['steps']} steps)",
-                 f"{r['grouped_s'][0]:.2f} s vs {r['loop_s'][0]:.2f} s (medians)",
-                 f"{r['peak_memory_mb']:6.0f} MB")
-        return r
-
-    def print(self):
-        print(f"\n{'what':<46} {'median':>14} {'spread':>14}  {'work':<44} {'peak mem':>9}")
-        for r in self.rows:
-            print(f"{r[0]:<46} {r[1]:>14} {r[2]:>14}  {r[3]:<44} {r[4]:>9}")
-
-
-def main():
-    """Every measurement in its own fresh process (so that peak memory is its own), in the order
-    of the table: training and extraction, grouped vs loop, the paper protocol's memory, the
-    scripts' wall time; then bench.json."""
-    args = parse_args()
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--quick", action="store_true", help="3 calls per timing (7 otherwise)")
+    p.add_argument("--run", help="also time probe.py and analyze.py on this run folder")
+    p.add_argument("--out", default="results/bench.json", help="the JSON (its folder is created)")
+    args = p.parse_args(argv)
     device = tr.pick_device(args.device)
-    # What can fail at the end is checked at the start: the run to time and where the JSON goes.
     if args.run:
-        tr.load_checkpoint(args.run)
-    tr.check_writable(os.path.dirname(os.path.abspath(args.out)))
-    ceiling = matmul_flops(device)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{device.type}, {os.cpu_count()} cores")
-    print(f"device: {name}; dense fp32 matmul {ceiling['median'] / 1e9:.1f} GFLOP/s "
-          f"({ceiling['low'] / 1e9:.1f}-{ceiling['high'] / 1e9:.1f}; the ceiling below)",
-          flush=True)
-    result = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(),
-                  matmul_flops=ceiling, train={}, extract={}, grouped={}, memory={}, scripts={})
-    table = Table(ceiling)
-    # ---- the training step (per optimiser variant) and extraction, at both model sizes ----
-    for size in ("cpu", "paper"):
-        for variant in ["foreach", "fused"] + (["fast"] if args.fast else []):
-            result["train"][f"{size} {variant}"] = table.throughput(
-                f"train {size} {variant} (batch {BATCH[size]})",
-                in_child("bench_train", device, size, variant))
-        fused, foreach = (result["train"][f"{size} {v}"]["images_per_s"]["median"]
-                          for v in ("fused", "foreach"))
-        result["train"][f"{size} fused/foreach"] = fused / foreach
-        result["extract"][size] = table.throughput(f"extract {size} (11 times)",
-                                                   in_child("bench_extract", device, size))
-    # ---- grouped programs against their loop form, at both protocol sizes ----
-    for protocol in ("cpu", "paper"):
-        for kind in ("mlp", "gru", "transformer"):
-            result["grouped"][f"{protocol} {kind}"] = table.ratio(
-                f"{protocol} protocol {kind}: grouped vs loop",
-                in_child("bench_probe", device, protocol, kind))
-        result["grouped"][f"{protocol} mine"] = table.ratio(
-            f"{protocol} MINE pairs x seeds: grouped vs loop",
-            in_child("bench_mine", device, protocol))
-    # ---- peak memory of the paper protocol, and the scripts' wall time on a run ----
-    for kind in () if args.no_memory else ("mlp", "gru", "transformer"):
-        r = result["memory"][kind] = in_child("bench_paper_memory", device, kind)
-        table.add(f"paper protocol {kind}, 45k x 11 x 128", f"{r['seconds']:8.1f} s", "(1 step)",
-                  f"{r['groups']} groups, largest step + eval chunk",
-                  f"{r['peak_memory_mb']:6.0f} MB")
+        tr.load_checkpoint(args.run)  # a missing or foreign run stops here, not after the work
+    tr.check_writable(os.path.dirname(os.path.abspath(args.out)))  # creates the folder
+    # The sizes: train.py's config of each preset (its DEFAULTS, then the preset) at 32x32 pixels
+    # (shapes, CIFAR); probe.py's and analyze.py's `cpu` protocol, on the `cpu` model's codes.
+    defaults, presets = (script_table("train.py", k) for k in ("DEFAULTS", "PRESETS"))
+    sizes = {size: {**defaults, **p, "image_size": 32} for size, p in presets.items()}
+    probe_cfg, mine_cfg = (script_table(s, "PRESETS")["cpu"] for s in ("probe.py", "analyze.py"))
+    d, repeat = sizes["cpu"]["code_dim"], 3 if args.quick else 7
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    out = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(), calls=repeat)
+    # The table: a row printed as soon as it is measured.
+    row = lambda *cells: print("{:<34} {:>14} {:>20}  {}".format(*cells), flush=True)
+    cells = lambda r, unit: (f"{r['median']:.1f} {unit}", f"({r['low']:.1f}-{r['high']:.1f})")
+    row(f"{name}, torch threads {out['threads']}", f"median of {repeat}", "(min-max)", "work")
+    for size, cfg in sizes.items():
+        out[f"train {size}"], out[f"extract {size}"] = bench_model(cfg, device, repeat)
+        row(f"train {size}", *cells(out[f"train {size}"], "img/s"), f"batch {cfg['batch_size']}")
+        row(f"extract {size}", *cells(out[f"extract {size}"], "img/s"), "11 times")
+    out["mine"] = r = bench_mine(mine_cfg, d, device, repeat)
+    row("MINE 121 pairs: loop / batched", f"{r['ratio']:.2f} x", f"{r['loop_s']['median']:.2f} s "
+        f"/ {r['batched_s']['median']:.2f} s", f"{r['steps']} steps, N={mine_cfg['max_train']}, "
+        f"D={d}, hidden {r['hidden']}")
+    for kind in ("mlp", "gru", "transformer"):
+        out[f"probe {kind}"] = r = bench_probe(probe_cfg, kind, d, device, repeat)
+        row(f"probe {kind} (cpu protocol)", *cells(r, "s/probe"), f"{probe_cfg['epochs']} "
+            f"epochs, {probe_cfg['max_train']} codes, width {probe_cfg['width']}")
     for script in ("probe.py", "analyze.py") if args.run else ():
-        here = os.path.dirname(os.path.abspath(__file__))
-        s = result["scripts"][script] = script_wall_time(os.path.join(here, script), args.run)
-        table.add(f"{script} {args.run} (cpu protocol)", f"{s / 60:8.1f} min", "", "", "")
-    table.print()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run([sys.executable, os.path.join(HERE, script), args.run, "--device",
+                             str(device)], stdout=subprocess.DEVNULL).returncode
+        s = out[script] = dict(seconds=time.perf_counter() - t0, returncode=rc)
+        row(f"{script} {args.run}", f"{s['seconds'] / 60:.1f} min", "", f"exit status {rc}")
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(out, f, indent=1)
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     try:

@@ -111,8 +111,8 @@ def encode(args, cfg, splits, encoders, step, times, device):
     pixels, and the test codes on the grid-free probe's other test grids (`test_grids`). Codes are
     cached in <run>/cache (tagged by the encoder's step, or `init`). encoders: (trained, init)."""
     def codes(split, grid, control=False):
-        c = tr.cached_trajectories(args.run, encoders[control], splits[split], split, grid,
-                                   "init" if control else f"step{step}",
+        encoder, tag = (encoders[1], "init") if control else (encoders[0], f"step{step}")
+        c = tr.cached_trajectories(args.run, encoder, splits[split], split, grid, tag,
                                    log=lambda m: print(m, flush=True))
         return {k: v.to(device) for k, v in c.items()}  # codes, labels, times
 

@@ -561,8 +561,9 @@ def test_library_functions_leave_the_global_random_state_alone():
     codes, y = synthetic_curves(200, T=3, k=1)
     state = torch.random.get_rng_state()
     tr.mine(codes[:, 0], codes[:, 1], steps=5, hidden=8)
+    tr.nmi_matrix(codes, seeds=(0, 1), steps=5, hidden=8)  # the batched pairs, two seeds
     tr.probe_protocol("mlp", codes[:150], y[:150], codes[150:], y[150:], 4, lrs=[1e-3],
-                          epochs=1, seeds=[0])
+                      epochs=1, seeds=[0])
     assert torch.equal(state, torch.random.get_rng_state())
 
 def test_transformer_attention_finds_the_informative_time():

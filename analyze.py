@@ -309,8 +309,7 @@ def main(argv=None):
     # ---- the findings in words, the JSON, the figures ----
     result = summarise(args.run, step, times, cfg, curves, probe_result, separation)
     result["wall_time_s"] = time.time() - t_start
-    with open(os.path.join(out_dir, "nmi.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    tr.atomic_save(result, os.path.join(out_dir, "nmi.json"))
     plot(result, f"{train_cfg['dataset']} / {train_cfg['encoder']}: NMI (Figure 2)",
          probe_result, separation, out_dir)
     print("NMI (mean over seeds):")

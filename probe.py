@@ -123,7 +123,8 @@ def encode(args, cfg, splits, encoders, step, times, device):
               "these --times")
     # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
     fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
-    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={})
+    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={},
+                run=args.run)
     data["grid"] = {s: codes(s, times) for s in ("train", "test")}
     data["init"] = {s: codes(s, times, control=True) for s in ("train", "test")}
     # (N, 1, C*H*W)
@@ -237,14 +238,17 @@ def probe_target(a, name, k, data, cfg, log):
                                 progress=tick, **kw)
         log(f"[{name}] {what} done in {time.time() - start:.0f} s", flush=True)
         return res
-    out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te),
-               init={})
-    # The same probes on the trained and on the random-init encoder's codes.
-    for o, codes, tag in ((out, grid, ""), (out["init"], data["init"], ", random init")):
-        encoder_rows(run, codes["train"]["codes"], codes["test"]["codes"], times, o, tag, cfg)
-    # The control without any encoder: an MLP on the raw pixels.
-    out["pixels"] = summary(run("mlp", data["pixels"]["train"], data["pixels"]["test"],
-                                cfg["mlp_seeds"], "pixel MLP"))
+    out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
+    # The same probes on the trained and on the random-init encoder's codes, then the control
+    # without any encoder: an MLP on the raw pixels. The controls are read from the cache when
+    # this protocol has already trained them on these inputs.
+    rows = lambda codes, tag: lambda: encoder_rows(run, codes["train"]["codes"],
+                                                   codes["test"]["codes"], times, tag, cfg)
+    out.update(rows(grid, "")())
+    out["init"] = cached_control(data, "init", a, cfg, rows(data["init"], ", random init"), log)
+    out["pixels"] = cached_control(data, "pixels", a, cfg, lambda: summary(run(
+        "mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"], "pixel MLP")),
+                                   log)
     if data["fine"] is not None and cfg["probes"] == "all":
         # The grid-free probe: trained on random sub-grids of the fine grid, validated on the
         # grid's columns, then tested on grids of 5, 11 and 51 points and on random times.
@@ -258,20 +262,44 @@ def probe_target(a, name, k, data, cfg, log):
     print_table(name, out, times, log)
     return out
 
-def encoder_rows(run, x_tr, x_te, times, out, tag, cfg):
-    """One encoder's rows of the table, into out, from its codes x_tr (N, T, D) and x_te: the per-t
-    MLPs (where along the curve the attribute is read, and the best single t, chosen on VALIDATION
-    accuracy, never on test), then (every probe) the curve read whole: MLPs on all T codes side by
-    side and on their mean (controls), and the GRU and the Transformer on the curve and on its
-    constant-curve control. tag: the encoder, for the progress lines."""
+def cached_control(data, name, a, cfg, compute, log):
+    """A control's rows (`compute()`), kept in <run>/cache under a key of all they depend on: the
+    inputs and labels (a hash of their values), the attribute and the protocol. The controls do
+    not depend on the trained encoder (the pixels are the data's, the random-init encoder is the
+    run's seed), so probe.py on a later checkpoint of the run, or again, reads them."""
+    inputs = [data[name][s] for s in ("train", "test")]
+    inputs = [x if torch.is_tensor(x) else x["codes"] for x in inputs]  # pixels, or codes
+    labels = [data["grid"][s]["labels"][:, a] for s in ("train", "test")]
+    protocol = [cfg[k] for k in ("epochs", "lrs", "seeds", "mlp_seeds", "width", "batch_size",
+                                 "probes")]
+    key = tr.tensors_key(*inputs, *labels, torch.tensor(bytearray(json.dumps(protocol).encode())))
+    path = os.path.join(data["run"], "cache", f"control-{name}-{key}.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                rows = json.load(f)
+            log(f"{name} control: read from {path}")
+            return rows
+        except ValueError:  # a damaged file is trained again
+            pass
+    rows = compute()
+    tr.atomic_save(rows, path)
+    return rows
+
+def encoder_rows(run, x_tr, x_te, times, tag, cfg):
+    """One encoder's rows of the table from its codes x_tr (N, T, D) and x_te: the per-t MLPs (where
+    along the curve the attribute is read, and the best single t, chosen on VALIDATION accuracy,
+    never on test), then (every probe) the curve read whole: MLPs on all T codes side by side and
+    on their mean (controls), and the GRU and the Transformer on the curve and on its
+    constant-curve control. tag: the encoder, for the progress lines. Returns {row: result}."""
     mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"], "mlp" + tag)
     b = int(mlp["val_mean"].argmax())
-    out.update(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
+    out = dict(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
                         val_mean=mlp["val_mean"].tolist(), lrs=mlp["lrs"].tolist()),
                best_t_index=b, best_t=times[b].item(),
                best_mlp=dict(mean=mlp["test_mean"][b].item(), std=mlp["test_std"][b].item()))
     if cfg["probes"] != "all":  # --probes mlp, the quick table of an ablation, stops here
-        return
+        return out
     for kind in ("concat", "mean"):
         out[kind] = summary(run(kind, x_tr, x_te, cfg["mlp_seeds"], kind + tag))
     # (2, N, T, D): the curve, then its constant-curve control
@@ -281,6 +309,7 @@ def encoder_rows(run, x_tr, x_te, times, out, tag, cfg):
         out[kind], out[kind + "_const"] = summary(res, v=0), summary(res, v=1)
         if kind == "transformer":  # Figure 3: the token's attention over the T points
             out["attention"] = res["attention"][0].tolist()
+    return out
 
 def print_table(name, out, times, log):
     """The Figure 1 table of one attribute: the per-t MLPs (the best t starred), every other probe,
@@ -347,6 +376,23 @@ def plot(result, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+def merge_targets(result, path):
+    """The attributes of an earlier probe.py of the same checkpoint, grid and protocol kept beside
+    this one's (`--target shape`, then `--target location`: one probe.json with both). A file of
+    another checkpoint or protocol is replaced."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: nothing to keep
+        return
+    same = lambda r: (r.get("step"), r.get("times"), {k: v for k, v in r.get("protocol", {}).items()
+                                                      if k not in ("target", "run", "device")})
+    if same(old) == same(result):
+        kept = [name for name in old.get("targets", {}) if name not in result["targets"]]
+        result["targets"] = {**{n: old["targets"][n] for n in kept}, **result["targets"]}
+        if kept:
+            print(f"kept the earlier results of {', '.join(kept)} in {path}")
+
 def main(argv=None):
     """probe.py: flags checked, the run opened, its codes encoded (or read from the cache), every
     probe trained per attribute, the summary printed, probe.json and probe.png written."""
@@ -388,8 +434,8 @@ def main(argv=None):
               f"{fmt(o['init']['best_mlp'])} at t={o['init']['best_t']:.2f}; pixels "
               f"{fmt(o['pixels'])}; majority {100 * o['chance']:.1f})")
     stem = "probe" if cfg["probes"] == "all" else "probe_mlp"
-    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
+    merge_targets(result, os.path.join(out_dir, stem + ".json"))
+    tr.atomic_save(result, os.path.join(out_dir, stem + ".json"))
     plot(result, os.path.join(out_dir, stem + ".png"))
     print(f"\nwrote {out_dir}/{stem}.json and {stem}.png in {result['wall_time_s'] / 60:.1f} min")
 

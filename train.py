@@ -45,6 +45,8 @@ import trajrep as tr
 #   enc_head flatten         the encoder keeps where things are instead of average-pooling it away
 #   lambda_z 0.3             a regulariser with weight: each t keeps only what the denoiser needs
 #   nf 8, batch 32, lr 2e-3  a small score network and many small steps: more updates per minute
+# In 2200 steps it learns the colours and the place; the outline takes thousands of steps more,
+# and how many varies about two-fold between runs (docs/performance.md): `--steps 12000` for it.
 PRESETS = {
     "cpu": dict(steps=2200, batch_size=32, lr=2e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,
                 enc_widths=(16, 32, 64), enc_blocks=1, nf=8, ch_mult=(1, 2, 2), num_res_blocks=1,
@@ -56,8 +58,9 @@ PRESETS = {
                   weighting="sigma2", precond="sigma", t_dist="uniform", lambda_z=1e-5,
                   lr_decay="none", log_every=100, ckpt_every=5000)}
 # Per dataset, over the preset: the image side, Mini-ImageNet's 3-level U-Net (84 px), and for
-# `shapes` the object's size (times a 4-5.5 px radius) and its texture (see trajrep.make_shapes).
-DATASETS = {"shapes": dict(image_size=32, object_scale=1.5, texture=True),
+# `shapes` the object's size (times a 4-5.5 px radius), its texture (see trajrep.make_shapes) and
+# the training monitor (Monitor), every 1000 steps.
+DATASETS = {"shapes": dict(image_size=32, object_scale=1.5, texture=True, probe_every=1000),
             "cifar10": dict(image_size=32), "cifar100": dict(image_size=32),
             "miniimagenet": dict(image_size=84, ch_mult=(1, 2, 2), data_root="./data/miniimagenet"),
             "folder": dict(image_size=64)}
@@ -66,11 +69,13 @@ DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data"
                 object_scale=1.0, texture=False, lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0,
                 eps=1e-5, t_dist="uniform", weighting="sigma2", precond="sigma", sigma_data=0.5,
                 enc_head="pool", lr_decay="none", seed=0, device="auto", amp=False,
-                channels_last=True, compile=False, workers=0, out=None, allow_new_data=False)
+                channels_last=True, compile=False, workers=0, out=None, allow_new_data=False,
+                probe_every=0)
 # What a --resume may change; the rest must match the checkpoint's config. The learning rate,
 # warm-up and clip may change, so that a run that diverged goes on from its last good checkpoint.
-RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "device", "amp", "channels_last", "compile",
-                    "workers", "out", "data_root", "lr", "warmup", "clip", "allow_new_data"}
+RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "probe_every", "device", "amp",
+                    "channels_last", "compile", "workers", "out", "data_root", "lr", "warmup",
+                    "clip", "allow_new_data"}
 # Largest checkpoint (model, EMA and Adam's two moments: 16 bytes a parameter) and in-memory
 # `shapes` array a run may ask for: a typo such as --image-size 1000 would fill the disk or RAM.
 MAX_CHECKPOINT_GB, MAX_SHAPES_GB = 1.0, 4.0
@@ -139,6 +144,8 @@ FLAGS = [
     ("allow-new-data", "on", "with --resume: continue on images other than the run's"),
     ("log-every", int, "steps between log lines", POSITIVE),
     ("ckpt-every", int, "steps between checkpoints", POSITIVE),
+    ("probe-every", int, "steps between read-outs of the EMA encoder's codes on held-out images "
+     "(the log's 'shape 62% ...'; 0: none)", NON_NEGATIVE),
     ("device", str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps"),
     ("amp", "on", "bf16 autocast (CUDA only)"),
     ("channels-last", "on/off", "channels-last memory format (faster convolutions on CPUs and "
@@ -386,6 +393,7 @@ def train_loop(run, data, sampler):
     image_shape, per_rank = tuple(data[0][0].shape), cfg["batch_size"] // world
     steps_per_epoch = len(sampler) // per_rank  # each epoch drops its last partial batch
     metrics = Metrics(run)
+    monitor = Monitor(run, data) if cfg["probe_every"] and rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"])  # no-op unless amp
     while run.step < cfg["steps"]:
         # This epoch's batches, from the one the step reached: a seeded shuffle per epoch.
@@ -426,12 +434,42 @@ def train_loop(run, data, sampler):
             metrics.add(loss, dsm, reg)
             run.step += 1
             last, save = run.step == cfg["steps"], run.step % cfg["ckpt_every"] == 0
-            if run.step % cfg["log_every"] == 0 or save or last:
-                metrics.write(run.step, lr)  # the one place where the host waits for the device
+            read = monitor is not None and (run.step % cfg["probe_every"] == 0 or last)
+            if run.step % cfg["log_every"] == 0 or save or last or read:
+                # the one place where the host waits for the device
+                metrics.write(run.step, lr, monitor(run.ema.encoder) if read else None)
                 if save or last:
                     save_run(run)
             if last:  # --steps may end mid-epoch
                 break
+    if monitor is not None:
+        share = monitor.seconds / (time.time() - metrics.t_start)
+        run.log(f"monitor: {monitor.seconds:.1f} s, {share:.1%} of the run's time")
+
+class Monitor:
+    """What the encoder has learnt, while it learns (--probe-every): the EMA encoder's codes of
+    held-out images at a few times, each attribute read by kernel ridge regression fitted on
+    training images' codes and scored on test images' (trajrep.kernel_readout). The labels are read
+    here only: training never sees them. Seconds, where probe.py's MLPs take minutes."""
+    TIMES, FIT, TEST = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), 600, 400  # times, images fitted / scored
+
+    def __init__(self, run, data):
+        test = tr.run_datasets(run.cfg, max_test=self.TEST, splits=("test",))["test"]
+        fit = data.subset(min(self.FIT, len(data)), run.cfg["seed"])
+        self.sets = [d.tensors() for d in (fit, test)]  # [(images, labels (N, A))] * 2
+        self.attributes = list(zip(data.attributes, data.num_classes))
+        self.times, self.seconds = torch.tensor(self.TIMES), 0.0
+
+    def __call__(self, encoder):
+        """{attribute: test accuracy per time}, and the seconds it took."""
+        start = time.time()
+        (c_fit, y_fit), (c_test, y_test) = [(tr.extract_trajectories(encoder, x, self.times), y)
+                                            for x, y in self.sets]  # (N, T, D), (N, A)
+        accuracy = {name: tr.kernel_readout((c_fit, y_fit[:, a]), (c_test, y_test[:, a]), k)
+                    for a, (name, k) in enumerate(self.attributes)}
+        seconds = time.time() - start
+        self.seconds += seconds
+        return accuracy, seconds
 
 class Metrics:
     """The losses summed on the device between log lines. write() is the loop's one synchronising
@@ -450,9 +488,10 @@ class Metrics:
         row = torch.stack([loss.detach(), dsm.detach(), reg.detach()]).float()  # (3,)
         self.sums = row if self.sums is None else self.sums + row
 
-    def write(self, step, lr):
+    def write(self, step, lr, readout=None):
         """The mean losses since the last write, over all ranks, checked finite; then a log line
-        (images/s, ETA) and a metrics.jsonl row, and the sums start again."""
+        (images/s, ETA, the monitor's readout if given) and a metrics.jsonl row, and the sums start
+        again."""
         run, sums = self.run, self.sums
         if run.world > 1:  # every rank joins
             dist.all_reduce(sums)
@@ -467,17 +506,26 @@ class Metrics:
                 "with --resume and a lower --lr or a longer --warmup" if os.path.exists(path) else
                 f"the loss became non-finite before step {step}, before any checkpoint was "
                 "written; start again with a lower --lr or a longer --warmup")
-        # Images per second since the last write, and the time the remaining steps take at it.
+        # Training images per second since the last write (the monitor's time left out), and the
+        # time the remaining steps take at it.
+        accuracy, seconds = readout or ({}, 0.0)
         now, batch, steps = time.time(), run.cfg["batch_size"], run.cfg["steps"]
-        images_per_s = (step - self.step_last) * batch / max(now - self.t_last, 1e-9)
+        images_per_s = (step - self.step_last) * batch / max(now - self.t_last - seconds, 1e-9)
         eta = (steps - step) * batch / max(images_per_s, 1e-9)
+        # The monitor: each attribute's best accuracy over its times, and where.
+        best = "".join(f" {name} {acc.max():.0%}@{Monitor.TIMES[acc.argmax()]}"
+                       for name, acc in accuracy.items())
         run.log(f"step {step:>7d} | loss {mean[0]:9.3f} (dsm {mean[1]:9.3f}, reg {mean[2]:8.3f}) "
-                f"| {images_per_s:7.1f} img/s | ETA {eta / 60:6.1f} min")
+                f"| {images_per_s:7.1f} img/s | ETA {eta / 60:6.1f} min" + (" |" + best if best
+                                                                              else ""))
+        row = dict(step=step, loss=mean[0], dsm=mean[1], reg=mean[2], lr=lr,
+                   images_per_s=images_per_s, elapsed_s=now - self.t_start)
+        if accuracy:  # per attribute, the test accuracy at each of Monitor.TIMES
+            row.update(readout={k: [round(a, 4) for a in v.tolist()] for k, v in accuracy.items()},
+                       readout_times=Monitor.TIMES, readout_s=seconds)
         if run.rank == 0:
             with open(self.path, "a") as f:
-                f.write(json.dumps(dict(step=step, loss=mean[0], dsm=mean[1], reg=mean[2], lr=lr,
-                                        images_per_s=images_per_s,
-                                        elapsed_s=now - self.t_start)) + "\n")
+                f.write(json.dumps(row) + "\n")
         self.sums, self.t_last, self.step_last = None, now, step
 
 def save_run(run):

@@ -1376,6 +1376,14 @@ def test_impossible_flags_and_resume_clash(tmp_path):
     with pytest.raises(tr.UserError, match="cannot change code_dim"):
         run_train(*TINY, "--out", str(tmp_path), "--steps", "4", "--code-dim", "16", "--resume")
 
+def test_train_help_lists_every_flag_with_its_defaults(capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse %-formats help: a bare % would fail here
+        train.main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert all("--" + row[0] in text for row in train.FLAGS if not isinstance(row, str))
+    assert "(shapes 1000)" in " ".join(text.split())  # --probe-every's default, from DATASETS
+
 @pytest.mark.parametrize("argv", [["--enc-widths", "abc"], ["--ch-mult", "1,x"], ["--lr", "fast"]])
 def test_non_numeric_train_flags_are_argparse_errors(tmp_path, argv, capsys):
     with pytest.raises(SystemExit) as e:

@@ -145,7 +145,7 @@ FLAGS = [
     ("log-every", int, "steps between log lines", POSITIVE),
     ("ckpt-every", int, "steps between checkpoints", POSITIVE),
     ("probe-every", int, "steps between read-outs of the EMA encoder's codes on held-out images "
-     "(the log's 'shape 62% ...'; 0: none)", NON_NEGATIVE),
+     "(the log's 'shape 62%% ...'; 0: none)", NON_NEGATIVE),
     ("device", str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps"),
     ("amp", "on", "bf16 autocast (CUDA only)"),
     ("channels-last", "on/off", "channels-last memory format (faster convolutions on CPUs and "

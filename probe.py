@@ -264,7 +264,7 @@ def probe_target(a, name, k, data, cfg, log):
 
 def cached_control(data, name, a, cfg, compute, log):
     """A control's rows (`compute()`), kept in <run>/cache under a key of all they depend on: the
-    inputs and labels (a hash of their values), the attribute and the protocol. The controls do
+    inputs and the attribute's labels (a hash of their values) and the protocol. The controls do
     not depend on the trained encoder (the pixels are the data's, the random-init encoder is the
     run's seed), so probe.py on a later checkpoint of the run, or again, reads them."""
     inputs = [data[name][s] for s in ("train", "test")]

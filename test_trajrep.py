@@ -1167,7 +1167,7 @@ def test_shipped_weights_are_the_learnt_encoder():
     folder = os.path.join(HERE, "pretrained", "shapes-drl")
     ckpt = tr.load_checkpoint(folder)
     assert ckpt["kind"] == tr.WEIGHTS_KIND and ckpt["step"] == 12000
-    assert "python train.py" in ckpt["made_by"] and ckpt["config"]["texture"]
+    assert "python train.py --steps 12000" in ckpt["made_by"] and ckpt["config"]["texture"]
     trained, init, cfg, _ = tr.load_encoders(folder)
     data = tr.run_datasets(cfg, max_train=600, max_test=400)
     (x_fit, y_fit), (x_test, y_test) = data["train"].tensors(), data["test"].tensors()
@@ -1262,7 +1262,9 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
     """2 ranks x 4 images == 1 process x 8 images: identical replicas, and the same weights as one
     process with the same global batch (the noise of the global batch is drawn identically and
     sliced per rank; DDP averages the gradients)."""
-    common = [*TINY, "--encoder", "vdrl", "--steps", "4", "--ckpt-every", "4"]
+    # the monitor at step 3, not a log step: every rank must still join that step's write
+    common = [*TINY, "--encoder", "vdrl", "--steps", "4", "--ckpt-every", "4", "--log-every", "4",
+              "--probe-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", os.path.join(HERE, "train.py"), *common, "--out",
@@ -1271,7 +1273,7 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     last = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")][-1]
     assert last["world_size"] == 2 and last["replica_max_abs_diff"] == 0.0
-    assert "global batch 8" in p.stdout
+    assert "global batch 8" in p.stdout and "shape" in p.stdout.split("step       3")[1]
     run_train(*common, "--out", str(tmp_path / "one"))
     a, b = tr.load_checkpoint(str(tmp_path / "ddp")), tr.load_checkpoint(str(tmp_path / "one"))
     for k in a["model"]:

@@ -434,10 +434,12 @@ def train_loop(run, data, sampler):
             metrics.add(loss, dsm, reg)
             run.step += 1
             last, save = run.step == cfg["steps"], run.step % cfg["ckpt_every"] == 0
-            read = monitor is not None and (run.step % cfg["probe_every"] == 0 or last)
+            # Every rank writes on the same steps (write reduces the losses over the ranks); the
+            # monitor reads on rank 0.
+            read = cfg["probe_every"] and (run.step % cfg["probe_every"] == 0 or last)
             if run.step % cfg["log_every"] == 0 or save or last or read:
                 # the one place where the host waits for the device
-                metrics.write(run.step, lr, monitor(run.ema.encoder) if read else None)
+                metrics.write(run.step, lr, monitor(run.ema.encoder) if read and monitor else None)
                 if save or last:
                     save_run(run)
             if last:  # --steps may end mid-epoch
@@ -462,6 +464,9 @@ class Monitor:
 
     def __call__(self, encoder):
         """{attribute: test accuracy per time}, and the seconds it took."""
+        device = next(encoder.parameters()).device
+        if device.type == "cuda":  # the queued training steps are not the monitor's time
+            torch.cuda.synchronize(device)
         start = time.time()
         (c_fit, y_fit), (c_test, y_test) = [(tr.extract_trajectories(encoder, x, self.times), y)
                                             for x, y in self.sets]  # (N, T, D), (N, A)

@@ -375,6 +375,16 @@ def test_ema_update_equals_its_closed_form_and_train_py_applies_it(tmp_path):
         ckpt9["ema"], ckpt9["model"]
     )
 
+@pytest.mark.fast
+def test_dsm_loss_refuses_a_sigma_that_would_broadcast_across_the_batch():
+    # sigma (B, 1, 1, 1), a common convention, would broadcast to (B, B, C, H, W): B times the loss
+    score, noise, sigma = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.rand(4) + 0.1
+    with pytest.raises(ValueError, match=r"sigma .*shape \(B,\) = \(4,\).*got \(4, 1, 1, 1\)"):
+        tr.dsm_loss(score, noise, sigma[:, None, None, None])
+    with pytest.raises(ValueError, match="sigma"):
+        tr.dsm_loss(score, noise, sigma, weight=torch.ones(4, 1))
+    assert tr.dsm_loss(score, noise, sigma).shape == ()
+
 # ------------------------------------------------------------------------------------------------
 # Trajectories
 # ------------------------------------------------------------------------------------------------

@@ -347,6 +347,9 @@ def dsm_loss(score, noise, sigma, weight=None):
     ||sigma s + noise||^2, with weight = lambda / sigma^2 per example (None: lambda = sigma^2).
     Per example 0.5 * sum over pixels, averaged over the batch (as the published code).
     score, noise (B, C, H, W), sigma (B,), weight (B,) or None -> scalar."""
+    if sigma.shape != score.shape[:1] or (weight is not None and weight.shape != sigma.shape):
+        raise ValueError(f"dsm_loss needs sigma (and weight) of shape (B,) = ({len(score)},), one "
+                         f"per example; got {tuple(sigma.shape)}: flatten a (B, 1, 1, 1) sigma")
     err = sigma[:, None, None, None] * score + noise  # (B, C, H, W)
     per_example = 0.5 * err.pow(2).flatten(1).sum(1)  # (B,)
     return (per_example if weight is None else weight * per_example).mean()

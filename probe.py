@@ -242,10 +242,11 @@ def probe_target(a, name, k, data, cfg, log):
     # The same probes on the trained and on the random-init encoder's codes, then the control
     # without any encoder: an MLP on the raw pixels. The controls are read from the cache when
     # this protocol has already trained them on these inputs.
-    rows = lambda codes, tag: lambda: encoder_rows(run, codes["train"]["codes"],
-                                                   codes["test"]["codes"], times, tag, cfg)
-    out.update(rows(grid, "")())
-    out["init"] = cached_control(data, "init", a, cfg, rows(data["init"], ", random init"), log)
+    rows = lambda codes, tag: encoder_rows(run, codes["train"]["codes"], codes["test"]["codes"],
+                                           times, tag, cfg)
+    out.update(rows(grid, ""))
+    out["init"] = cached_control(data, "init", a, cfg,
+                                 lambda: rows(data["init"], ", random init"), log)
     out["pixels"] = cached_control(data, "pixels", a, cfg, lambda: summary(run(
         "mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"], "pixel MLP")),
                                    log)

@@ -438,8 +438,8 @@ def train_loop(run, data, sampler):
             # monitor reads on rank 0.
             read = cfg["probe_every"] and (run.step % cfg["probe_every"] == 0 or last)
             if run.step % cfg["log_every"] == 0 or save or last or read:
-                # the one place where the host waits for the device
-                metrics.write(run.step, lr, monitor(run.ema.encoder) if read and monitor else None)
+                readout = monitor(run.ema.encoder) if read and monitor is not None else None
+                metrics.write(run.step, lr, readout)  # where the host waits for the device
                 if save or last:
                     save_run(run)
             if last:  # --steps may end mid-epoch

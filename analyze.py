@@ -1,21 +1,19 @@
 """How information changes along the trajectory: the NMI matrix (Figure 2), attention (Figure 3),
 and where classes separate along the curve (paper eq. 5).
 
-For a run of train.py, and for its control (the same encoder at its random initialisation):
-estimates with MINE (trajrep.nmi_matrix) the mutual information between the training codes at
-every two points of the trajectory, evaluated on held-out rows, normalises it as NMI(i, j) =
-I(i;j) / sqrt(I(i;i) I(j;j)) and reports its decay away from the diagonal, over seeds with the
-spread. Where probe.py has run, also draws the Transformer's attention over t (Figure 3) and, per
-attribute, accuracy and attention along t side by side. Findings in words are computed and saved.
+For a run of train.py and its control (the encoder at its random initialisation): MINE
+(trajrep.nmi_matrix) between the training codes at every two points of the trajectory, NMI(i, j) =
+I(i;j) / sqrt(I(i;i) I(j;j)), and its decay away from the diagonal, over seeds with the spread.
+Where probe.py has run, also the Transformer's attention over t (Figure 3) and, per attribute,
+accuracy, attention and class separation along t. The findings are written in words.
 
     python train.py && python probe.py runs/shapes-drl && python analyze.py runs/shapes-drl
     python analyze.py runs/cifar10-vdrl --preset paper --device cuda   # the published MINE budget
     python analyze.py --check-mine                                     # MINE against closed-form MI
 
-NMI here is the published code's HEURISTIC: continuous codes have no finite entropy, so MINE's own
-estimate of I(X;X) stands in for H(X). The diagonal is then about 1 by construction and values are
-comparable only at a fixed estimator budget; read the matrix for its shape (how fast NMI decays
-with |i - j|), not for absolute values.
+NMI is the published code's HEURISTIC: continuous codes have no finite entropy, so MINE's I(X;X)
+stands in for H(X); the diagonal is about 1 by construction and values compare only at one MINE
+budget. Read the matrix for its shape (how fast NMI decays with |i - j|).
 
 Writes <run>/results/nmi.json, nmi.png, attention.png and attributes.png.
 """
@@ -29,9 +27,8 @@ import torch
 
 import trajrep as tr
 
-# MINE budget; `paper` is the published MINE setting (paper section 3.2: about 100 epochs, batch
-# 256, lr 1e-4, statistics network 256 wide, 5 seeds). `cpu`: on 11 x 11 pairs, minutes on 2
-# cores. NMI values depend on the budget (see above): compare matrices of one preset only.
+# MINE budget: `paper` is the published setting (section 3.2), `cpu` minutes on 2 cores for the
+# 11 x 11 pairs. NMI depends on the budget: compare matrices of one preset only.
 PRESETS = {
     "cpu": dict(steps=800, batch_size=256, lr=1e-3, hidden=64, seeds=2, max_train=3000),
     "paper": dict(steps=20000, batch_size=256, lr=1e-4, hidden=256, seeds=5, max_train=0),
@@ -55,17 +52,14 @@ def parse_args(argv):
                             ("max_train", int, "use at most this many training images, 0 = all")):
         values = ", ".join(f"{name} {preset[key]:g}" for name, preset in PRESETS.items())
         p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{text} ({values})")
-    p.add_argument("--num-times", type=int, default=11,
-                   help="points of the regular grid on [0, 1] (paper 11)")
+    p.add_argument("--num-times", type=int, default=11, help="regular grid on [0, 1] (paper 11)")
     p.add_argument("--data-root", help="where the run's dataset lies, if it has moved")
-    p.add_argument("--device", default="auto", help="device for encoding and MINE: auto, cpu, "
-                   "cuda, mps")
+    p.add_argument("--device", default="auto", help="for encoding and MINE: auto, cpu, cuda, mps")
     args = p.parse_args(argv)
     cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
     if cfg["steps"] <= 0 or cfg["seeds"] <= 0 or cfg["hidden"] <= 0:
         raise tr.UserError("--steps, --seeds and --hidden must be positive")
-    # The DV bound's log-mean-exp over the batch needs rows enough to average.
-    if cfg["batch_size"] < 16:
+    if cfg["batch_size"] < 16:  # the DV bound's log-mean-exp needs rows to average
         raise tr.UserError(f"--batch-size must be at least 16, got {cfg['batch_size']}: MINE's "
                            "bound averages exp(T) over the batch's shuffled pairs, and a handful "
                            "of rows gives no estimate")
@@ -76,8 +70,8 @@ def check_mine(cfg):
     -(d/2) log(1 - rho^2)."""
     print(f"{'d':>3} {'rho':>5} {'true MI':>8} {'MINE':>8} {'error':>7}   (nats; N=10000, "
           f"{cfg['steps']} steps)")
-    # From independent (MI 0) to strongly related (1.66 nats at d = 4, rho = 0.9): the DV bound
-    # sits below the truth, more so for large MI and small budgets.
+    # From independent (MI 0) to 1.66 nats: the DV bound sits below the truth, more so for large
+    # MI and small budgets.
     for d, rho in ((1, 0.0), (1, 0.5), (1, 0.9), (2, 0.8), (4, 0.5), (8, 0.3), (4, 0.9)):
         gen = torch.Generator().manual_seed(d * 100 + int(rho * 10))
         x = torch.randn(10000, d, generator=gen)
@@ -95,9 +89,8 @@ def mine_curves(codes, cfg, device):
         print(f"MINE on the {name} codes: {cfg['num_times'] ** 2} pairs x {seeds} seed(s), {steps} "
               "steps" + (f" (ETA {curves['trained']['seconds'] / 60:.1f} min, as long as the "
                          "trained codes took)" if curves else " ..."), flush=True)
-        # One scale per dimension, pooled over t: the same transform at every t keeps the MI of
-        # every pair (MI is invariant to invertible maps; MINE's optimisation is not: it needs
-        # scaled input).
+        # One scale per dimension, pooled over t: the same invertible map at every t keeps every
+        # pair's MI, and MINE's optimisation needs scaled input.
         x = c["codes"].to(device)
         mean, std = tr.standardiser_stats(x, per_time=False)
         start = time.time()
@@ -107,7 +100,6 @@ def mine_curves(codes, cfg, device):
             if done < total:
                 print(f"  {name}: {done}/{total} MINE steps in {spent:.0f} s, ETA "
                       f"{spent * (total - done) / done:.0f} s", flush=True)
-        # All T * T pairs of each seed at once: (S, T, T) each.
         nmis, mis = tr.nmi_matrix((x - mean) / std, tuple(range(seeds)), tick, steps=steps,
                                   batch_size=cfg["batch_size"], lr=cfg["lr"], hidden=cfg["hidden"])
         nmis, mis = nmis.cpu(), mis.cpu()
@@ -126,16 +118,12 @@ def mine_curves(codes, cfg, device):
 
 def lag_profile(nmi):
     """Mean off-diagonal NMI at each lag |i - j| = 1 .. T-1. (T, T) -> (T-1,)."""
-    # The k-th diagonal holds the pairs k steps apart on the grid (both triangles agree up to the
-    # estimator's noise; the upper one is read).
     return torch.stack([torch.diagonal(nmi, k).mean() for k in range(1, nmi.shape[0])])
 
 def lag_fall(nmis):
-    """How much NMI falls from neighbours to the ends of the curve: lag 1 minus lag T-1 of each
-    seed's matrix, (S, T, T) -> (mean, std) over seeds. The spread is that of the fall itself, not
-    of single cells: a lag averages many cells, and its noise is smaller than theirs."""
-    # One fall per seed: each seed's matrix is a whole estimate, made with its own initial weights,
-    # batches and held-out rows.
+    """How much NMI falls from neighbours to the ends of the curve, lag 1 minus lag T-1 of each
+    seed's matrix (S, T, T) -> (mean, std) over seeds: the spread of the fall itself, not of single
+    cells (a lag averages many cells, so its noise is smaller than theirs)."""
     falls = torch.stack([lag_profile(n)[0] - lag_profile(n)[-1] for n in nmis])  # (S,)
     return falls.mean().item(), falls.std(unbiased=False).item()
 
@@ -161,13 +149,11 @@ def findings(nmis, times, probe_result, along, across, separation):
         "NMI does not decay away from the diagonal beyond the seed spread, so the paper's "
         "'distant points carry different information' is NOT supported on these codes at this "
         "budget."]
-    # Each point's mean NMI with the others: which part of the curve is most shared.
     row = (nmi_mean.sum(1) - nmi_mean.diagonal()) / (len(times) - 1)
     text.append("The point sharing the most information with the rest of the curve is t = "
                 f"{times[int(row.argmax())]:.2f}; the most isolated is t = "
                 f"{times[int(row.argmin())]:.2f}.")
-    # Figure 3 and eq. 5 per attribute, where probe.py has run: where the Transformer looks, and
-    # where the classes are farthest apart relative to their spread.
+    # Figure 3 and eq. 5 per attribute, where probe.py has run.
     for name, out in (probe_result or {}).get("targets", {}).items():
         att = torch.tensor(out["attention"])
         text.append(f"{name}: the Transformer attends most to t = {times[int(att.argmax())]:.2f} "
@@ -181,13 +167,10 @@ def findings(nmis, times, probe_result, along, across, separation):
     return " ".join(text)
 
 def summarise(run, step, times, cfg, curves, probe_result, separation):
-    """nmi.json's contents: the trained codes' NMI, MI and lag profile, the findings in words (the
-    control's line appended), and the random-init control's numbers beside them. The per-seed
-    matrices and the fall of the lag profile are kept, so that the decay verdict can be checked
-    from the file alone."""
+    """nmi.json's contents: the trained codes' NMI, MI and lag profile, per-seed matrices and the
+    fall (the decay verdict can be checked from the file), the findings in words, and the
+    random-init control's numbers beside them, also in one sentence."""
     trained, init = curves["trained"], curves["random init"]
-    # The findings read off the trained codes; the control's numbers follow in one sentence, so
-    # that every claim stands beside what an untrained encoder gives.
     text = findings(trained["nmis"], times.tolist(), probe_result, trained["along"],
                     trained["across"], separation)
     lags = {k: ", ".join(f"{v:.2f}" for v in lag_profile(c["nmi_mean"]).tolist())
@@ -196,7 +179,6 @@ def summarise(run, step, times, cfg, curves, probe_result, separation):
                f"{init['along'] / init['across']:.3f} of their spread along t (trained "
                f"{trained['along'] / trained['across']:.3f}); NMI by lag {lags['random init']} "
                f"(trained {lags['trained']}).")
-    # The numbers kept of each encoder's codes.
     kept = lambda c: dict(nmi_mean=c["nmi_mean"].tolist(),
                           nmi_std=c["nmis"].std(0, unbiased=False).tolist(),
                           nmi_by_lag=lag_profile(c["nmi_mean"]).tolist(),
@@ -221,7 +203,6 @@ def plot(result, title, probe_result, separation, out_dir):
     nmi, times = torch.tensor(result["nmi_mean"]).numpy(), result["times"]
     fig, ax = plt.subplots(figsize=(4.6, 4))
     # The colour scale spans the values (0 to 1 would leave a 0.75-1.05 matrix one colour).
-    # Rounded down to a tenth, and at most 0.9: the scale never starts at the smallest value.
     low = math.floor(10 * min(float(nmi.min()), 0.9)) / 10
     im = ax.imshow(nmi, vmin=low, vmax=max(1.0, float(nmi.max())), cmap="viridis")
     ticks = list(range(0, len(times), max(1, len(times) // 6)))  # at most about 6 labels per axis
@@ -283,17 +264,15 @@ def main(argv=None):
     if cfg["num_times"] < 2:
         raise tr.UserError("--num-times must be at least 2: NMI needs two points of the trajectory")
     t_start, times = time.time(), tr.paper_times(cfg["num_times"])
-    # ---- the run's codes, trained and random-init (probe.py's cache when it has run) ----
     encoder, init_encoder, train_cfg, step, device, out_dir = tr.open_run(args.run, args.device)
     data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
                            splits=("train",))["train"]  # MINE uses the train split only
-    # (N, T, D) codes and (N, A) labels of each encoder
-    codes = {name: tr.cached_trajectories(args.run, enc, data, "train", times, tag)
+    codes = {name:  # (N, T, D) codes and (N, A) labels, probe.py's cache when it has run
+ tr.cached_trajectories(args.run, enc, data, "train", times, tag)
              for name, enc, tag in (("trained", encoder, f"step{step}"),
                                     ("random init", init_encoder, "init"))}
-    # ---- MINE on every pair of points, for the trained codes and then the control ----
-    curves = mine_curves(codes, cfg, device)
-    # ---- where probe.py has run on this grid: its attention (Figure 3) and the eq. 5 profile ----
+    curves = mine_curves(codes, cfg, device)  # every pair of points, trained then the control
+    # Where probe.py has run on this grid: its attention (Figure 3) and the eq. 5 profile.
     path = os.path.join(out_dir, "probe.json")
     probe_result = json.load(open(path)) if os.path.exists(path) else None
     if probe_result and probe_result["times"] != times.tolist():  # attention on another grid
@@ -306,7 +285,6 @@ def main(argv=None):
         separation[name] = dict(ratio=p["ratio"].tolist(), between=p["between"].tolist(),
                                 within=p["within"].tolist(),
                                 argsup_fraction=p["argsup_hist"].tolist())
-    # ---- the findings in words, the JSON, the figures ----
     result = summarise(args.run, step, times, cfg, curves, probe_result, separation)
     result["wall_time_s"] = time.time() - t_start
     tr.atomic_save(result, os.path.join(out_dir, "nmi.json"))

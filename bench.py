@@ -1,16 +1,13 @@
-"""What the code costs on one device. Every timing is the MEDIAN of several calls after warm-up,
-with its spread (min - max); nothing is asserted (tests never time anything).
-    1. the training step (images/s) of train.py's `cpu` and `paper` model sizes, channels-last,
-       torch.optim.Adam as train.py (fused on CUDA), gradient clip (the EMA update left out);
-    2. trajectory extraction (images/s at 11 time points);
-    3. MINE: all 11 x 11 pairs in one tr.mine call (a batched matmul per layer) against the plain
-       loop of 121 one-pair calls at equal work (same steps, rows, width: analyze.py's `cpu`
-       size), a ratio;
-    4. seconds per probe of tr.probe_protocol (mlp, gru, transformer) at probe.py's `cpu` protocol
-       size, timed on 2 epochs and scaled to its epochs: probe.py's minutes are about (the probes
-       it trains: inputs x seeds x learning rates per kind and attribute) x that;
-    5. with --run RUN: the wall time of `python probe.py RUN` and `python analyze.py RUN` (their
-       `cpu` protocol; the first probe.py on a run also encodes and caches the codes).
+"""What the code costs on one device: the MEDIAN of several calls after warm-up, with the spread
+(min - max); nothing is asserted (tests never time anything).
+    1. the training step (images/s) at train.py's `cpu` and `paper` model sizes (as train.py, the
+       EMA update left out), and trajectory extraction (images/s at 11 times);
+    2. MINE: all 11 x 11 pairs in one tr.mine call against the loop of 121 one-pair calls at equal
+       work (analyze.py's `cpu` size), a ratio;
+    3. seconds per probe of tr.probe_protocol at probe.py's `cpu` size (timed on 2 epochs, scaled):
+       probe.py's minutes are about the probes it trains (seeds x learning rates per kind and
+       attribute) times that;
+    4. with --run RUN: the wall time of `python probe.py RUN` and `python analyze.py RUN`.
 
     python bench.py                        # on --device auto; a table, and results/bench.json
     python bench.py --quick                # 3 calls per timing, not 7: a smoke run

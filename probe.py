@@ -2,17 +2,15 @@
 controls.
 
 For a run of train.py: encodes the train and test splits on the paper's grid of 11 times (cached in
-<run>/cache), then trains with the paper's protocol (trajrep.probe_protocol: learning rate chosen on
-validation, test accuracy at the best validation epoch, mean and spread over seeds):
+<run>/cache), then trains with the paper's protocol (trajrep.probe_protocol):
     - an MLP on each single time point; a GRU and a Transformer on the whole curve (section 3.1;
       the Transformer's attention over t, Figure 3, is saved for analyze.py),
-    - controls the paper lacks: MLPs on all T codes concatenated and on the mean code, and the GRU /
-      Transformer on a CONSTANT curve (the best single-t code, chosen on validation, repeated T
-      times): same probe, no trajectory. Only a gain over these is a gain of the curve.
-    - a grid-free Transformer on the VALUE of t, trained on random sub-grids of a fine grid, tested
-      on grids of 5, 11 and 51 points and on random times (the paper's closing question),
-    - the SAME probes on the SAME encoder at its random initialisation (the weights train.py started
-      from), and an MLP on the raw pixels: without these no row is a result.
+    - controls the paper lacks: MLPs on the T codes concatenated and on their mean, and the GRU /
+      Transformer on a CONSTANT curve (the best single-t code repeated): only a gain over these is
+      a gain of the curve,
+    - a grid-free Transformer on the VALUE of t, tested on grids it never saw (the paper's closing
+      question),
+    - the SAME probes on the encoder at its random initialisation, and an MLP on the raw pixels.
 `--probes mlp` runs only the per-t MLPs and their controls: the quick table of an ablation.
 
     python train.py && python probe.py runs/shapes-drl               # CPU default, every attribute
@@ -40,16 +38,15 @@ PRESETS = {
 }
 # the continuous probe trains on random sub-grids of 0, 0.05, ..., 1 (contains 5 and 11 points)
 FINE_STEP = 0.05
-# The table's rows after the per-t MLPs: key in probe.json, label.
-ROWS = [("concat", "MLP on concatenated curve (ctrl)"), ("mean", "MLP on mean over t (ctrl)"),
-        ("gru", "GRU"), ("gru_const", "  GRU on constant curve (ctrl)"), ("transformer",
-        "Transformer"), ("transformer_const", "  Transformer on constant curve"),
-        ("continuous", "grid-free Transformer (11 pts)"), ("pixels", "MLP on raw pixels (ctrl)")]
-# Figure 1's line for each probe of the whole curve, which has no t: key, colour, style, legend.
-LINES = [("gru", "tab:blue", "-", "GRU"), ("gru_const", "tab:blue", ":", "GRU, constant curve"),
-         ("transformer", "tab:red", "-", "Transformer"), ("transformer_const", "tab:red", ":",
-         "Transformer, constant curve"), ("concat", "tab:green", "--", "MLP on the concatenated "
-         "curve"), ("continuous", "tab:purple", "-.", "grid-free Transformer")]
+# The table's rows after the per-t MLPs: key in probe.json, label, and for a probe of the whole
+# curve its line in Figure 1 (colour, style).
+ROWS = [("concat", "MLP on concatenated curve (ctrl)", "tab:green", "--"),
+        ("mean", "MLP on mean over t (ctrl)", None, None), ("gru", "GRU", "tab:blue", "-"),
+        ("gru_const", "  GRU on constant curve (ctrl)", "tab:blue", ":"),
+        ("transformer", "Transformer", "tab:red", "-"),
+        ("transformer_const", "  Transformer on constant curve", "tab:red", ":"),
+        ("continuous", "grid-free Transformer (11 pts)", "tab:purple", "-."),
+        ("pixels", "MLP on raw pixels (ctrl)", None, None)]
 
 def float_list(text):
     """'0,0.5,1' -> [0.0, 0.5, 1.0] (a def, not a lambda: argparse names the type in its error)."""
@@ -62,15 +59,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder of train.py (holding ckpt.pt)")
-    p.add_argument("--target", help="an attribute of the dataset, e.g. shape, fg_colour, "
-                   "bg_colour, location, texture for shapes; class for image folders; or all "
-                   "(default all)")
-    p.add_argument("--num-times", type=int, default=11,
-                   help="points of the regular grid on [0, 1] (paper 11)")
+    p.add_argument("--target", help="an attribute (shapes: shape, fg_colour, bg_colour, location, "
+                   "texture; image folders: class) or all (default)")
+    p.add_argument("--num-times", type=int, default=11, help="regular grid on [0, 1] (paper 11)")
     p.add_argument("--times", type=float_list, help="explicit comma-separated times instead of "
                    "--num-times, e.g. 0,0.25,0.5,0.75,1")
-    p.add_argument("--no-continuous", action="store_true",
-                   help="skip the grid-free probe (saves encoding time)")
+    p.add_argument("--no-continuous", action="store_true", help="skip the grid-free probe")
     p.add_argument("--probes", choices=["all", "mlp"], default="all", help="all (default) or mlp: "
                    "only the per-t MLPs and their random-init and pixel controls")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or "
@@ -106,10 +100,9 @@ def parse_args(argv):
     return args, cfg, times
 
 def encode(args, cfg, splits, encoders, step, times, device):
-    """Every input the probes read, on `device`: the trained codes on the grid (`grid`) and on the
-    fine grid of the grid-free probe (`fine`, train split), the random-init codes (`init`), the raw
-    pixels, and the test codes on the grid-free probe's other test grids (`test_grids`). Codes are
-    cached in <run>/cache (tagged by the encoder's step, or `init`). encoders: (trained, init)."""
+    """Every input the probes read, on `device`: trained codes on the grid (`grid`) and on the fine
+    grid (`fine`, train split), random-init codes (`init`), raw pixels, and test codes on other
+    grids (`test_grids`), cached in <run>/cache. encoders: (trained, init)."""
     def codes(split, grid, control=False):
         encoder, tag = (encoders[1], "init") if control else (encoders[0], f"step{step}")
         c = tr.cached_trajectories(args.run, encoder, splits[split], split, grid, tag,
@@ -127,8 +120,7 @@ def encode(args, cfg, splits, encoders, step, times, device):
                 run=args.run)
     data["grid"] = {s: codes(s, times) for s in ("train", "test")}
     data["init"] = {s: codes(s, times, control=True) for s in ("train", "test")}
-    # (N, 1, C*H*W)
-    data["pixels"] = {s: splits[s].tensors()[0].flatten(1)[:, None].to(device)
+    data["pixels"] = {s: splits[s].tensors()[0].flatten(1)[:, None].to(device)  # (N, 1, C*H*W)
                       for s in ("train", "test")}
     if on_fine:  # the grid-free probe is tested on grids it never saw
         rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
@@ -143,19 +135,15 @@ def encode(args, cfg, splits, encoders, step, times, device):
 fmt = lambda r, i=None: "{:5.1f} ± {:4.1f}".format(
     *(100 * (r[k] if i is None else r[k][i]) for k in ("mean", "std")))
 
-def summary(res, v=None):
-    """Mean, spread, per-seed accuracies and chosen lrs of readout 0 (of input v, if several)."""
-    r = {k: res[k] if v is None else res[k][v] for k in ("test_mean", "test_std", "tests", "lrs")}
-    return dict(mean=r["test_mean"][0].item(), std=r["test_std"][0].item(),
-                seeds=r["tests"][:, 0].tolist(), lrs=r["lrs"][:, 0].tolist())
+def summary(res):
+    """Mean, spread, per-seed accuracies and chosen lrs of readout 0."""
+    return dict(mean=res["test_mean"][0].item(), std=res["test_std"][0].item(),
+                seeds=res["tests"][:, 0].tolist(), lrs=res["lrs"][:, 0].tolist())
 
 def verdict(name, a, b, b_name, chance):
-    """One plain sentence: does probe `a` beat `b` by more than their seed spread? Differences
-    between two probes both within 2 points of the majority-class rate, or both above 99.5%, are
-    not read."""
-    diff = a["mean"] - b["mean"]
-    # The spread of a difference of two independent means: their spreads added in quadrature.
-    spread = (a["std"] ** 2 + b["std"] ** 2) ** 0.5
+    """One plain sentence: does probe `a` beat `b` by more than their seed spread (added in
+    quadrature)? Two probes both within 2 points of chance, or both above 99.5%, are not read."""
+    diff, spread = a["mean"] - b["mean"], (a["std"] ** 2 + b["std"] ** 2) ** 0.5
     if max(a["mean"], b["mean"]) < chance + 0.02:
         return (f"{name} and {b_name} are both at or below chance ({100 * a['mean']:.1f}% and "
                 f"{100 * b['mean']:.1f}%, majority class {100 * chance:.1f}%): no comparison")
@@ -167,10 +155,9 @@ def verdict(name, a, b, b_name, chance):
     return f"{name} {word} {b_name}: {100 * diff:+.1f} points (spread {100 * spread:.1f})"
 
 def verdicts(out):
-    """The comparisons the Figure 1 table is read for, each one sentence (see verdict): the trained
-    encoder against its two controls, and (when every probe ran) the curve probes against the best
-    single point, against their constant-curve controls and against the same probe at random
-    init."""
+    """The comparisons the table is read for, a sentence each: the trained encoder against its two
+    controls, and the curve probes against the best single point, their constant-curve controls
+    and the same probe at random init."""
     init, best, mlp = out["init"], out["best_mlp"], "the best single-t MLP"
     ours, const = "the trained encoder's best single-t MLP", "its constant-curve control"
     rows = [(f"{ours} (t={out['best_t']:.2f})", "best_mlp", init["best_mlp"],
@@ -188,18 +175,15 @@ def verdicts(out):
                      "the index Transformer"))
     return [verdict(name, out[key], b, b_name, out["chance"]) for name, key, b, b_name in rows]
 
-def constant_curves(codes, best):
-    """The constant-curve control: for each input v, its best single-t code (index best[v], chosen
-    on validation) repeated at all T points. Same probe, same capacity, no trajectory.
-    codes (V, N, T, D), best [V] -> (V, N, T, D)."""
-    return torch.stack([codes[v][:, b:b + 1].expand_as(codes[v]) for v, b in enumerate(best)])
+def constant_curve(codes, best):
+    """The constant-curve control: the best single-t code (index best, chosen on validation)
+    repeated at all T points. Same probe, same capacity, no trajectory. (N, T, D) -> (N, T, D)."""
+    return codes[:, best:best + 1].expand_as(codes)
 
 def continuous_on_grid(res, codes, labels, times):
-    """Accuracy of the trained grid-free probes (the chosen one per seed) on codes (N, T', D) at
-    `times` (T',), and their mean attention density over t."""
+    """Accuracy of the chosen grid-free probe of each seed on codes (N, T', D) at `times` (T') it
+    never trained on, and their mean attention density over t."""
     mean, std = res["standardiser"]  # the training codes' statistics, pooled over t
-    # Per seed, the probe of the learning rate chosen on validation, at its best epoch: evaluated
-    # on codes at times it never trained on.
     accs, atts = zip(*(tr.evaluate_probe(p, (codes - mean) / std, labels, times)
                        for p in res["chosen_probes"]))
     accs = torch.stack(accs)[:, 0]  # (S,)
@@ -212,36 +196,30 @@ def probe_target(a, name, k, data, cfg, log):
     encoder (see encode)."""
     grid, times, t0 = data["grid"], data["grid"]["train"]["times"], time.time()
     y_tr, y_te = grid["train"]["labels"][:, a], grid["test"]["labels"][:, a]
-    if len(torch.unique(y_tr)) < 2:
-        raise tr.UserError(f"attribute {name!r} has a single class in the training split: there is "
-                           f"nothing to predict; probe a dataset with at least two classes")
-    # A probe needs two classes in the part it learns from, not only in the whole training split.
-    fit_idx, _ = tr.split_train_val(len(y_tr))  # the split tr.probe_protocol makes
+    fit_idx, _ = tr.split_train_val(len(y_tr))  # the part tr.probe_protocol trains on
     if len(torch.unique(y_tr[fit_idx])) < 2:
-        raise tr.UserError(f"attribute {name!r}: after a tenth of the {len(y_tr)} training images "
-                           f"is held out for validation, the {len(fit_idx)} left hold a single "
-                           "class, so the probes would learn nothing; give more images per class "
-                           "(or a larger --max-train)")
-    # Each probe kind below runs the protocol on this attribute's labels, through `run`.
-    def run(kind, xtr, xte, seeds, what, **kw):
-        """tr.probe_protocol for one probe kind, with progress lines (minutes on a CPU)."""
-        start, inputs = time.time(), 1 if xtr.dim() == 3 else xtr.shape[0]
-        log(f"[{name}] {what} probes: {inputs} input(s) x {seeds} seed(s) x {len(cfg['lrs'])} "
-            f"learning rate(s), {cfg['epochs']} epochs ...", flush=True)
+        raise tr.UserError(f"attribute {name!r}: the {len(fit_idx)} of {len(y_tr)} training images "
+                           "that the probes learn from (a tenth is held out for validation) hold a "
+                           "single class; probe an attribute with two classes or more, or give "
+                           "more images per class (a larger --max-train)")
+    def run(kind, xtr, xte, seeds, what, **kw):  # tr.probe_protocol, with progress lines
+        start = time.time()
+        log(f"[{name}] {what} probes: {seeds} seed(s) x {len(cfg['lrs'])} learning rate(s), "
+            f"{cfg['epochs']} epochs ...", flush=True)
 
         def tick(done, total):  # at every tenth of the probes: how far, and an ETA for the rest
             if done < total and done % max(1, total // 10) == 0:
-                log(f"[{name}] {what}: {done}/{total} probes in {time.time() - start:.0f} s, ETA "
-                    f"{(time.time() - start) * (total - done) / done:.0f} s", flush=True)
+                spent = time.time() - start
+                log(f"[{name}] {what}: {done}/{total} probes in {spent:.0f} s, ETA "
+                    f"{spent * (total - done) / done:.0f} s", flush=True)
         res = tr.probe_protocol(kind, xtr, y_tr, xte, y_te, k, cfg["lrs"], cfg["epochs"],
                                 list(range(seeds)), cfg["batch_size"], width=cfg["width"],
                                 progress=tick, **kw)
         log(f"[{name}] {what} done in {time.time() - start:.0f} s", flush=True)
         return res
     out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
-    # The same probes on the trained and on the random-init encoder's codes, then the control
-    # without any encoder: an MLP on the raw pixels. The controls are read from the cache when
-    # this protocol has already trained them on these inputs.
+    # The same probes on the trained and the random-init encoder's codes, then an MLP on the raw
+    # pixels; the controls are read from the cache when this protocol has trained them before.
     rows = lambda codes, tag: encoder_rows(run, codes["train"]["codes"], codes["test"]["codes"],
                                            times, tag, cfg)
     out.update(rows(grid, ""))
@@ -250,9 +228,7 @@ def probe_target(a, name, k, data, cfg, log):
     out["pixels"] = cached_control(data, "pixels", a, cfg, lambda: summary(run(
         "mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"], "pixel MLP")),
                                    log)
-    if data["fine"] is not None and cfg["probes"] == "all":
-        # The grid-free probe: trained on random sub-grids of the fine grid, validated on the
-        # grid's columns, then tested on grids of 5, 11 and 51 points and on random times.
+    if data["fine"] is not None and cfg["probes"] == "all":  # grid-free: then on other grids
         fine, cols = data["fine"]["train"], (times / FINE_STEP).round().long()
         res = run("continuous", fine["codes"], grid["test"]["codes"], cfg["seeds"], "continuous",
                   continuous=dict(fine_times=fine["times"], eval_cols=cols))
@@ -264,35 +240,28 @@ def probe_target(a, name, k, data, cfg, log):
     return out
 
 def cached_control(data, name, a, cfg, compute, log):
-    """A control's rows (`compute()`), kept in <run>/cache under a key of all they depend on: the
-    inputs and the attribute's labels (a hash of their values) and the protocol. The controls do
-    not depend on the trained encoder (the pixels are the data's, the random-init encoder is the
-    run's seed), so probe.py on a later checkpoint of the run, or again, reads them."""
-    inputs = [data[name][s] for s in ("train", "test")]
-    inputs = [x if torch.is_tensor(x) else x["codes"] for x in inputs]  # pixels, or codes
+    """A control's rows (`compute()`), cached in <run>/cache under a hash of what they depend on:
+    inputs, labels, protocol; not the trained encoder, so a later checkpoint reads them."""
+    inputs = [x if torch.is_tensor(x) else x["codes"] for x in data[name].values()]  # pixels, codes
     labels = [data["grid"][s]["labels"][:, a] for s in ("train", "test")]
     protocol = [cfg[k] for k in ("epochs", "lrs", "seeds", "mlp_seeds", "width", "batch_size",
                                  "probes")]
     key = tr.tensors_key(*inputs, *labels, torch.tensor(bytearray(json.dumps(protocol).encode())))
     path = os.path.join(data["run"], "cache", f"control-{name}-{key}.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                rows = json.load(f)
-            log(f"{name} control: read from {path}")
-            return rows
-        except ValueError:  # a damaged file is trained again
-            pass
-    rows = compute()
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+        log(f"{name} control: read from {path}")
+        return rows
+    except (OSError, ValueError):  # none yet, or damaged: trained again
+        rows = compute()
     tr.atomic_save(rows, path)
     return rows
 
 def encoder_rows(run, x_tr, x_te, times, tag, cfg):
-    """One encoder's rows of the table from its codes x_tr (N, T, D) and x_te: the per-t MLPs (where
-    along the curve the attribute is read, and the best single t, chosen on VALIDATION accuracy,
-    never on test), then (every probe) the curve read whole: MLPs on all T codes side by side and
-    on their mean (controls), and the GRU and the Transformer on the curve and on its
-    constant-curve control. tag: the encoder, for the progress lines. Returns {row: result}."""
+    """One encoder's rows from its codes x_tr (N, T, D) and x_te: the per-t MLPs (the best t chosen
+    on VALIDATION), then the curve read whole: MLPs on the concatenated and the mean codes
+    (controls), the GRU and the Transformer on the curve and on its constant-curve control."""
     mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"], "mlp" + tag)
     b = int(mlp["val_mean"].argmax())
     out = dict(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
@@ -303,13 +272,13 @@ def encoder_rows(run, x_tr, x_te, times, tag, cfg):
         return out
     for kind in ("concat", "mean"):
         out[kind] = summary(run(kind, x_tr, x_te, cfg["mlp_seeds"], kind + tag))
-    # (2, N, T, D): the curve, then its constant-curve control
-    seq_tr, seq_te = (torch.cat([x[None], constant_curves(x[None], [b])]) for x in (x_tr, x_te))
-    for kind in ("gru", "transformer"):
-        res = run(kind, seq_tr, seq_te, cfg["seeds"], kind + tag)
-        out[kind], out[kind + "_const"] = summary(res, v=0), summary(res, v=1)
+    for kind in ("gru", "transformer"):  # the curve, then its constant-curve control
+        res = run(kind, x_tr, x_te, cfg["seeds"], kind + tag)
+        out[kind] = summary(res)
+        out[kind + "_const"] = summary(run(kind, constant_curve(x_tr, b), constant_curve(x_te, b),
+                                           cfg["seeds"], kind + " on the constant curve" + tag))
         if kind == "transformer":  # Figure 3: the token's attention over the T points
-            out["attention"] = res["attention"][0].tolist()
+            out["attention"] = res["attention"].tolist()
     return out
 
 def print_table(name, out, times, log):
@@ -322,7 +291,7 @@ def print_table(name, out, times, log):
     for i, t in enumerate(times.tolist()):
         m0, m1 = (" *" if i == o["best_t_index"] else "  " for o in (out, init))  # the best t
         log(f"{f'MLP at t={t:.2f}':<36} {fmt(out['mlp'], i)}{m0} {fmt(init['mlp'], i)}{m1}")
-    for key, label in ROWS:
+    for key, label, *_ in ROWS:
         if key in out:
             log(f"{label:<36} {fmt(out[key])}" + (f"   {fmt(init[key])}" if key in init else ""))
     log("  * best single t, chosen on validation accuracy")
@@ -333,23 +302,20 @@ def print_table(name, out, times, log):
         log("  " + v)
 
 def plot(result, path):
-    """Figure 1 per attribute: accuracy of the per-t MLP against t, the curve probes as lines, and
-    the controls. Each panel's y-axis spans its own data (a panel whose probes all sit at 99-100%
-    would show nothing on 0-100), and one legend sits below the panels, off the curves.
-    Redraw from a saved result: python -c "import json, probe; probe.plot(json.load(open(
-    'runs/shapes-drl/results/probe.json')), 'probe.png')"."""
+    """Figure 1, a panel per attribute: the per-t MLP against t, the curve probes as lines, the
+    controls; each y-axis spans its own data, one legend below. Redraw from a saved result with
+    probe.plot(json.load(open('runs/shapes-drl/results/probe.json')), 'probe.png')."""
     import matplotlib  # here only: the probes never need matplotlib; Agg needs no display
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    targets, t = result["targets"], result["times"]  # one panel per attribute
+    targets, t = result["targets"], result["times"]
     fig, axes = plt.subplots(1, len(targets), figsize=(max(3.6 * len(targets), 6.5), 3.6),
                              squeeze=False)
-    # The per-t MLP as points with error bars, every probe on the whole curve as a horizontal line,
-    # the random-init MLP per t in grey, the pixel MLP and the majority class as reference lines.
-    for ax, (name, out) in zip(axes[0], targets.items()):
+    for ax, (name, out) in zip(axes[0], targets.items()):  # the trained per-t MLP, with error bars
         m, s = (torch.tensor(out["mlp"][k]) * 100 for k in ("mean", "std"))
         ax.errorbar(t, m, yerr=s, marker="o", color="k", label="MLP at t (trained encoder)")
-        lines = [(100 * out[key]["mean"], *style) for key, *style in LINES if key in out]
+        lines = [(100 * out[k]["mean"], colour, ls, label.strip()) for k, label, colour, ls in ROWS
+                 if colour and k in out]
         for y, colour, ls, label in lines:
             ax.axhline(y, color=colour, ls=ls, label=label)
         init, pixels = [100 * v for v in out["init"]["mlp"]["mean"]], 100 * out["pixels"]["mean"]
@@ -362,9 +328,7 @@ def plot(result, path):
             low = min(shown) - 1
         pad = max(0.5, 0.05 * (high - low))
         ax.set_ylim(max(0, low - pad), min(100, high + pad) + 0.2)
-        # The random-init level in the title is the table's: the MLP at ITS best t, chosen on
-        # validation (the largest test accuracy over t would be a choice made on test).
-        if low > min(init + [100 * out["chance"]]):
+        if low > min(init + [100 * out["chance"]]):  # the table's random-init level, at ITS t
             name += (f"\n(random init {100 * out['init']['best_mlp']['mean']:.0f}% at the t chosen "
                      "on validation,\nbelow the axis)")
         ax.set(title=name, xlabel="t", ylabel="test accuracy (%)")
@@ -378,9 +342,8 @@ def plot(result, path):
     plt.close(fig)
 
 def merge_targets(result, path):
-    """The attributes of an earlier probe.py of the same checkpoint, grid and protocol kept beside
-    this one's (`--target shape`, then `--target location`: one probe.json with both). A file of
-    another checkpoint or protocol is replaced."""
+    """Keeps the attributes of an earlier probe.py of the same checkpoint, grid and protocol beside
+    this one's (`--target shape`, then `--target location`); another run's file is replaced."""
     try:
         with open(path) as f:
             old = json.load(f)
@@ -398,7 +361,6 @@ def main(argv=None):
     """probe.py: flags checked, the run opened, its codes encoded (or read from the cache), every
     probe trained per attribute, the summary printed, probe.json and probe.png written."""
     (args, cfg, times), t_start = parse_args(argv), time.time()
-    # ---- the run: its trained encoder, the random-init control, and its images ----
     encoder, init_encoder, train_cfg, step, device, out_dir = tr.open_run(args.run, args.device)
     splits = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"], seed=0)
     attrs = splits["train"].attributes
@@ -406,17 +368,15 @@ def main(argv=None):
     if any(t not in attrs for t in targets):
         raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got "
                            f"{args.target!r}")
-    # ---- the codes: every grid the probes read, encoded once and cached in <run>/cache ----
     data = encode(args, cfg, splits, (encoder, init_encoder), step, times, device)
-    # How far the codes move along t, relative to the spread between images: a curve that barely
-    # moves is one point in disguise, and no probe of it can beat its best point.
+    # How far the codes move along t against the spread between images: a curve that barely moves
+    # is one point in disguise, and no probe of it can beat its best point.
     movement = {k: dict(zip(("along", "across"), tr.curve_movement(data[k]["train"]["codes"])))
                 for k in ("grid", "init")}
-    for m in movement.values():  # the extent of the curve over the spread of the points
+    for m in movement.values():
         m["ratio"] = m["along"] / max(m["across"], 1e-12)
     print("curve movement (std over t / std between images): trained "
           f"{movement['grid']['ratio']:.3f}, random init {movement['init']['ratio']:.3f}")
-    # ---- the probes, attribute by attribute ----
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"],
                   encoder=train_cfg["encoder"], times=times.tolist(), protocol=cfg,
                   movement=movement, targets={})
@@ -428,7 +388,6 @@ def main(argv=None):
             left = (time.time() - t_start) / (i + 1) * (len(targets) - i - 1)
             print(f"[{i + 1}/{len(targets)} attributes done; ETA {left / 60:.1f} min]", flush=True)
     result["wall_time_s"] = time.time() - t_start
-    # ---- the summary, the JSON and Figure 1; a quick table never replaces a full one ----
     print("\nwhere each attribute is best read (best single-t MLP, chosen on validation):")
     for name, o in result["targets"].items():
         print(f"  {name:<10} t={o['best_t']:.2f}: {fmt(o['best_mlp'])} (random init "

@@ -1,8 +1,8 @@
 """Trains a diffusion model with a time-aware encoder, DRL or VDRL (paper eq. 1-4).
 
-The encoder E(x0, t) and the score network s(x_t, E(x0, t), t) learn together by the weighted
-denoising score matching loss of eq. 4 plus lambda_z times the code regulariser (L1 for DRL, KL for
-VDRL); the trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py study.
+The encoder E(x0, t) and the score network s(x_t, E(x0, t), t) learn together by eq. 4's weighted
+denoising score matching plus lambda_z times the code regulariser (L1 for DRL, KL for VDRL); the
+trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py study.
 
     python train.py                                     # shapes, `cpu` preset, ~8 min on 2 cores
     python train.py --dataset cifar10 --encoder vdrl    # the paper's configuration (`paper` preset)
@@ -10,13 +10,9 @@ VDRL); the trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py
     torchrun --nproc_per_node=4 train.py --dataset cifar10   # DDP (NCCL on GPUs, gloo on CPU)
     python train.py --dataset cifar10 --amp --compile --workers 8   # one GPU, fast paths
 
-Writes <out>/ckpt.pt (model, EMA, optimiser, step, RNG states, config; atomic) and
-<out>/metrics.jsonl.
-
-The file reads in the order of a run: the settings (PRESETS, DATASETS, DEFAULTS), the flags with
-their rules (FLAGS), then main, which checks the config and claims the run folder, and train: the
-config of a resume, the devices, the data (load_data), the model (build_model), and the training
-steps (train_loop, with Metrics and save_run).
+Writes <out>/ckpt.pt (model, EMA, optimiser, step, random states, config) and <out>/metrics.jsonl.
+The file reads in the order of a run: the settings and flags, main (the config checked, the run
+folder claimed), train (resume, devices, data, model), the steps (train_loop) and what they write.
 """
 import argparse
 import copy
@@ -34,17 +30,13 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 import trajrep as tr
 
-# A run's config: DEFAULTS, then the preset, then the dataset's defaults, then the flags given.
-# `paper` is the published DRL configuration (paper section 3): a WRN-28-2 encoder (32-64-128, 4
-# blocks per stage), a code of 128 numbers, a 4-level U-Net of 16 base channels with self-attention
-# at 16 px; 250k steps of 100 images. `cpu` makes the encoder learn on `shapes` in under 8 minutes
-# on 2 CPU cores (docs/results.md) with a 0.2M-parameter model; its departures, each a flag:
-#   weighting / precond edm  Karras et al.'s loss weight and parameterisation: at high noise the
-#                            denoiser is an autoencoder's decoder, so the code carries the image
-#   t_dist mixture           half of the training times drawn with sigma uniform (high noise)
-#   enc_head flatten         the encoder keeps where things are instead of average-pooling it away
-#   lambda_z 0.3             a regulariser with weight: each t keeps only what the denoiser needs
-#   nf 8, batch 32, lr 2e-3  a small score network and many small steps: more updates per minute
+# A run's config: DEFAULTS, then the preset, then the dataset's row, then the flags given.
+# `paper` is the published DRL configuration: a WRN-28-2 encoder, a code of 128 numbers, a 4-level
+# U-Net of 16 channels with attention at 16 px, 250k steps of 100 images. `cpu` makes the encoder
+# learn on `shapes` in minutes on 2 cores with a 0.2M-parameter model; its departures, each a flag:
+# Karras et al.'s weighting and preconditioning (edm: at high noise the denoiser decodes the code),
+# half the training times at high noise (mixture), a flattened encoder head (keeps where things
+# are), lambda_z 0.3 (each t keeps what the denoiser needs), a small U-Net and many small steps.
 # In 2200 steps it learns the colours and the place; the outline takes thousands of steps more,
 # and how many varies about two-fold between runs (docs/performance.md): `--steps 12000` for it.
 PRESETS = {
@@ -57,9 +49,8 @@ PRESETS = {
                   ch_mult=(1, 2, 2, 2), attn_res=(16,), dropout=0.1, enc_head="pool",
                   weighting="sigma2", precond="sigma", t_dist="uniform", lambda_z=1e-5,
                   lr_decay="none", log_every=100, ckpt_every=5000)}
-# Per dataset, over the preset: the image side, Mini-ImageNet's 3-level U-Net (84 px), and for
-# `shapes` the object's size (times a 4-5.5 px radius), its texture (see trajrep.make_shapes) and
-# the training monitor (Monitor), every 1000 steps.
+# Per dataset, over the preset: the image side, Mini-ImageNet's 3-level U-Net, and for `shapes` the
+# object's size, its texture (trajrep.make_shapes) and the training monitor (Monitor).
 DATASETS = {"shapes": dict(image_size=32, object_scale=1.5, texture=True, probe_every=1000),
             "cifar10": dict(image_size=32), "cifar100": dict(image_size=32),
             "miniimagenet": dict(image_size=84, ch_mult=(1, 2, 2), data_root="./data/miniimagenet"),
@@ -71,29 +62,27 @@ DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data"
                 enc_head="pool", lr_decay="none", seed=0, device="auto", amp=False,
                 channels_last=True, compile=False, workers=0, out=None, allow_new_data=False,
                 probe_every=0)
-# What a --resume may change; the rest must match the checkpoint's config. The learning rate,
-# warm-up and clip may change, so that a run that diverged goes on from its last good checkpoint.
+# What a --resume may change (the lr, warm-up and clip too: a diverged run goes on from its last
+# good checkpoint); the rest must match the checkpoint's config.
 RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "probe_every", "device", "amp",
                     "channels_last", "compile", "workers", "out", "data_root", "lr", "warmup",
                     "clip", "allow_new_data"}
-# Largest checkpoint (model, EMA and Adam's two moments: 16 bytes a parameter) and in-memory
-# `shapes` array a run may ask for: a typo such as --image-size 1000 would fill the disk or RAM.
+# Largest checkpoint (16 bytes a parameter) and `shapes` array a run may ask for: a typo such as
+# --image-size 1000 would fill the disk or the memory.
 MAX_CHECKPOINT_GB, MAX_SHAPES_GB = 1.0, 4.0
 # A config value as a flag writes it: (16, 32, 64) -> 16,32,64 and () -> ''.
 show = lambda v: ",".join(map(str, v)) or "''" if isinstance(v, (list, tuple)) else v
 
-# The input rules, each (what the value must be, a test of the value and the whole config), and
-# attached to their flags below. Every float must first be finite: nan passes no comparison, so it
-# would read as out of range.
+# The input rules: (what the value must be, a test of the value and the whole config). Every float
+# is first checked finite: nan passes no comparison.
 FINITE = ("must be a finite number", lambda v, c: math.isfinite(v))
 POSITIVE = ("must be positive", lambda v, c: v is None or v > 0)  # None: --num-train not given
 NON_NEGATIVE = ("must be 0 or positive", lambda v, c: v >= 0)
 BELOW_ONE = ("must be in [0, 1)", lambda v, c: 0 <= v < 1)  # an EMA decay of 1 never moves
 INTS = lambda example: (f"needs positive integers, e.g. {example}",
                         lambda v, c: min(tr.int_list(v), default=0) > 0)
-# The command line, one row per flag: (flag, type or choices, help[, rule]); a string opens a group
-# of flags. "on" is a switch, "on/off" a switch with its --no- form. parse_config ends each help
-# text with the defaults it reads from the tables above, e.g. (cpu 0.002, paper 0.0002).
+# The command line, a row per flag: (flag, type or choices, help[, rule]); a string opens a group.
+# "on" is a switch, "on/off" one with its --no- form. Each help ends with the tables' defaults.
 FLAGS = [
     "data",
     ("dataset", sorted(DATASETS), "shapes is generated here; the others are read from --data-root"),
@@ -115,8 +104,7 @@ FLAGS = [
     ("num-res-blocks", int, "score U-Net residual blocks per level", POSITIVE),
     ("attn-res", tr.int_list, "resolutions with self-attention ('' for none)"),
     ("dropout", float, "score U-Net dropout", BELOW_ONE),
-    ("enc-head", tr.ENCODER_HEADS, "global average pooling, the flattened last feature map (keeps "
-     "where things are), or both"),
+    ("enc-head", tr.ENCODER_HEADS, "average pooling, the flattened last feature map, or both"),
     "diffusion and loss (eq. 1-4)",
     ("sigma-min", float, "VE-SDE sigma_min", POSITIVE),
     ("sigma-max", float, "VE-SDE sigma_max", ("must be above --sigma-min",
@@ -132,8 +120,7 @@ FLAGS = [
     ("batch-size", int, "GLOBAL batch size, split over the DDP ranks", POSITIVE),
     ("lr", float, "Adam learning rate", POSITIVE),
     ("warmup", int, "linear learning-rate warm-up steps", NON_NEGATIVE),
-    ("lr-decay", tr.LR_DECAYS, "after the warm-up: constant, or cosine to 0 at --steps (a resume "
-     "that changes --steps stretches what is left of it)"),
+    ("lr-decay", tr.LR_DECAYS, "after the warm-up: constant, or cosine to 0 at --steps"),
     ("clip", float, "largest gradient norm", POSITIVE),
     ("ema", float, "EMA decay of the weights", BELOW_ONE),
     ("seed", int, "random seed", NON_NEGATIVE),
@@ -148,14 +135,13 @@ FLAGS = [
      "(the log's 'shape 62%% ...'; 0: none)", NON_NEGATIVE),
     ("device", str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps"),
     ("amp", "on", "bf16 autocast (CUDA only)"),
-    ("channels-last", "on/off", "channels-last memory format (faster convolutions on CPUs and "
-     "tensor cores)"),
+    ("channels-last", "on/off", "channels-last memory format (faster convolutions)"),
     ("compile", "on", "torch.compile the model (GPU)"),
     ("workers", int, "DataLoader worker processes (with workers, memory is pinned)", NON_NEGATIVE)]
 
 def parse_config(argv):
-    """The command line, built from FLAGS, and the run's config. Every flag defaults to None, so
-    that the flags given can be told from the rest. Returns (--resume, config, the flags given)."""
+    """The command line, built from FLAGS; every flag defaults to None, so that the flags given can
+    be told from the rest. Returns (--resume, config, the flags given)."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for row in FLAGS:
@@ -163,20 +149,16 @@ def parse_config(argv):
             group = p.add_argument_group(row)
             continue
         (name, kind, text), k = row[:3], row[0].replace("-", "_")
-        # a switch, a type (int, float, str, tr.int_list) or the choices
         how = (dict(action={"on": "store_true", "on/off": argparse.BooleanOptionalAction}[kind])
                if isinstance(kind, str) else dict(type=kind) if callable(kind) else
                dict(choices=kind))
-        # The defaults shown: the presets' and the datasets' values, and the fallback where no
-        # preset sets one.
-        # The fallback is shown only where neither the presets nor the default dataset set it.
+        # The defaults shown: the presets' and datasets', and DEFAULTS' where neither sets one.
         fallback = k in PRESETS["cpu"] or k in DATASETS["shapes"]
         tables = {**({} if fallback else {"default": DEFAULTS}), **PRESETS, **DATASETS}
         shown = ", ".join(f"{n} {show(t[k])}" for n, t in tables.items() if t.get(k) is not None)
         group.add_argument("--" + name, **how, default=None,
                            help=f"{text} ({shown})" if shown else text)
     args = p.parse_args(argv)
-    # The flags given override the preset, and a --resume refuses those it may not change.
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     # The preset follows the dataset: `cpu` for the embedded `shapes`, the published one otherwise.
     dataset = given.get("dataset", DEFAULTS["dataset"])
@@ -188,32 +170,27 @@ def parse_config(argv):
 def check_config(cfg, given=()):
     """Impossible values end with one sentence, before anything is built or written: the rules of
     FLAGS, then what only the networks' shapes tell, from a model built on the `meta` device."""
-    # Each flag's rule, a float's finiteness first: "--lr must be positive, got -1.0".
     for name, kind, _, *rule in (row for row in FLAGS if not isinstance(row, str)):
         value = cfg.get(name.replace("-", "_"))
         for text, test in ([FINITE] if kind is float else []) + rule:
             if not test(value, cfg):
                 raise tr.UserError(f"--{name} {text}, got {show(value)}")
     mult, widths, nf = tr.int_list(cfg["ch_mult"]), tr.int_list(cfg["enc_widths"]), cfg["nf"]
-    # The U-Net's resolutions: the image side, halved after each level. A preset's attention may
-    # be absent at another size (84 px has no 16 px level, as in the published code); one asked
-    # for (`given`: the flags set) must exist.
     if cfg["image_size"] % 2 ** (len(mult) - 1):
         raise tr.UserError(f"--image-size {cfg['image_size']} is not divisible by 2^{len(mult) - 1}"
                            f", as the {len(mult)} levels of --ch-mult {show(mult)} need")
+    # A preset's attention may be absent at another size (84 px has no 16 px level, as in the
+    # published code); one asked for (`given`: the flags set) must exist.
     levels = [cfg["image_size"] // 2 ** k for k in range(len(mult))]
     bad = [r for r in tr.int_list(cfg["attn_res"]) if r not in levels]
     if bad and "attn_res" in given:
         raise tr.UserError(f"--attn-res {show(bad)} is not a resolution of the score U-Net, whose "
                            f"levels are {', '.join(map(str, levels))} px (--image-size "
                            f"{cfg['image_size']}, --ch-mult {show(mult)}); pick from those or ''")
-    # The sizes: the checkpoint of the model, built on the `meta` device (shapes only, no memory, no
-    # time; a channel count that GroupNorm cannot split stops it), and the `shapes` images that
-    # the run generates and keeps in memory.
-    try:
+    try:  # on the `meta` device: shapes only, no memory, no time
         with torch.device("meta"):
             model = tr.DRLModel(**tr.model_kwargs(cfg))
-    except ValueError as e:
+    except ValueError as e:  # a channel count that GroupNorm cannot split
         raise tr.UserError(f"the networks cannot be built with --nf {nf} and --enc-widths "
                            f"{show(widths)} ({e}); use multiples of 8, e.g. --nf 8 --enc-widths "
                            "16,32,64") from None
@@ -232,11 +209,10 @@ def main(argv=None):
     """Parses the flags, claims the run folder, trains. A run that fails before its first checkpoint
     removes the folder it created (nothing worth keeping), so that a retry starts clean."""
     resume, cfg, given = parse_config(argv)
-    # The lock (claim_run_folder) keeps a second train.py out of the folder until this one ends.
     ckpt_path, lock, created = os.path.join(cfg["out"], "ckpt.pt"), None, False
     if os.environ.get("RANK", "0") == "0":  # the only process or rank 0; other ranks write nothing
         check_config(cfg, given)  # before anything is written
-        lock, created = tr.claim_run_folder(cfg["out"])
+        lock, created = tr.claim_run_folder(cfg["out"])  # keeps a second train.py out
     try:
         train(resume, cfg, given)
     except BaseException as e:  # any failure, Ctrl-C included: leave the folder as a retry needs it
@@ -271,25 +247,23 @@ def train(resume, cfg, given):
         raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue "
                            "it, or --out to start a new run elsewhere (nothing was overwritten)")
     check_config(cfg, given)  # again: a resume's config is the checkpoint's with the flags given
-    # The devices: one process on --device, or one rank of torchrun's, each on its own GPU (NCCL)
-    # or all on the CPU (gloo).
+    # One process on --device, or one rank of torchrun's, each on its own GPU (NCCL) or on the CPU
+    # (gloo). --batch-size is the GLOBAL batch: each rank takes its share, so that the gradient is
+    # that of one process with the whole batch (tested against a single process).
     rank, world, device = 0, 1, tr.pick_device(cfg["device"])
-    if "RANK" in os.environ:  # DDP, launched by torchrun
+    if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.type == "cuda":  # one GPU per process: the one torchrun assigned to this rank
+        if device.type == "cuda":  # the GPU torchrun assigned to this rank
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        # --batch-size is the GLOBAL batch: each rank takes its share, so that the gradient is
-        # that of one process with the whole batch (tested against a single process).
         if cfg["batch_size"] % world:
             raise tr.UserError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} "
                                "ranks")
     if cfg["amp"] and device.type != "cuda":
         raise tr.UserError(f"--amp (bf16 autocast) is for CUDA devices and this run is on "
                            f"{device}; drop --amp")
-    # One rank speaks; the config comes first in the log, as the checkpoint will keep it.
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)  # one rank speaks, the config first
     log("config: " + json.dumps(cfg, sort_keys=True))
     if device.type == "cpu" and cfg["preset"] == "paper":
         log(f"note: the `paper` preset ({cfg['steps']} steps of a 2.3M-parameter model at "
@@ -304,8 +278,7 @@ def train(resume, cfg, given):
         f"{world} rank(s) x {cfg['batch_size'] // world} = global batch {cfg['batch_size']} on "
         f"{device}")
     train_loop(run, data, sampler)
-    # The end: DDP replicas must hold the same weights (see compare_replicas).
-    if world > 1:
+    if world > 1:  # DDP replicas must hold the same weights (see compare_replicas)
         compare_replicas(run)
         dist.destroy_process_group()
     log(f"done: {run.step} steps in {(time.time() - run.t_start) / 60:.1f} min; checkpoint "
@@ -313,9 +286,8 @@ def train(resume, cfg, given):
 
 def load_data(run, ckpt):
     """The training split and its sampler: a seeded DistributedSampler deals each rank its shard,
-    epoch by epoch (one rank: a seeded shuffle). Sets run.data_key. Returns (data, sampler)."""
+    epoch by epoch. Sets run.data_key. Returns (data, sampler)."""
     cfg, world = run.cfg, run.world
-    # the training split: `shapes` generated, or the images read (a seeded subset with --num-train)
     data = tr.run_datasets(cfg, splits=("train",))["train"]
     # drop_last: every rank has as many batches, so no rank waits for one that is never sent
     sampler = DistributedSampler(data, num_replicas=world, rank=run.rank, shuffle=True,
@@ -324,16 +296,13 @@ def load_data(run, ckpt):
         raise tr.UserError(f"{len(data)} training images are fewer than one batch of "
                            f"{cfg['batch_size']}; pass --batch-size "
                            f"{max(world, len(data) // world * world)} or less, or use more images")
-    # Which images these are (a hash of pixels or file names), saved with every checkpoint: a
-    # resume on other images is noticed instead of silently mixing two datasets.
+    # Which images these are, saved with every checkpoint: a resume on others is noticed.
     run.data_key = tr.dataset_key(data)
     if ckpt and ckpt.get("data_key", run.data_key) != run.data_key and not cfg["allow_new_data"]:
         raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt "
                            "was trained on; give the run's --data-root, or add --allow-new-data "
                            "to continue on these")
-    # sigma_max against the data: Song & Ermon's rule of thumb is the largest distance between two
-    # training images, here measured on the first 500.
-    if run.rank == 0 and ckpt is None:
+    if run.rank == 0 and ckpt is None:  # Song & Ermon: sigma_max about the largest distance
         sample = torch.stack([data[i][0] for i in range(min(500, len(data)))])  # (n, C, H, W)
         run.log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance "
                 f"in {len(sample)} of them {tr.max_pairwise_distance(sample):.1f} (Song & Ermon: "
@@ -351,17 +320,14 @@ def build_model(run, ckpt, in_channels):
         run.model = model = model.to(memory_format=torch.channels_last)
     # The EMA of the weights starts at the initial weights and is what probe.py and analyze.py read.
     run.ema, run.t_start = copy.deepcopy(model).requires_grad_(False), time.time()
-    # Fused Adam on CUDA: one kernel for the whole update (1.75x the training img/s of the `cpu`
-    # size on an H200, where the step is launch-bound); elsewhere the for-each form.
+    # Fused Adam on CUDA: one kernel for the whole update; elsewhere the for-each form.
     run.opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
                                fused=device.type == "cuda")
     run.noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # same on all ranks
     if ckpt is None:
         torch.manual_seed(cfg["seed"] + rank)  # a dropout stream per rank
         return
-    # A resume: the weights, the EMA, Adam's moments and the random streams, as they were saved.
-    # load_checkpoint checked the file's structure; loading checks that its contents fit the model.
-    try:
+    try:  # the weights, the EMA, Adam's moments and the random streams, as they were saved
         for part, key in ((model, "model"), (run.ema, "ema"), (run.opt, "optimizer")):
             part.load_state_dict(ckpt[key])
         run.noise_gen.set_state(ckpt["rng"]["noise"])
@@ -385,7 +351,7 @@ def train_loop(run, data, sampler):
     follow from the step alone, so a resumed run sees exactly those of the uninterrupted one."""
     cfg, device, rank, world, opt = run.cfg, run.device, run.rank, run.world, run.opt
     # What a step calls: the model wrapped for DDP (gradients averaged across ranks) and/or
-    # compiled; run.model itself keeps the plain weights that the EMA and the checkpoint read.
+    # compiled; run.model keeps the plain weights that the EMA and the checkpoint read.
     step_model = run.model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         run.model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(step_model) if cfg["compile"] else step_model
@@ -396,29 +362,23 @@ def train_loop(run, data, sampler):
     monitor = Monitor(run, data) if cfg["probe_every"] and rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg["amp"])  # no-op unless amp
     while run.step < cfg["steps"]:
-        # This epoch's batches, from the one the step reached: a seeded shuffle per epoch.
+        # This epoch's batches from the one the step reached, and the loader's own generator (else
+        # it draws its worker seed from the global RNG, which would shift dropout on a resume).
         epoch, offset = divmod(run.step, steps_per_epoch)
         sampler.set_epoch(epoch)
-        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
-        # would shift the dropout stream on a resume.
         batches = list(BatchSampler(sampler, per_rank, drop_last=True))[offset:]
         loader = DataLoader(data, batch_sampler=batches, num_workers=cfg["workers"],
                             pin_memory=cfg["workers"] > 0 and device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
         for x0, _ in loader:  # the labels are not used: the model learns from the images alone
             x0 = x0.to(device, non_blocking=True)  # with pinned memory the copy overlaps the step
-            if cfg["channels_last"]:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            # t and the noise of the GLOBAL batch, from a generator identical on every rank; rank r
-            # takes rows r, r + world, ..., those of the images DistributedSampler dealt it, so N
-            # ranks compute the gradient of one process with the same global batch.
+            x0 = x0.contiguous(memory_format=torch.channels_last) if cfg["channels_last"] else x0
+            # t and the noise of the GLOBAL batch from a generator identical on every rank; rank r
+            # takes rows r, r + world, ..., those of the images DistributedSampler dealt it.
             drawn = tr.sample_training_noise(cfg["batch_size"], image_shape, cfg["code_dim"],
                                              cfg["eps"], run.noise_gen, device, cfg["t_dist"],
                                              cfg["sigma_min"], cfg["sigma_max"])
             t, noise, code_noise = (v[rank::world] for v in drawn)
-            # One optimisation step at this step's learning rate (linear warm-up, then constant or
-            # cosine decay). Clipping the gradient norm keeps the rare step at high noise, with its
-            # large loss, from throwing the weights off.
             lr = tr.learning_rate(run.step, cfg["lr"], cfg["warmup"], cfg["steps"], cfg["lr_decay"])
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -426,16 +386,14 @@ def train_loop(run, data, sampler):
                 loss, dsm, reg = step_model(x0, t, noise, code_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip"])  # the rare huge high-noise loss
             opt.step()
             tr.ema_update(ema_params, params, cfg["ema"])  # the EMA weights are what probes read
-            # The losses into the sums; every log_every steps a log line, every ckpt_every steps
-            # (and at the last) a checkpoint.
             metrics.add(loss, dsm, reg)
             run.step += 1
+            # A log line every log_every steps, a checkpoint every ckpt_every (and at the last).
+            # Every rank writes on the same steps (write reduces the losses over the ranks).
             last, save = run.step == cfg["steps"], run.step % cfg["ckpt_every"] == 0
-            # Every rank writes on the same steps (write reduces the losses over the ranks); the
-            # monitor reads on rank 0.
             read = cfg["probe_every"] and (run.step % cfg["probe_every"] == 0 or last)
             if run.step % cfg["log_every"] == 0 or save or last or read:
                 readout = monitor(run.ema.encoder) if read and monitor is not None else None
@@ -463,7 +421,7 @@ class Monitor:
         self.times, self.seconds = torch.tensor(self.TIMES), 0.0
 
     def __call__(self, encoder):
-        """{attribute: test accuracy per time}, and the seconds it took."""
+        """({attribute: test accuracy per time}, the seconds it took)."""
         device = next(encoder.parameters()).device
         if device.type == "cuda":  # the queued training steps are not the monitor's time
             torch.cuda.synchronize(device)
@@ -483,46 +441,41 @@ class Metrics:
 
     def __init__(self, run):
         self.run, self.path = run, os.path.join(run.cfg["out"], "metrics.jsonl")
-        if run.rank == 0:  # only rank 0 writes: a new run starts empty, a resume keeps its rows
+        if run.rank == 0:  # a new run starts empty, a resume keeps its rows up to its step
             tr.cut_metrics(self.path, run.step)
         self.sums, self.step_last, self.t_start = None, run.step, time.time()
         self.t_last = self.t_start
 
     def add(self, loss, dsm, reg):
-        """Adds a step's losses to the sums on the device (no .item(): the host does not wait)."""
+        """A step's losses into the sums, on the device (no .item(): the host does not wait)."""
         row = torch.stack([loss.detach(), dsm.detach(), reg.detach()]).float()  # (3,)
         self.sums = row if self.sums is None else self.sums + row
 
     def write(self, step, lr, readout=None):
-        """The mean losses since the last write, over all ranks, checked finite; then a log line
-        (images/s, ETA, the monitor's readout if given) and a metrics.jsonl row, and the sums start
-        again."""
-        run, sums = self.run, self.sums
+        """The mean losses since the last write over all ranks, checked finite; a log line (images/s
+        without the monitor's time, ETA, the monitor's best accuracy and its t per attribute) and a
+        metrics.jsonl row."""
+        run, sums, out = self.run, self.sums, self.run.cfg["out"]
         if run.world > 1:  # every rank joins
             dist.all_reduce(sums)
             sums /= run.world
         mean = (sums / (step - self.step_last)).tolist()  # the one host-device synchronisation
-        # A non-finite loss stops the run here, before save_run would write broken weights.
-        if not all(math.isfinite(v) for v in mean):
-            path = os.path.join(run.cfg["out"], "ckpt.pt")
+        if not all(math.isfinite(v) for v in mean):  # stop before save_run writes broken weights
+            path = os.path.join(out, "ckpt.pt")
             raise tr.UserError(
                 f"the loss became non-finite before step {step}; the last good checkpoint (step "
-                f"{tr.load_checkpoint(path)['step']}) in {run.cfg['out']} is intact: continue it "
-                "with --resume and a lower --lr or a longer --warmup" if os.path.exists(path) else
+                f"{tr.load_checkpoint(path)['step']}) in {out} is intact: continue it with "
+                "--resume and a lower --lr or a longer --warmup" if os.path.exists(path) else
                 f"the loss became non-finite before step {step}, before any checkpoint was "
                 "written; start again with a lower --lr or a longer --warmup")
-        # Training images per second since the last write (the monitor's time left out), and the
-        # time the remaining steps take at it.
         accuracy, seconds = readout or ({}, 0.0)
-        now, batch, steps = time.time(), run.cfg["batch_size"], run.cfg["steps"]
+        now, batch = time.time(), run.cfg["batch_size"]
         images_per_s = (step - self.step_last) * batch / max(now - self.t_last - seconds, 1e-9)
-        eta = (steps - step) * batch / max(images_per_s, 1e-9)
-        # The monitor: each attribute's best accuracy over its times, and where.
+        eta = (run.cfg["steps"] - step) * batch / max(images_per_s, 1e-9)
         best = "".join(f" {name} {acc.max():.0%}@{Monitor.TIMES[acc.argmax()]}"
                        for name, acc in accuracy.items())
         run.log(f"step {step:>7d} | loss {mean[0]:9.3f} (dsm {mean[1]:9.3f}, reg {mean[2]:8.3f}) "
-                f"| {images_per_s:7.1f} img/s | ETA {eta / 60:6.1f} min" + (" |" + best if best
-                                                                              else ""))
+                f"| {images_per_s:7.1f} img/s | ETA {eta / 60:6.1f} min" + (best and " |" + best))
         row = dict(step=step, loss=mean[0], dsm=mean[1], reg=mean[2], lr=lr,
                    images_per_s=images_per_s, elapsed_s=now - self.t_start)
         if accuracy:  # per attribute, the test accuracy at each of Monitor.TIMES
@@ -535,13 +488,11 @@ class Metrics:
 
 def save_run(run):
     """Writes the checkpoint (rank 0) with every rank's random state: the CPU and CUDA streams drive
-    dropout, the shared noise generator draws t and the noise; with all of them saved, --resume
-    continues bit for bit."""
-    # This rank's streams; with DDP every rank sends its own, and rank 0 writes them all.
+    dropout, the shared generator draws t and the noise; with all of them, --resume is bit-exact."""
     mine = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(run.device)
                 if run.device.type == "cuda" else None)
     rngs = [mine] * run.world
-    if run.world > 1:
+    if run.world > 1:  # every rank sends its own streams
         dist.all_gather_object(rngs, mine)
     if run.rank == 0:
         tr.save_checkpoint(os.path.join(run.cfg["out"], "ckpt.pt"), config=run.cfg,
@@ -551,10 +502,8 @@ def save_run(run):
                            data_key=run.data_key)
 
 def compare_replicas(run):
-    """The largest difference between the ranks' weights, in the log and metrics.jsonl. DDP averages
-    gradients, so replicas that start equal stay equal; a difference would mean that a rank saw
-    other data or other randomness than it should."""
-    # Every rank's weights, flattened and gathered, compared with rank 0's.
+    """The largest difference between the ranks' weights, in the log and metrics.jsonl: replicas
+    that start equal stay equal under DDP, unless a rank saw other data or randomness."""
     flat = torch.cat([p.detach().flatten() for p in run.model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(run.world)]
     dist.all_gather(gathered, flat)
@@ -565,8 +514,7 @@ def compare_replicas(run):
             f.write(json.dumps(dict(step=run.step, replica_max_abs_diff=diff,
                                     world_size=run.world)) + "\n")
 
-# A UserError ends the script with its one sentence on stderr, without a traceback.
-if __name__ == "__main__":
+if __name__ == "__main__":  # a UserError ends the script with its one sentence, no traceback
     try:
         main()
     except tr.UserError as e:

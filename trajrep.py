@@ -6,11 +6,9 @@ al., "DRL"). A diffusion model with a learned encoder maps each image x0 to a cu
 t -> E(x0, t), t in [0, 1]; probes read the curve (Figure 1), MINE measures how information changes
 along it (Figure 2), and a Transformer probe shows which part it attends to (Figure 3).
 
-Sections, in the paper's order: the SDE (eq. 1); the networks, E(x0, t) and s(x_t, z, t); the
-losses (eq. 3-4), learning-rate schedule and EMA; trajectories (section 2.1); probes and their
-protocol (Figure 1, 3); MINE and NMI (Figure 2); curve analysis (eq. 5); then data, caches of codes,
-and checkpoints. A library: no argparse, no I/O and no device probing at import; its errors name
-arguments, and the scripts (train.py, probe.py, analyze.py, bench.py) turn them into one line.
+Sections in the paper's order: SDE (eq. 1), networks, losses (eq. 3-4), trajectories, probes,
+MINE and NMI, curve analysis (eq. 5); then data, caches and checkpoints. A library: no argparse, no
+I/O at import; its errors name arguments, and the scripts turn them into one line.
 
 Shape legend, used in every shape comment (one letter, one meaning):
     B batch, N examples in a split, A attributes (labels per example), K classes;
@@ -35,15 +33,10 @@ import torch.nn.functional as F
 class UserError(Exception):
     """An error the user can fix; scripts print its one-sentence message and exit."""
 
-# =================================================================================================
-# SDE: the Variance Exploding SDE of paper eq. 1
-# =================================================================================================
-# dx = sqrt(d[sigma^2(t)]/dt) dw with sigma(t) = sigma_min * (sigma_max / sigma_min)^t.
-# Eq. 1 writes the kernel variance as sigma^2(t) - sigma^2(0). Like the published code (and Song et
-# al.'s VE-SDE), the process starts from data already blurred by N(0, sigma_min^2): then
-# x_t | x0 ~ N(x0, sigma(t)^2 I) EXACTLY, and t = 0 is well defined (sigma(0) = sigma_min > 0) for
-# the trajectory grid, which includes t = 0. The tests check this variance against an
-# Euler-Maruyama simulation of the SDE itself.
+# ==== SDE: the Variance Exploding SDE of paper eq. 1 ==============================================
+# dx = sqrt(d[sigma^2(t)]/dt) dw with sigma(t) = sigma_min * (sigma_max / sigma_min)^t. Eq. 1's
+# kernel variance is sigma^2(t) - sigma^2(0); like the published code, the process starts from data
+# blurred by N(0, sigma_min^2), so x_t | x0 ~ N(x0, sigma(t)^2 I) exactly and t = 0 is well defined.
 
 def ve_sigma(t, sigma_min=0.01, sigma_max=50.0):
     """sigma(t) = sigma_min * (sigma_max / sigma_min)^t, the noise scale of the VE-SDE (eq. 1)."""
@@ -62,13 +55,10 @@ T_DISTRIBUTIONS = ("uniform", "sigma", "mixture")
 
 def times_from_uniform(u, coin, t_dist="uniform", eps=1e-5, sigma_min=0.01, sigma_max=50.0):
     """Training times from uniform draws u, coin in [0, 1) (B,), by the distribution `t_dist`:
-    'uniform'  t ~ U(eps, 1), the published choice: log sigma is uniform, so most draws are at noise
-               levels where x_t still shows the image and the denoiser hardly needs the code.
-    'sigma'    sigma(t) ~ U(sigma_min, sigma_max), the DRL paper's remedy (its section 2.3): nearly
-               all draws at high noise, where the code must carry the image. Density in t:
-               p(t) = sigma(t) log(sigma_max / sigma_min) / (sigma_max - sigma_min).
-    'mixture'  'uniform' where coin < 1/2, else 'sigma': high noise is trained often, and every t
-               in [0, 1] is still trained (the trajectory is read on all of [0, 1]).
+    'uniform'  t ~ U(eps, 1) (published): most draws where x_t still shows the image.
+    'sigma'    sigma(t) ~ U(sigma_min, sigma_max) (the DRL paper's remedy): nearly all at high
+               noise, density p(t) = sigma(t) log(sigma_max / sigma_min) / (sigma_max - sigma_min).
+    'mixture'  'uniform' where coin < 1/2, else 'sigma': every t is still trained.
     Times are clipped to [eps, 1]. Returns t (B,)."""
     if t_dist not in T_DISTRIBUTIONS:
         raise ValueError(f"unknown time distribution {t_dist!r}; choose from {T_DISTRIBUTIONS}")
@@ -81,33 +71,28 @@ def times_from_uniform(u, coin, t_dist="uniform", eps=1e-5, sigma_min=0.01, sigm
 
 def sample_training_noise(batch_size, image_shape, code_dim, eps=1e-5, generator=None, device=None,
                           t_dist="uniform", sigma_min=0.01, sigma_max=50.0):
-    """All randomness of one training step, drawn in one place: t (see times_from_uniform), the
-    Gaussian noise of the kernel and the Gaussian of the VDRL reparameterisation. Drawing the GLOBAL
-    batch on every rank from one shared generator and slicing it makes N ranks bit-compatible with
-    one process at the same global batch. Returns t (B,), noise (B, C, H, W), code_noise (B, D)."""
+    """All randomness of one training step: t, the kernel's noise and the VDRL reparameterisation's
+    Gaussian. Every DDP rank draws the GLOBAL batch from one shared generator and takes its slice.
+    Returns t (B,), noise (B, C, H, W), code_noise (B, D)."""
     u, coin = torch.rand(2, batch_size, generator=generator, device=device)  # 2 x (B,)
     t = times_from_uniform(u, coin, t_dist, eps, sigma_min, sigma_max)  # (B,)
     noise = torch.randn(batch_size, *image_shape, generator=generator, device=device)
     code_noise = torch.randn(batch_size, code_dim, generator=generator, device=device)  # (B, D)
     return t, noise, code_noise
 
-# =================================================================================================
-# Networks: time embedding, time-aware encoder E(x0, t), encoder-conditioned score U-Net
-# =================================================================================================
+# ==== Networks: time embedding, time-aware encoder E(x0, t), encoder-conditioned score U-Net ======
 
 def group_norm(channels):
-    """GroupNorm with up to 32 groups of at least 4 channels (as in NCSN++). Not the published
-    WideResNet's BatchNorm: the code of one image must not depend on which images share its batch
-    (extraction batches many t of one image together), and DDP ranks keep no running statistics."""
+    """GroupNorm, up to 32 groups of at least 4 channels (NCSN++). Not BatchNorm (published): the
+    code of one image must not depend on which images share its batch."""
     groups = max(1, min(32, channels // 4))
     if channels % groups:
         raise ValueError(f"GroupNorm cannot split {channels} channels into {groups} equal groups")
     return nn.GroupNorm(groups, channels)
 
 class TimeEmbedding(nn.Module):
-    """Gaussian Fourier features of log sigma(t), then two Linear layers, as the published code:
-    16 fixed random frequencies W ~ N(0, 16^2) (a buffer, saved with the weights), features
-    [sin(2 pi W log sigma), cos(2 pi W log sigma)]. t (B,) -> (B, dim)."""
+    """Gaussian Fourier features [sin, cos](2 pi W log sigma(t)) of 16 fixed frequencies
+    W ~ N(0, 16^2), then two Linear layers (published). t (B,) -> (B, dim)."""
 
     def __init__(self, dim, sigma_min, sigma_max, num_freqs=16, scale=16.0):
         super().__init__()
@@ -123,10 +108,8 @@ class TimeEmbedding(nn.Module):
 class CondResBlock(nn.Module):
     """Pre-activation residual block whose features are modulated by a conditioning vector c:
     h -> conv(SiLU(GN(h))) -> GN -> * (1 + scale(c)) + shift(c) -> SiLU -> dropout -> conv, + skip.
-    The condition acts INSIDE the block, before a non-linearity. In the encoder c is the time
-    embedding, so E(x0, t) is a non-linear function of (x0, t); had t entered only the last layer,
-    E(x0, t) = A h(x0) + b(t) and every trajectory would be one point shifted by an offset that is
-    the same for every image. Used by the encoder and the score network.
+    c acts before a non-linearity: had t entered only the last layer, E(x0, t) = A h(x0) + b(t)
+    and every trajectory would be one point shifted by the same offset for every image.
     h (B, C_in, H, W), c (B, cond_dim) -> (B, C_out, H / stride, W / stride)."""
 
     def __init__(self, c_in, c_out, cond_dim, stride=1, dropout=0.0):
@@ -163,17 +146,12 @@ class SelfAttention2d(nn.Module):
 ENCODER_HEADS = ("pool", "flatten", "both")  # how the last feature map becomes the code
 
 class Encoder(nn.Module):
-    """Time-aware encoder E_phi(x0, t) on the CLEAN image x0 (paper eq. 4): a wide ResNet, a 3x3
-    stem, then one stage per entry of `widths` of `blocks` CondResBlocks conditioned on the time
-    embedding (the first block of each stage after the first halves the resolution), then
-    GroupNorm, SiLU and a Linear head. widths=(32, 64, 128), blocks=4 is the published WRN-28-2.
-    Departure: the published code adds Linear(emb(t)) as a bias after the first conv of each block;
-    here emb(t) scales and shifts the features before a non-linearity. head='pool' (published):
-    global average pooling, then Linear; WHERE something is survives only through padding effects.
-    'flatten': the last feature map flattened, then Linear, so the code can say where the object is.
-    'both': the two side by side. probabilistic=False (DRL): the head gives the code z = mu, and
-    logvar is None; True (VDRL): mu and a log-variance, training samples z = mu + exp(logvar / 2) n,
-    and the representation read downstream is mu.
+    """Time-aware encoder E_phi(x0, t) on the CLEAN image x0 (eq. 4): a 3x3 stem, per entry of
+    `widths` a stage of `blocks` CondResBlocks on the time embedding (each stage after the first
+    halves the resolution), GroupNorm, SiLU, a Linear head; (32, 64, 128) x 4 is the published
+    WRN-28-2 (where emb(t) is only a bias). head 'pool' (published) averages the last feature map
+    away, 'flatten' keeps where things are, 'both'. probabilistic (VDRL): mu and a log-variance,
+    z = mu + exp(logvar / 2) n in training; the representation is mu.
     x0 (B, C, H, W), t (B,) -> mu (B, D), logvar (B, D) or None."""
 
     def __init__(self, in_channels, code_dim, widths, blocks, probabilistic,
@@ -210,18 +188,13 @@ PRECONDS = ("sigma", "edm")  # how the network output becomes a score; see Score
 
 class ScoreNet(nn.Module):
     """Encoder-conditioned score network s_theta(x_t, z, t) of eq. 4, a small NCSN++-like U-Net.
-    The code enters by two routes, as in the published code: c = [emb(t), Linear(z)] (1) scales and
-    shifts EVERY residual block (the published code: a bias only) and (2) becomes, by Linear(c), a
-    map of `map_channels` x r x r concatenated to the bottleneck (r its side). Route (1) can say
-    WHAT (a colour) but hardly WHERE; route (2) gives the code a spatial path to the decoder.
-    How the network output F becomes a score (`precond`):
-    'sigma' (published): s = F / sigma, so F predicts -noise and the denoised image is
-        D = x_t + sigma F. At sigma = 50 an error of 0.01 in F is 0.5 in D: the network can hardly
-        express what the code says about x0 at high noise.
-    'edm' (Karras et al. 2022, eq. 7): D = c_skip x_t + c_out F(c_in x_t), c_skip = sd^2 / (sigma^2
-        + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2) (sd =
-        sigma_data), and s = (D - x_t) / sigma^2. At high noise F predicts x0 / sd from the code:
-        the denoiser there is the decoder of an autoencoder whose encoder is E(x0, t).
+    The code enters by two routes (published): c = [emb(t), Linear(z)] scales and shifts every
+    residual block (WHAT), and Linear(c) is a map of `map_channels` x r x r concatenated to the
+    bottleneck (WHERE). The output F becomes a score by `precond`: 'sigma' (published) s = F /
+    sigma, so at sigma = 50 an error of 0.01 in F is 0.5 in the denoised image; 'edm' (Karras et
+    al. 2022, eq. 7) D = c_skip x_t + c_out F(c_in x_t) with sd = sigma_data, c_skip = sd^2 /
+    (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2), and
+    s = (D - x_t) / sigma^2: at high noise F predicts x0 from the code, an autoencoder's decoder.
     x_t (B, C, H, W), z (B, D), t (B,) -> score (B, C, H, W)."""
 
     def __init__(self, in_channels, code_dim, nf, ch_mult, num_res_blocks, attn_resolutions,
@@ -321,20 +294,15 @@ class DRLModel(nn.Module):
         return drl_loss(self.encoder, self.score, x0, t, noise, code_noise, self.lambda_z,
                         self.sigma_min, self.sigma_max, self.weighting, self.sigma_data)
 
-# =================================================================================================
-# Losses and the training schedule: paper eq. 3-4, the DRL / VDRL regularisers, learning rate, EMA
-# =================================================================================================
+# ==== Losses (eq. 3-4), the DRL / VDRL regularisers, learning rate, EMA ===========================
 
 WEIGHTINGS = ("sigma2", "edm")
 
 def loss_weight(sigma, weighting="sigma2", sigma_data=0.5):
-    """lambda(sigma) / sigma^2 for the weighting lambda of the score-matching loss (eq. 3-4); the
-    paper gives none. 'sigma2' (published): lambda = sigma^2, the error of the predicted noise; as
-    an error of the denoised image D = x_t + sigma^2 s it is ||D - x0||^2 / sigma^2, so at high
-    noise, the only place where the denoiser NEEDS the code, errors count 1/sigma^2 (1/2500 at
-    sigma = 50). 'edm' (Karras et al. 2022, eq. 8): lambda = sigma^2 (sigma^2 + sd^2) / sd^2, the
-    D-space weight (sigma^2 + sd^2) / (sigma sd)^2: about 1/sd^2 at high noise (an autoencoder's
-    reconstruction error through the code), 1/sigma^2 at low noise. sigma (B,) -> (B,)."""
+    """lambda(sigma) / sigma^2 for the loss weight lambda of eq. 3-4 (the paper gives none).
+    'sigma2' (published): lambda = sigma^2, so at high noise, where the denoiser NEEDS the code,
+    errors of the denoised image count 1/sigma^2. 'edm' (Karras et al. 2022, eq. 8): lambda =
+    sigma^2 (sigma^2 + sd^2) / sd^2, about 1/sd^2 there. sigma (B,) -> (B,)."""
     if weighting == "sigma2":
         return torch.ones_like(sigma)
     if weighting == "edm":
@@ -343,9 +311,8 @@ def loss_weight(sigma, weighting="sigma2", sigma_data=0.5):
 
 def dsm_loss(score, noise, sigma, weight=None):
     """Weighted denoising score matching (eq. 3-4) for x_t = x0 + sigma * noise. The kernel's score
-    is -(x_t - x0) / sigma^2 = -noise / sigma, so lambda ||s - target||^2 = (lambda / sigma^2)
-    ||sigma s + noise||^2, with weight = lambda / sigma^2 per example (None: lambda = sigma^2).
-    Per example 0.5 * sum over pixels, averaged over the batch (as the published code).
+    is -noise / sigma, so lambda ||s - target||^2 = weight ||sigma s + noise||^2 with weight =
+    lambda / sigma^2 (None: 1); 0.5 * sum over pixels, mean over the batch (published).
     score, noise (B, C, H, W), sigma (B,), weight (B,) or None -> scalar."""
     if sigma.shape != score.shape[:1] or (weight is not None and weight.shape != sigma.shape):
         raise ValueError(f"dsm_loss needs sigma (and weight) of shape (B,) = ({len(score)},), one "
@@ -365,8 +332,7 @@ def code_regulariser(mu, logvar):
 def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
              sigma_min=0.01, sigma_max=50.0, weighting="sigma2", sigma_data=0.5):
     """The DRL / VDRL objective: eq. 4 weighted by loss_weight, plus lambda_z times the regulariser.
-    x_t = x0 + sigma(t) noise is a draw of the kernel of eq. 1; the score network sees the code
-    E(x0, t) of the CLEAN image (DRL: the code; VDRL: mu + exp(logvar / 2) code_noise).
+    The score network sees x_t = x0 + sigma(t) noise and the code E(x0, t) of the CLEAN image.
     x0, noise (B, C, H, W); t (B,); code_noise (B, D) -> (total, dsm, reg) scalars."""
     mean, sigma = ve_marginal(x0, t, sigma_min, sigma_max)  # (B, C, H, W), (B,)
     xt = mean + sigma[:, None, None, None] * noise  # (B, C, H, W), a draw of the eq. 1 kernel
@@ -379,9 +345,8 @@ def drl_loss(encoder, score_net, x0, t, noise, code_noise, lambda_z=1e-5,
 LR_DECAYS = ("none", "cosine")  # learning-rate decay after the warm-up; see learning_rate
 
 def learning_rate(step, lr, warmup, steps, decay="none"):
-    """The learning rate of training step `step` (0-based): a linear warm-up over `warmup` steps to
-    `lr`, then 'none' (published: constant) or 'cosine': lr (1 + cos(pi p)) / 2, p going from 0 at
-    the end of the warm-up to 1 at step `steps`."""
+    """The learning rate of step `step` (0-based): linear warm-up to `lr`, then 'none' (published)
+    or 'cosine', lr (1 + cos(pi p)) / 2 with p from 0 after the warm-up to 1 at `steps`."""
     if decay not in LR_DECAYS:
         raise ValueError(f"unknown learning-rate decay {decay!r}; choose from {LR_DECAYS}")
     rate = lr * min(1.0, (step + 1) / max(1, warmup))
@@ -396,9 +361,7 @@ def ema_update(ema_params, params, decay):
     for e, p in zip(ema_params, params):
         e.lerp_(p, 1.0 - decay)
 
-# =================================================================================================
-# Trajectories: the curve t -> E(x0, t) on a grid of times (paper section 2.1, 3)
-# =================================================================================================
+# ==== Trajectories: the curve t -> E(x0, t) on a grid of times (paper section 2.1, 3) =============
 
 def paper_times(num_times=11):
     """The paper's regular grid on [0, 1]: 11 points 0, 0.1, ..., 1.0 by default. (T,)"""
@@ -406,13 +369,9 @@ def paper_times(num_times=11):
 
 @torch.no_grad()
 def extract_trajectories(encoder, images, times, batch_size=256):
-    """Codes E(x0, t) for every image and every time, as one (N, T, D) tensor, on the CPU.
-
-    All T times of a chunk of images go through the encoder in ONE pass (images repeated T times);
-    a chunk holds batch_size // T images. For VDRL the representation is the mean mu (as in the
-    published code). The encoder is put in eval mode and runs where its weights are; inputs are
-    made channels-last, the format train.py trains in (same result up to float rounding).
-    images (N, C, H, W), times (T,) -> (N, T, D)."""
+    """Codes E(x0, t) of every image at every time, on the CPU; VDRL's representation is mu. All
+    T times of batch_size // T images go through the encoder (eval mode, where its weights are,
+    channels-last as in training) in one pass. images (N, C, H, W), times (T,) -> (N, T, D)."""
     encoder.eval()
     device = next(encoder.parameters()).device
     times = times.to(device)
@@ -427,18 +386,13 @@ def extract_trajectories(encoder, images, times, batch_size=256):
         out.append(mu.reshape(b, T, -1).float().cpu())  # (b, T, D)
     return torch.cat(out)  # (N, T, D)
 
-# =================================================================================================
-# Probes: MLPs, GRU, Transformer; how one is trained, and the paper's protocol (Figure 1, 3)
-# =================================================================================================
-# Every probe maps codes (B, T, D) (and, for the grid-free Transformer, their times) to
-# (logits (B, R, K), attention (B, T) or None): R = T independent readouts for the per-t MLPs, R = 1
-# otherwise; only the Transformer has an attention to return.
+# ==== Probes: MLPs, GRU, Transformer, and the paper's protocol (Figure 1, 3) ======================
+# Every probe maps codes (B, T, D) (and times, read by the grid-free one) to (logits (B, R, K),
+# attention (B, T) or None): R = T readouts for the per-t MLPs, else 1.
 
 class MLPProbe(nn.Module):
-    """MLP probes (paper section 3.1; published sizes: hidden 512, dropout 0.25) reading the curve
-    one of three ways, `pool`: 'point' (one independent MLP per time point: R = T readouts),
-    'concat' (one MLP on the T codes side by side) or 'mean' (one MLP on the mean code over t); the
-    last two are controls. codes (B, T, D) -> (logits (B, R, K), None)."""
+    """MLP probes (section 3.1; hidden 512, dropout 0.25), `pool`: 'point' (one MLP per time
+    point, R = T), or the controls 'concat' (the T codes side by side) and 'mean' (mean over t)."""
 
     def __init__(self, num_points, d, num_classes, pool="point", hidden=512, dropout=0.25):
         super().__init__()
@@ -455,9 +409,8 @@ class MLPProbe(nn.Module):
         return self.mlps[0](x)[:, None], None  # (B, 1, K)
 
 class GRUProbe(nn.Module):
-    """Recurrent probe (paper section 3.1, published sizes): a GRU of 256 units runs along the
-    trajectory from t = 0 to t = 1; dropout 0.25 and a linear head read the last state.
-    codes (B, T, D) -> (logits (B, 1, K), None)."""
+    """Recurrent probe (section 3.1): a GRU runs along the curve from t = 0 to 1; dropout and a
+    linear head read its last state. codes (B, T, D) -> (logits (B, 1, K), None)."""
 
     def __init__(self, d, num_classes, hidden=256, dropout=0.25):
         super().__init__()
@@ -476,15 +429,14 @@ def sinusoidal_embedding(x, dim, max_period=10000.0):
     return torch.cat([angle.sin(), angle.cos()], dim=-1)  # (..., dim)
 
 def quadrature_weights(times):
-    """Trapezoid cell widths of a sorted grid of times on [0, 1]: (..., T) -> (..., T), summing to
-    the span covered. Attention over a curve weighted by them approximates an integral over t."""
+    """Trapezoid cell widths of a sorted grid of times (..., T) -> (..., T): weights that turn an
+    average over a grid into an integral over t."""
     edges = torch.cat([times[..., :1], (times[..., 1:] + times[..., :-1]) / 2, times[..., -1:]], -1)
     return (edges[..., 1:] - edges[..., :-1]).clamp_min(1e-6)  # (..., T)
 
 def position_and_key_bias(time_embedding, width, T, times, device):
-    """The Transformer's position embedding and attention-logit bias: of the INDEX of each point
-    (pos (T, E), bias 0) or of the VALUE of t (pos (..., T, E) from times (..., T), bias the log
-    quadrature weight of each point, (..., T))."""
+    """Position embedding and attention-logit bias of the INDEX of each point (pos (T, E), bias 0)
+    or of the VALUE of t (pos (..., T, E), bias log quadrature weight (..., T))."""
     if time_embedding == "index":
         index = torch.arange(T, device=device)
         return sinusoidal_embedding(index, width), torch.zeros(T, device=device)
@@ -492,11 +444,9 @@ def position_and_key_bias(time_embedding, width, T, times, device):
     return sinusoidal_embedding(times * 1000.0, width), quadrature_weights(times).log()
 
 def trajectory_attention(qkv, key_bias, heads):
-    """One attention layer's core: queries from all T + 1 rows (points, then the token), keys and
-    values from the T points only: softmax(q k^T / sqrt(d) + key_bias) v by PyTorch's fused
-    scaled_dot_product_attention, and the token's row of the attention written out.
-    qkv (..., T+1, 3E), key_bias (..., T) -> (mixed values (..., T+1, E), the token's attention over
-    the points (..., T), head-averaged)."""
+    """softmax(q k^T / sqrt(d) + key_bias) v, queries from the T points and the token (last),
+    keys and values from the T points only. qkv (..., T+1, 3E), key_bias (..., T) -> (values
+    (..., T+1, E), the token's attention over the points (..., T), head-averaged)."""
     *lead, rows, three_e = qkv.shape
     width = three_e // 3
     # (n, nh, T+1, E/nh) each
@@ -509,17 +459,13 @@ def trajectory_attention(qkv, key_bias, heads):
     return out, token[:, :, 0].mean(1).reshape(*lead, rows - 1)  # (..., T)
 
 class TrajectoryTransformer(nn.Module):
-    """Transformer probe with a learned query token that attends over the curve (Figure 3). Codes
-    are embedded by Linear(D, width) + dropout, plus a position embedding of the INDEX of the
-    point (time_embedding='index', the paper's probe) or of the VALUE of t ('value', the grid-free
-    probe for the paper's closing question). One post-LN block (`heads` heads, feed-forward
-    2 * width) is applied `rounds` times with shared weights; a linear head reads the token.
-    Departure, for Figure 3: keys and values are the T points only, and no query attends to the
-    token, so the token's attention is a distribution over exactly the T points. With 'value', the
-    log quadrature weight of each point is added to the attention logits: a weighted average over a
-    grid then approximates an integral over t, and one trained probe gives nearly the same answer on
-    a coarse, fine or irregular grid. codes (B, T, D), times (T,) or (B, T) -> (logits (B, 1, K),
-    the token's attention of the last round (B, T), head-averaged)."""
+    """Transformer probe: a learned token attends over the curve (Figure 3). Codes are embedded by
+    Linear(D, width) + dropout plus a position embedding of the INDEX of the point ('index', the
+    paper's) or the VALUE of t ('value', grid-free: the log quadrature weights in the logits make
+    attention an integral over t, so one probe reads coarse, fine or irregular grids). One post-LN
+    block, applied `rounds` times; a linear head reads the token. Departure: keys and values are the
+    T points only, so the token's attention is a distribution over them. codes (B, T, D), times (T,)
+    or (B, T) -> (logits (B, 1, K), the token's last attention (B, T))."""
 
     def __init__(self, d, num_classes, width=256, heads=4, rounds=2, dropout=0.25,
                  time_embedding="index"):
@@ -577,16 +523,13 @@ def evaluate_probe(probe, codes, labels, times=None, chunk=1024):
 
 def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, weight_decay=1e-5,
                 clip=None, train_times_fn=None, eval_times=None):
-    """Trains one probe with Adam (paper section 3.1) and keeps, per readout, the test accuracy at
-    its best validation epoch: the model is chosen on validation, never on test. train / val / test
-    are (codes (N, T, D), labels (N,)) pairs, standardised by the caller. The batch order comes from
-    a generator seeded with `seed` (the caller's random state is left alone). The loss sums each
-    readout's mean cross-entropy, so the T per-t MLPs of an 'mlp' probe learn independently. clip:
-    the gradient-norm clip of the published GRU and Transformer probes (1.0; None for MLPs).
-    train_times_fn(generator) -> (columns (k,), times (k,)) draws a sub-grid per batch (the
-    grid-free probe); eval_times: the val / test columns' times. Returns dict(val (R,), test (R,),
-    epoch (R,), attention (T,) on the test set and state (the weights), both at readout 0's best
-    epoch)."""
+    """Trains one probe with Adam (section 3.1) and keeps, per readout, the test accuracy at its
+    best VALIDATION epoch. train / val / test: (codes (N, T, D), labels (N,)), standardised. The
+    batch order comes from a generator seeded with `seed`; the loss sums the readouts' mean
+    cross-entropies, so per-t MLPs learn independently; clip: the published GRU / Transformer's 1.0.
+    train_times_fn(generator) -> (columns (k,), times (k,)) draws a sub-grid per batch (grid-free
+    probe); eval_times: the val / test times. Returns dict(val, test, epoch (R,), and at readout 0's
+    best epoch the test attention (T,) and state, the weights)."""
     x_train, y_train = train
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
@@ -609,32 +552,26 @@ def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, wei
             opt.step()
         val_acc, _ = evaluate_probe(probe, *val, times=eval_times)  # (R,)
         test_acc, attention = evaluate_probe(probe, *test, times=eval_times)
-        if best is None:
-            best = dict(val=torch.full_like(val_acc, -1.0), test=test_acc,
-                        epoch=torch.zeros_like(val_acc).long())
+        best = best or dict(val=torch.full_like(val_acc, -1.0), test=test_acc,
+                            epoch=torch.zeros_like(val_acc).long())
         improved = val_acc > best["val"]  # (R,): strictly better, the earliest best epoch is kept
-        best["val"] = torch.where(improved, val_acc, best["val"])
-        best["test"] = torch.where(improved, test_acc, best["test"])
-        best["epoch"] = torch.where(improved, epoch, best["epoch"])
+        for key, now in (("val", val_acc), ("test", test_acc), ("epoch", epoch)):
+            best[key] = torch.where(improved, now, best[key])
         if improved[0]:
             best["attention"] = attention
             best["state"] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
     return best
 
 def standardiser_stats(train, per_time=True):
-    """Mean and std of the TRAINING codes (..., N, T, D) only, so nothing of validation or test
-    leaks into training or model selection: per (t, d) feature -> (..., 1, T, D) each, or per
-    dimension pooled over t (per_time=False) -> (..., 1, 1, D). Apply as (codes - mean) / std."""
+    """Mean and std of TRAINING codes (..., N, T, D), per (t, d) -> (..., 1, T, D) each, or per d
+    pooled over t (per_time=False) -> (..., 1, 1, D). Apply as (codes - mean) / std."""
     dims = (-3,) if per_time else (-3, -2)
     return train.mean(dims, keepdim=True), train.std(dims, keepdim=True).clamp_min(1e-6)
 
 def kernel_readout(train, test, num_classes, ridge=1e-4, scale=4.0):
-    """The training monitor's read-out: per time, kernel ridge regression of one-hot labels on the
-    codes (standardised on train; Gaussian kernel exp(-|a - b|^2 / (scale D))), solved in closed
-    form and scored on test. No epochs, no randomness: a fraction of a second where a probe takes
-    seconds, and on a learnt encoder within a few points of the per-t MLP probe for most
-    attributes. train / test: (codes (N, T, D), labels (N,)). Returns the test accuracy per time
-    (T,)."""
+    """The training monitor's read-out: per time, kernel ridge regression of one-hot labels on
+    codes standardised on train (kernel exp(-|a - b|^2 / (scale D))), in closed form: no epochs, no
+    randomness. train / test: (codes (N, T, D), labels (N,)) -> test accuracy per time (T,)."""
     (x, y), (x_test, y_test) = train, test
     mean, std = standardiser_stats(x)  # (1, T, D) each
     a, b = (((c - mean) / std).double().transpose(0, 1) for c in (x, x_test))  # (T, N | M, D)
@@ -662,75 +599,52 @@ def grid_sampler(grid_times, k_min=4, k_max=16):
 def probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, lrs, epochs, seeds,
                    batch_size=256, val_fraction=0.1, split_seed=0, continuous=None, width=256,
                    dropout=0.25, progress=None):
-    """The paper's protocol (section 3.1) for one probe kind on one label, as a plain loop: holds
-    out a validation split of the training codes, standardises with training statistics
-    only, and trains a probe by train_probe for every input x seed x learning rate. Per input, seed
-    and readout, the learning rate with the best validation accuracy is chosen (the first on ties)
-    and its test accuracy at its best validation epoch kept. Seed s gives every learning rate and
-    input the same initial weights (build_probe after torch.manual_seed(s), inside fork_rng: the
-    caller's random state is left alone).
-    codes (N, T, D), or (V, N, T, D) for V inputs sharing the labels (N,) (trained and random-init
-    codes); then every result gains a leading V. continuous: for the grid-free probe, dict(
-    fine_times (M,), eval_cols (T,)): codes_train lie on the fine grid, training draws sub-grids of
-    it, validation reads the columns eval_cols, codes_test lie on fine_times[eval_cols], and
-    features are standardised per dimension pooled over t (per-t statistics would not exist on an
-    unseen grid). progress(done, total) is called after each probe.
-    Returns dict(test_mean (R,), test_std (R,), val_mean (R,), tests (S, R), lrs (S, R), attention
-    (T,) mean over seeds or None, standardiser (mean, std)); for the grid-free probe also
-    chosen_probes: per seed, the probe of the chosen learning rate at its best epoch."""
-    single = codes_train.dim() == 3
-    if continuous is not None and not single:
-        raise ValueError("the grid-free probe takes one input, codes (N, M, D)")
-    if single:
-        codes_train, codes_test = codes_train[None], codes_test[None]  # (1, N, T, D)
-    tr_idx, va_idx = split_train_val(codes_train.shape[1], val_fraction, split_seed)
-    mean, std = standardiser_stats(codes_train[:, tr_idx], per_time=continuous is None)
-    x_tr, x_va, x_te = [(x - mean) / std for x in (codes_train[:, tr_idx],
-                                                   codes_train[:, va_idx], codes_test)]
+    """The paper's protocol (section 3.1) for one probe kind and label, a plain loop: a validation
+    split of the training codes (N, T, D), standardisation on the rest, train_probe for every seed x
+    learning rate; per seed and readout the lr of best validation accuracy (first on ties) and its
+    test accuracy. Seed s gives every lr the same initial weights (inside fork_rng). continuous,
+    for the grid-free probe: dict(fine_times (M,), eval_cols (T,)): training codes on the fine grid
+    (sub-grids drawn), validation on its columns eval_cols, test codes on fine_times[eval_cols],
+    statistics pooled over t. progress(done, total) after each probe.
+    Returns dict(test_mean, test_std, val_mean (R,), tests, lrs (S, R), attention (T,) or None,
+    standardiser (mean, std); grid-free: chosen_probes, per seed the chosen lr's best probe)."""
+    tr_idx, va_idx = split_train_val(len(codes_train), val_fraction, split_seed)
+    mean, std = standardiser_stats(codes_train[tr_idx], per_time=continuous is None)
+    x_tr, x_va, x_te = [(x - mean) / std for x in (codes_train[tr_idx], codes_train[va_idx],
+                                                   codes_test)]
     times_fn = eval_times = None
     if continuous is not None:
         cols, fine = continuous["eval_cols"], continuous["fine_times"]
-        x_va, times_fn, eval_times = x_va[:, :, cols], grid_sampler(fine), fine[cols]
-    (V, _, T, D), device = x_te.shape, x_te.device
-    runs = [(v, s, lr) for v in range(V) for s in seeds for lr in lrs]
+        x_va, times_fn, eval_times = x_va[:, cols], grid_sampler(fine), fine[cols]
+    (_, T, D), device = x_te.shape, x_te.device
     results = []
-    for v, s, lr in runs:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(s)  # the initial weights and the dropout masks
-            probe = build_probe(kind, T, D, num_classes, width, dropout).to(device)
-            res = train_probe(probe, (x_tr[v], y_train[tr_idx]), (x_va[v], y_train[va_idx]),
-                              (x_te[v], y_test), lr, epochs, batch_size, s,
-                              clip=None if kind in ("mlp", "concat", "mean") else 1.0,
-                              train_times_fn=times_fn, eval_times=eval_times)
-        state = res.pop("state")  # the weights at the best epoch: kept for the grid-free probe
-        if continuous is not None:  # to read the chosen probe on other grids
-            probe.load_state_dict(state)
-            res["probe"] = probe
-        results.append(res)
-        if progress is not None:
-            progress(len(results), len(runs))
-    # (V, S, L, ...) from the loop's order
-    grid = lambda key: torch.stack([r[key] for r in results]).reshape(V, len(seeds), len(lrs), -1)
-    val, test = grid("val"), grid("test")  # (V, S, L, R)
-    pick = val.argmax(2, keepdim=True)  # (V, S, 1, R): the first best lr
-    tests = test.gather(2, pick)[:, :, 0]  # (V, S, R)
-    out = dict(test_mean=tests.mean(1), test_std=tests.std(1, unbiased=False), tests=tests,
-               val_mean=val.gather(2, pick)[:, :, 0].mean(1), standardiser=(mean, std),
-               lrs=torch.tensor(lrs, device=val.device)[pick[:, :, 0]], attention=None)
-    if results[0]["attention"] is not None:  # the token's attention of the chosen lr (V, T)
-        att = grid("attention")  # (V, S, L, T)
-        out["attention"] = att.gather(2, pick[..., :1].expand_as(att[:, :, :1]))[:, :, 0].mean(1)
-    if continuous is not None:
-        out["chosen_probes"] = [results[i * len(lrs) + int(pick[0, i, 0, 0])]["probe"]
-                                for i in range(len(seeds))]
-    if single:
-        out = {k: v[0] if torch.is_tensor(v) else v for k, v in out.items()}
-        out["standardiser"] = (mean[0], std[0])
+    for s in seeds:
+        for lr in lrs:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(s)  # the initial weights and the dropout masks
+                probe = build_probe(kind, T, D, num_classes, width, dropout).to(device)
+                res = train_probe(probe, (x_tr, y_train[tr_idx]), (x_va, y_train[va_idx]),
+                                  (x_te, y_test), lr, epochs, batch_size, s,
+                                  clip=None if kind in ("mlp", "concat", "mean") else 1.0,
+                                  train_times_fn=times_fn, eval_times=eval_times)
+            probe.load_state_dict(res.pop("state"))  # the best epoch's weights: the chosen probe
+            results.append(dict(res, probe=probe))
+            if progress is not None:
+                progress(len(results), len(seeds) * len(lrs))
+    grid = lambda key: torch.stack([r[key] for r in results]).reshape(len(seeds), len(lrs), -1)
+    val, test = grid("val"), grid("test")  # (S, L, R)
+    pick = val.argmax(1)  # (S, R): the first best lr per seed and readout
+    tests = test.gather(1, pick[:, None])[:, 0]  # (S, R)
+    out = dict(test_mean=tests.mean(0), test_std=tests.std(0, unbiased=False), tests=tests,
+               val_mean=val.gather(1, pick[:, None])[:, 0].mean(0), standardiser=(mean, std),
+               lrs=torch.tensor(lrs, device=val.device)[pick], attention=None,
+               chosen_probes=[results[i * len(lrs) + int(p)]["probe"]
+                              for i, p in enumerate(pick[:, 0])])
+    if results[0]["attention"] is not None:  # the token's attention of the chosen lr (T,)
+        out["attention"] = grid("attention")[torch.arange(len(seeds)), pick[:, 0]].mean(0)
     return out
 
-# =================================================================================================
-# MINE and NMI: how much two points of the curve share (Belghazi et al. 2018; Figure 2)
-# =================================================================================================
+# ==== MINE and NMI: how much two points of the curve share (Belghazi et al. 2018; Figure 2) =======
 
 def statistics_network(d_in, hidden=256):
     """MINE's statistics network T(x, y) (paper section 3.2): concat(x, y) -> hidden -> hidden -> 1
@@ -748,21 +662,15 @@ def log_mean_exp(x, dim=0):
 
 def mine(x, y, seed=0, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=0.01, holdout=0.2,
          eval_shuffles=8, eval_rows=512, progress=None):
-    """MINE estimate of I(X; Y) in nats from paired samples x (N, Dx), y (N, Dy) (section 3.2).
-    Donsker-Varadhan bound: I(X; Y) >= E_joint[T] - log E_marginal[e^T], maximised over the
-    statistics network T. Joint samples are rows (x_i, y_i); marginal samples pair x_i with an
-    independently drawn y_j. The gradient of log E[e^T] is biased on minibatches, so (Belghazi et
-    al., section 3.2) its denominator is a moving average of E[e^T] (rate ma_rate), DETACHED from
-    the graph (the published code's is not), kept in log space. Trained on the first 1 - holdout of
-    a seeded permutation of the rows; the estimate is the bound on the held-out rows (in chunks of
-    eval_rows), averaged over eval_shuffles shufflings (the published code reads it off training
-    batches, which overfits upward). A generator seeded with `seed` draws the split, batches and
-    shufflings, and the initial weights are drawn after torch.manual_seed(seed) inside fork_rng (the
-    caller's random state is left alone). Many pairs at once: x (..., N, Dx) and y (..., N, Dy) with
-    broadcastable leading dims give one estimate per pair, shape (...). Each pair is trained exactly
-    as alone with the same seed (same rows, same initial weights), its own copy of T's weights
-    stacked with the others': one batched matmul per layer instead of one small one per pair.
-    progress(step, steps) is called at every tenth of the steps and at the last.
+    """MINE estimate of I(X; Y) in nats from paired rows x (N, Dx), y (N, Dy) (section 3.2): the
+    Donsker-Varadhan bound E_joint[T] - log E_marginal[e^T], maximised over the statistics network
+    T; marginal samples pair x_i with a random y_j. The gradient's denominator is a moving average
+    of E[e^T] (Belghazi et al.; DETACHED, unlike the published code). Trained on 1 - holdout of the
+    rows; the estimate is the bound on the held-out rows, averaged over eval_shuffles (the published
+    code reads it off training batches, which overfits upward). `seed` fixes split, batches and
+    initial weights (inside fork_rng). Many pairs: x (..., N, Dx), y (..., N, Dy) with broadcastable
+    leading dims give estimates (...), each pair trained as alone with the same seed, its weights
+    stacked: one batched matmul per layer. progress(step, steps) at every tenth of the steps.
     >>> x = torch.randn(8000, 1); y = 0.9 * x + math.sqrt(1 - 0.81) * torch.randn(8000, 1)
     >>> mine(x, y)  # true value -0.5 * log(1 - 0.81) = 0.830 nats  # doctest: +SKIP"""
     if x.dim() < 2 or y.dim() < 2 or x.shape[-2] != y.shape[-2]:
@@ -825,14 +733,12 @@ def gaussian_mi(rho, d):
     return -0.5 * d * math.log(1.0 - rho ** 2)
 
 def nmi_matrix(codes, seeds=(0,), progress=None, **mine_kwargs):
-    """Normalised mutual information between every two points of the trajectories (Figure 2):
-    NMI(i, j) = I(i; j) / sqrt(I(i; i) I(j; j)), with MINE's estimate of I(X; X) standing in for
-    the entropy H(X) as in the published code. A HEURISTIC: for continuous codes H(X) and I(X; X)
-    are infinite, and MINE's I(X; X) is as large as its budget allows, so the diagonal is about 1 by
-    construction and off-diagonal values are comparable only at a fixed budget. Each seed is one
-    call of `mine` on all T x T ordered pairs. Where MINE's I(i; i) is below 1e-3 nats (too small
-    to stand in for an entropy) row and column i are NaN. progress(done, total) counts the steps
-    of all seeds. codes (N, T, D) -> (NMI (S, T, T), MI (S, T, T)), one matrix per seed."""
+    """NMI(i, j) = I(i; j) / sqrt(I(i; i) I(j; j)) between every two points of the curve (Figure
+    2), MINE's I(X; X) standing in for H(X) as in the published code: a HEURISTIC (both are infinite
+    for continuous codes; the diagonal is about 1 by construction, values compare only at a fixed
+    budget). One `mine` call per seed on all T x T pairs; where I(i; i) < 1e-3 nats, row and column
+    i are NaN. progress(done, total) counts the steps of all seeds.
+    codes (N, T, D) -> (NMI (S, T, T), MI (S, T, T))."""
     if codes.dim() != 3 or codes.shape[1] < 2:
         raise ValueError(f"nmi_matrix needs codes (N, T, D) with T >= 2, got {tuple(codes.shape)}")
     points = codes.transpose(0, 1)  # (T, N, D)
@@ -845,9 +751,7 @@ def nmi_matrix(codes, seeds=(0,), progress=None, **mine_kwargs):
     diag = torch.where(diag > 1e-3, diag, torch.nan)  # a non-positive "entropy": NMI undefined
     return mi / torch.sqrt(diag[:, :, None] * diag[:, None, :]), mi
 
-# =================================================================================================
-# Curve analysis: attention densities, curve movement, the separation profile of eq. 5
-# =================================================================================================
+# ==== Curve analysis: attention densities, curve movement, the separation profile of eq. 5 ========
 
 def attention_density(attention, times):
     """Attention weights over a grid (T,) as a density over t: weights / cell width, normalised to
@@ -857,19 +761,15 @@ def attention_density(attention, times):
     return density / (density * w).sum()
 
 def curve_movement(codes):
-    """How far codes move along t, relative to how far apart images are: the std of a code over t
-    (mean over images and dimensions) and the std over images (mean over t and dimensions). A
-    ratio near 0 means each trajectory is nearly a single point. codes (N, T, D) -> (along,
-    across)."""
+    """The std of a code over t and over images (each averaged over the rest): a ratio near 0
+    means each trajectory is nearly a single point. codes (N, T, D) -> (along, across)."""
     return codes.std(1).mean().item(), codes.std(0).mean().item()
 
 def separation_profile(codes, labels, max_pairs=2000, seed=0):
-    """Where along the curve classes separate (the distances of paper eq. 5). For random pairs of
-    examples from DIFFERENT classes and from the SAME class, the distance ||E(x, t) - E(x', t)|| at
-    every t. Eq. 5 itself (the sup over t is at least the value at t = 0) holds for any curve;
-    what is informative is WHERE the separation is largest. codes (N, T, D), labels (N,) ->
-    dict(between (T,), within (T,), ratio (T,) = between / within, argsup_hist (T,): where along t
-    each between-class pair is farthest apart)."""
+    """Where along the curve classes separate (the distances of eq. 5, whose inequality holds for
+    any curve): mean ||E(x, t) - E(x', t)|| at every t over random pairs of DIFFERENT and of the
+    SAME class. codes (N, T, D), labels (N,) -> dict(between, within, ratio = between / within (T,),
+    argsup_hist (T,): where each between-class pair is farthest apart)."""
     gen = torch.Generator().manual_seed(seed)
     a, b = torch.randint(len(codes), (2, max_pairs * 4), generator=gen)
     a, b = a[a != b], b[a != b]
@@ -884,9 +784,7 @@ def separation_profile(codes, labels, max_pairs=2000, seed=0):
     out["ratio"] = out["between"] / out["within"].clamp_min(1e-12)  # (T,)
     return out
 
-# =================================================================================================
-# Data: embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any class-per-folder image tree
-# =================================================================================================
+# ==== Data: embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any class-per-folder image tree =======
 # Images are scaled to [-1, 1] (ToTensor, then 2x - 1), not by per-channel mean/std as the published
 # code: one transform serves every dataset. sigma_max = 50 stays sensible: two 32x32x3 images in
 # [-1, 1] are at most 2 * sqrt(3072) = 111 apart (train.py prints the measured largest distance).
@@ -908,18 +806,13 @@ SHAPE_MASKS = (lambda dx, dy, r: (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * 
                & (np.maximum(np.abs(dx), np.abs(dy)) <= r))
 
 def make_shapes(n, image_size=32, seed=0, object_scale=1.5, texture=True):
-    """The embedded synthetic dataset: n RGB images of one object with five labelled attributes:
-    shape (5 kinds), foreground colour (9), background colour (9, never the foreground), location
-    (16 cells of a 4x4 grid over the central part of the image, so that no object is clipped), and
-    texture (4, TEXTURE_NAMES): the object is solid or carries a 2-pixel pattern whose second shade
-    is its colour halfway to grey, (fg + 128) / 2. The first four are coarse (colours, outline,
-    place); texture is at the finest spatial scale, to test where fine detail lives on the curve
-    (the DRL paper: coarse at high t, fine at low t). The object's radius and centre jitter a little
-    inside the cell. Deterministic per seed; texture is drawn last, so the other four labels equal
-    those of texture=False (plain objects, labels (n, 4)). object_scale multiplies the radius (4 to
-    5.5 px at 32 px for 1.0) and the grid shrinks to keep the object inside: at 1.5 (the default)
-    the object is about 11% of the pixels, hence of the loss, instead of 5%; beyond 1.5 neighbouring
-    cells come closer than the jitter and location becomes ambiguous.
+    """The embedded synthetic dataset: n RGB images of one object with five attributes: shape (5),
+    foreground colour (9), background colour (9, never the foreground), location (16 cells of a 4x4
+    grid, no object clipped) and texture (4: solid or a 2-pixel pattern in the colour halfway to
+    grey), the finest spatial scale, to test where fine detail lives on the curve. Radius and centre
+    jitter inside the cell. Deterministic per seed; texture is drawn last, so the first four labels
+    equal those of texture=False (labels (n, 4)). object_scale multiplies the 4-5.5 px radius (1.5:
+    the object is about 11% of the pixels; beyond, neighbouring cells overlap the jitter).
     Returns images (n, H, W, 3) uint8 and labels (n, 5) int64 in SHAPES_ATTRIBUTES order."""
     rng = np.random.default_rng(seed)
     s = image_size / 32.0  # all geometry is laid out for 32 px and scaled
@@ -948,51 +841,38 @@ def make_shapes(n, image_size=32, seed=0, object_scale=1.5, texture=True):
     return images, np.stack(labels, 1).astype(np.int64)
 
 class LabelledImages(torch.utils.data.Dataset):
-    """A dataset of images in [-1, 1] with A integer attributes per image. `images` is either a
-    uint8 array (N, H, W, C) held in memory (shapes) or a torchvision dataset returning (PIL image,
-    class). Items are (x (C, H, W) float, labels (A,) int64). `attributes` names the A labels and
-    `num_classes` gives the classes of each."""
+    """Images held in memory, uint8 (N, H, W, C), with A named integer attributes each (labels
+    (N, A)). Items: (x (C, H, W) in [-1, 1], labels (A,))."""
 
-    def __init__(self, images, labels, attributes, num_classes, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images, labels, attributes, num_classes):
+        self.images, self.labels = images, labels
         self.attributes, self.num_classes = tuple(attributes), tuple(num_classes)
 
     def __len__(self):
         return len(self.labels)
 
     def subset(self, n, seed=0):
-        """A seeded random subset of n examples, stratified by the first attribute (the class of an
-        image folder), as a LabelledImages. Never "the first n": an image folder is sorted by class,
-        so its first n would drop whole classes. See stratified_indices."""
+        """A seeded subset of n examples stratified by the first attribute (never "the first n":
+        an image folder is sorted by class)."""
         idx = stratified_indices(self.labels[:, 0], n, seed)  # (n,)
-        images = (self.images[idx] if isinstance(self.images, np.ndarray)
-                  else torch.utils.data.Subset(self.images, idx.tolist()))
-        return LabelledImages(images, self.labels[idx], self.attributes, self.num_classes,
-                              self.transform)
+        return LabelledImages(self.images[idx], self.labels[idx], self.attributes, self.num_classes)
 
     def __getitem__(self, i):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, idx):
-        """Items idx as a list of (x, labels); the DataLoader's batched fetch, one tensor op for
-        in-memory data."""
-        if isinstance(self.images, np.ndarray):
-            x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            return list(zip(x, torch.from_numpy(self.labels[idx])))  # (C, H, W), (A,) each
-        return [(self.transform(self.images[i][0]) * 2.0 - 1.0, torch.as_tensor(self.labels[i]))
-                for i in idx]
+        """Items idx as a list of (x, labels): the DataLoader's batched fetch."""
+        x, y = self.tensors(idx)
+        return list(zip(x, y))
 
-    def tensors(self, batch_size=512):
-        """All images and labels as two tensors: (N, C, H, W) float, (N, A) int64."""
-        items = [item for start in range(0, len(self), batch_size)
-                 for item in self.__getitems__(range(start, min(start + batch_size, len(self))))]
-        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+    def tensors(self, idx=slice(None)):
+        """Images idx (all by default) as (N, C, H, W) floats in [-1, 1], and labels (N, A)."""
+        x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return x, torch.from_numpy(self.labels[idx])
 
 def stratified_indices(labels, n, seed=0):
-    """n indices into labels (N,), drawn at random without replacement so that every class keeps its
-    share (largest-remainder rounding of n * count / N; every class keeps at least one example when
-    n >= number of classes), returned in a seeded random order. Uses its own generator: the
-    caller's random state is left alone. labels (N,) int -> (n,) int64."""
+    """n indices into labels (N,) without replacement, each class keeping its share (largest
+    remainders; at least one each when n >= classes), in a seeded order. (N,) -> (n,) int64."""
     labels = np.asarray(labels)
     if not 0 < n <= len(labels):
         raise ValueError(f"cannot take {n} of {len(labels)} examples")
@@ -1012,15 +892,11 @@ def stratified_indices(labels, n, seed=0):
 
 def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0,
                  object_scale=1.5, texture=True):
-    """Returns a LabelledImages for `name` in {shapes, cifar10, cifar100, miniimagenet, folder}.
-    shapes: generated (num_examples, default 10000 train / 2000 test); the test split uses another
-        seed than the train split, so the split is fixed and disjoint by construction; object_scale
-        and texture: see make_shapes. For the other datasets num_examples keeps a seeded,
-        class-stratified random subset (None: all).
-    cifar10 / cifar100: torchvision, downloaded into data_root when absent.
-    miniimagenet / folder: data_root/train/<class>/*.png|jpg and data_root/test/<class>/..., resized
-        to image_size (Mini-ImageNet: 84). Every image is opened once here: a file that is not a
-        readable image stops with its name before any training starts."""
+    """A LabelledImages of `name` in {shapes, cifar10, cifar100, miniimagenet, folder}. shapes:
+    generated (default 10000 train / 2000 test, another seed per split); elsewhere num_examples
+    keeps a stratified subset. cifar10 / cifar100: torchvision, downloaded into data_root if
+    absent. miniimagenet / folder: data_root/{train,test}/<class>/<image>, resized to image_size;
+    every image is verified here, so a broken file stops with its name before training."""
     if num_examples is not None and num_examples <= 0:
         raise ValueError(f"num_examples must be positive, got {num_examples}")
     if name == "shapes":
@@ -1030,7 +906,6 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
         a = labels.shape[1]  # 4 without texture
         return LabelledImages(images, labels, SHAPES_ATTRIBUTES[:a], SHAPES_CLASSES[:a])
     import torchvision  # here, not at import and not for shapes: only the other datasets need it
-    import torchvision.transforms as T
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         existed = os.path.isdir(data_root)
@@ -1042,8 +917,7 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
             raise UserError(f"{name} is not in {data_root} and could not be downloaded "
                             f"({type(e).__name__}); put the extracted '{cls.base_folder}' folder "
                             f"in {data_root} or give another data root") from None
-        transform = T.ToTensor() if image_size == 32 else T.Compose([T.Resize(image_size),
-                                                                      T.ToTensor()])
+        images, labels, k = base.data, np.asarray(base.targets), len(base.classes)  # (N, 32, 32, 3)
     elif name in ("miniimagenet", "folder"):
         folder = os.path.join(data_root, split)
         if not os.path.isdir(folder):
@@ -1055,22 +929,32 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{folder} holds no images in class sub-folders ({e}); put them in "
                             f"{folder}/<class>/<image>") from None
-        transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
-        check_images(base.samples)
+        images, labels, k = base.samples, np.asarray(base.targets), len(base.classes)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, "
                          "miniimagenet or folder")
-    labels = np.asarray(base.targets, dtype=np.int64)[:, None]  # (N, 1): one attribute, the class
-    ds = LabelledImages(base, labels, ("class",), (len(base.classes),), transform)
-    if num_examples and num_examples < len(ds):
-        return ds.subset(num_examples, seed)
-    return ds
+    idx = (stratified_indices(labels, num_examples, seed).numpy() if num_examples
+           and num_examples < len(labels) else np.arange(len(labels)))
+    if name.startswith("cifar") and image_size == 32:  # in memory already, at its size
+        images = images[idx]
+    else:  # decoded here (a broken file stops now), resized (short side) and centre-cropped
+        import PIL.Image
+        import torchvision.transforms as T
+        resize = T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
+
+        def decode(item):  # a CIFAR image array, or a folder's (path, class)
+            try:
+                return np.asarray(resize(PIL.Image.fromarray(item) if name.startswith("cifar")
+                                         else open_rgb(item[0])))
+            except Exception as e:
+                raise UserError(f"{item[0]} is not a readable image ({type(e).__name__}); delete "
+                                "or replace it and run again") from None
+        images = np.stack([decode(images[i]) for i in idx])  # (n, H, W, 3) uint8
+    return LabelledImages(images, labels[idx, None].astype(np.int64), ("class",), (k,))
 
 def open_rgb(path):
-    """An image file as an 8-bit RGB PIL image, whatever its bit depth. PIL's own convert('RGB')
-    clips 16-bit ('I;16') and 32-bit ('I', 'F') grey images at 255, which turns most of them white;
-    here they are scaled to 0-255 by the largest value their type can hold (16-bit: 65535; 'F':
-    1)."""
+    """An image file as 8-bit RGB. PIL's convert('RGB') clips 16- and 32-bit grey images at 255
+    (mostly white); they are scaled by the largest value their type holds (65535; 'F': 1)."""
     from PIL import Image
     with Image.open(path) as img:
         if img.mode.startswith("I;16") or img.mode in ("I", "F"):
@@ -1081,37 +965,11 @@ def open_rgb(path):
         return img.convert("RGB")
 
 def dataset_key(dataset):
-    """A short hash naming the images a LabelledImages holds, cheap enough to take at every start:
-    the pixels of in-memory data (shapes, CIFAR's arrays), or the relative paths and sizes of an
-    image folder's files, plus the labels and the subset taken. Saved in the checkpoint, so that a
-    resumed run can tell whether it is given the images it was trained on."""
-    base, idx = dataset.images, None
-    if isinstance(base, torch.utils.data.Subset):
-        base, idx = base.dataset, np.asarray(base.indices)
+    """A short hash of the pixels and labels a LabelledImages holds, saved in the checkpoint: a
+    resumed run checks that it is given the images it was trained on."""
     h = hashlib.sha1(np.ascontiguousarray(dataset.labels).tobytes())
-    if idx is not None:
-        h.update(idx.astype(np.int64).tobytes())
-    if isinstance(base, np.ndarray):
-        h.update(np.ascontiguousarray(base).tobytes())
-    elif hasattr(base, "samples"):  # an ImageFolder: what its files are, not where the folder lies
-        for path, label in base.samples:
-            h.update(f"{os.path.relpath(path, base.root)}:{os.path.getsize(path)}:{label};"
-                     .encode())
-    else:  # torchvision's CIFAR holds its pixels in memory
-        h.update(np.ascontiguousarray(base.data).tobytes())
+    h.update(np.ascontiguousarray(dataset.images).tobytes())
     return h.hexdigest()[:12]
-
-def check_images(samples):
-    """Opens every (path, class) of an image folder's list and verifies it decodes; a broken file
-    stops with its name (before training, not hours into it). Costs one header read per image."""
-    from PIL import Image
-    for path, _ in samples:
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except Exception as e:
-            raise UserError(f"{path} is not a readable image ({type(e).__name__}); delete or "
-                            f"replace it and run again") from None
 
 def max_pairwise_distance(x):
     """Largest Euclidean distance between two rows of x (N, ...): Song & Ermon's guide for
@@ -1125,8 +983,7 @@ def int_list(value):
                  if str(v).strip())
 
 def model_kwargs(config, in_channels=3):
-    """The DRLModel arguments of a training config; saved in the checkpoint, so that a reader of the
-    run rebuilds the same networks without the training flags."""
+    """The DRLModel arguments of a training config (saved in the checkpoint)."""
     same = ("image_size", "code_dim", "enc_blocks", "nf", "num_res_blocks", "dropout", "lambda_z",
             "sigma_min", "sigma_max", "enc_head", "precond", "weighting", "sigma_data")
     return dict({k: config[k] for k in same}, in_channels=in_channels,
@@ -1135,10 +992,8 @@ def model_kwargs(config, in_channels=3):
                 attn_resolutions=int_list(config["attn_res"]))
 
 def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits=("train", "test")):
-    """The splits of a training run's dataset (its config, from the checkpoint), each cut to a
-    seeded, class-stratified subset of max_* examples when given (0: all); data_root overrides the
-    run's folder. A config without object_scale or texture means scale 1.0 and no texture.
-    Returns {split: LabelledImages} for the names in `splits`."""
+    """{split: LabelledImages} of a run's config, each cut to a stratified subset of max_*
+    examples (0: all); data_root overrides the run's."""
     limits = dict(train=(config["num_train"], max_train), test=(None, max_test))
     out = {}
     for name in splits:
@@ -1149,17 +1004,11 @@ def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits
             out[name] = out[name].subset(limits[name][1], seed)
     return out
 
-# =================================================================================================
-# Caches: the codes of a split, keyed by its images and by the encoder's weights
-# =================================================================================================
-
-def times_key(times):
-    """A short stable name for a grid of times, used in cache file names."""
-    return hashlib.sha1(np.asarray(times, dtype=np.float64).round(9).tobytes()).hexdigest()[:10]
+# ==== Caches: the codes of a split, keyed by its images and by the encoder's weights ==============
 
 def tensors_key(*tensors):
-    """A short hash of the CONTENT of tensors (here: a split's images and labels), so that a cache
-    made from one set of images is never read for another with the same size."""
+    """A short hash of the CONTENT of tensors: a cache of one set of images is never read for
+    another of the same size."""
     h = hashlib.sha1()
     for x in tensors:
         h.update(str((x.dtype, tuple(x.shape))).encode())
@@ -1167,29 +1016,25 @@ def tensors_key(*tensors):
     return h.hexdigest()[:12]
 
 def weights_key(module):
-    """A short hash of a module's weights (every tensor of its state dict, by name): two encoders
-    share a key only if they compute the same codes. Costs one pass over the parameters."""
+    """A short hash of a module's state dict: two encoders share it only if they compute the same
+    codes."""
     state = module.state_dict()
     names = sorted(state)
     return tensors_key(torch.tensor(bytearray("|".join(names).encode())),
                        *(state[n] for n in names))
 
 def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size=256, log=print):
-    """extract_trajectories for a whole split, cached in run_dir/cache. The file name holds the
-    split, a hash of the split's images and labels (another data root or subset never reuses a
-    cache), a hash of the encoder's WEIGHTS (another run trained to the same step never reuses it),
-    `tag` (e.g. 'step1500', 'init': for the reader) and the grid. Both hashes are also stored inside
-    the file and checked, so a file renamed or copied over another is not trusted. A second probe or
-    analysis run reads the file instead of re-encoding; a grid that is a subset of a cached finer
-    grid (11 points inside the 21-point grid) is sliced from it. A file that is not a cache of this
-    split and encoder is ignored with a line saying so, and the split is encoded again. Returns
-    dict(codes (N, T, D), labels (N, A), times (T,))."""
+    """extract_trajectories of a whole split, cached in run_dir/cache under the split, a hash of
+    its images and labels, a hash of the encoder's WEIGHTS, `tag` (e.g. 'step1500', for the reader)
+    and the grid; both hashes are checked inside the file too. A grid inside a cached finer one is
+    sliced from it; a file that is not a cache of this split and encoder is ignored with a line.
+    Returns dict(codes (N, T, D), labels (N, A), times (T,))."""
     images, labels = dataset.tensors()  # (N, C, H, W), (N, A)
     folder = os.path.join(run_dir, "cache")
     data_key, enc_key = tensors_key(images, labels), weights_key(encoder)
     prefix, suffix = f"traj-{split}-{data_key}-{tag}-{enc_key}-", ".pt"
-    path = os.path.join(folder, prefix + times_key(times) + suffix)
     times = torch.as_tensor(times, dtype=torch.float32)
+    path = os.path.join(folder, prefix + tensors_key(times.double().round(decimals=6)) + suffix)
     cached = [f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
               if f.startswith(prefix) and f.endswith(suffix)]
     for name in sorted(cached, key=lambda f: (os.path.join(folder, f) != path, f)):  # exact first
@@ -1215,17 +1060,14 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
     atomic_save({**out, "data_key": data_key, "weights_key": enc_key}, path)
     return out
 
-# =================================================================================================
-# Checkpoints and run folders: atomic save, safe load (weights_only=True), exported weights
-# =================================================================================================
+# ==== Checkpoints and run folders: atomic save, safe load, exported weights =======================
 
 CHECKPOINT_KIND = "trajrep-drl-checkpoint"
 WEIGHTS_KIND = "trajrep-drl-weights"  # EMA weights alone, for reading a run: see export_weights
 
 def atomic_save(obj, path):
-    """torch.save (json.dump for a .json path) to a temporary file in the same folder, then rename:
-    a crash mid-write never leaves a truncated file where a good one was. Creates the folder if
-    absent."""
+    """torch.save (json.dump for .json) to a temporary file beside `path`, then rename: a crash
+    mid-write never leaves a truncated file where a good one was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
@@ -1242,8 +1084,8 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 def check_writable(*folders):
-    """Creates each folder if absent and writes a temporary file there, so that a script whose
-    results would land there stops before its work, not after it. UserError names the folder."""
+    """Creates each folder and writes a temporary file there: a script stops before its work, not
+    after it, when its results could not be written."""
     for folder in folders:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -1254,11 +1096,9 @@ def check_writable(*folders):
                             f"copy the run folder somewhere writable and give that copy") from None
 
 def load_checkpoint(path, map_location="cpu", resumable=False):
-    """Loads a training checkpoint, or an exported weights file (see export_weights), as DATA
-    (weights_only=True) and checks that it is one. resumable=True (train.py --resume) accepts
-    only a training checkpoint: a weights file holds no optimiser state or random streams.
-
-    Raises UserError with one sentence for a missing, corrupted or foreign file."""
+    """A training checkpoint or exported weights file, loaded as DATA (weights_only=True) and
+    checked; resumable=True accepts only a training checkpoint. A missing, corrupted or foreign
+    file is a UserError."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
@@ -1288,10 +1128,8 @@ def load_checkpoint(path, map_location="cpu", resumable=False):
     return ckpt
 
 def save_checkpoint(path, **contents):
-    """Writes a training checkpoint, the dict that load_checkpoint reads back (config, model_kwargs,
-    step, model, ema, optimizer, rng, data_key), tagged with CHECKPOINT_KIND, atomically. A write
-    that fails (a full disk, a folder gone read-only) is a UserError naming the file and the step of
-    the previous checkpoint, which the atomic write leaves intact."""
+    """Writes a training checkpoint atomically; a failed write (full disk, read-only folder) is a
+    UserError naming the previous checkpoint's step, which stays intact."""
     try:
         atomic_save(dict(kind=CHECKPOINT_KIND, **contents), path)
     except (OSError, RuntimeError) as e:
@@ -1302,21 +1140,17 @@ def save_checkpoint(path, **contents):
                         "space or choose another run folder, then resume") from None
 
 def export_weights(run, path, made_by):
-    """Writes a run's EMA weights alone to `path`, a file for READING the run (load_encoders,
-    probe.py, analyze.py), not for resuming it: config, model description, step, EMA weights, the
-    data key, and made_by, the command and device that trained it (a sentence kept with the
-    weights). About a quarter of a checkpoint: no raw weights, no optimiser moments. Name it
-    <folder>/ckpt.pt in a folder of its own to give it to probe.py and analyze.py as a run."""
+    """Writes a run's EMA weights alone (with config, step, data key and made_by, the command that
+    trained it) to `path`: a quarter of a checkpoint, for reading the run, not resuming it. As
+    <folder>/ckpt.pt it is a run for probe.py and analyze.py."""
     ckpt = load_checkpoint(run)
     atomic_save(dict(kind=WEIGHTS_KIND, config=ckpt["config"], model_kwargs=ckpt["model_kwargs"],
                      step=ckpt["step"], ema=ckpt["ema"], data_key=ckpt.get("data_key"),
                      made_by=str(made_by)), path)
 
 def claim_run_folder(out):
-    """Creates the run folder if absent and takes an exclusive lock on it (out/.lock, flock): a
-    second train.py into the same folder stops with one sentence instead of overwriting the first's
-    files. The kernel drops the lock when this process ends, even by kill -9. Then removes temporary
-    files that a killed checkpoint write left behind (safe: no other run holds the folder).
+    """Creates the run folder and locks it (flock on out/.lock, dropped by the kernel when the
+    process ends): a second train.py into it stops. Then removes a killed write's temporary files.
     Returns (lock file, whether the folder was created here)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out} is a file; give a folder for the run (it is created if absent)")
@@ -1336,28 +1170,23 @@ def claim_run_folder(out):
     return lock, created
 
 def cut_metrics(path, step):
-    """Keeps the rows of metrics.jsonl up to `step` (a resumed checkpoint's step; 0 for a new run),
-    so that rows written after the last checkpoint by a killed run are not mixed with the new
-    ones."""
-    if not os.path.exists(path):
-        return
-    rows = [line for line in open(path) if line.strip()]
-    keep = []
-    for line in rows:
+    """Keeps the rows of metrics.jsonl up to `step` (a resume's; 0 for a new run): rows a killed
+    run wrote after its last checkpoint are dropped."""
+    def kept(line):
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a row cut by a kill mid-write
-    with open(path, "w") as f:
-        f.writelines(keep)
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a row cut by a kill mid-write
+            return False
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if kept(line)]
+        with open(path, "w") as f:
+            f.writelines(keep)
 
 def load_encoders(path, device="cpu"):
-    """A run's trained encoder (its EMA weights) and its control, the same architecture at the
-    random initialisation train.py started from (same seed): every representation result needs
-    it, since a random convolutional encoder already separates colours and positions. Both in eval
-    mode and channels-last (the format train.py trains in) on `device`.
-    Returns (trained, random init, config, step)."""
+    """A run's trained encoder (EMA weights) and its control, the encoder at the initialisation
+    train.py started from (a random conv net already separates colours and places), in eval mode,
+    channels-last, on `device`. Returns (trained, random init, config, step)."""
     ckpt = load_checkpoint(path)
     encoders = []
     for weights in ("ema", "init"):
@@ -1375,8 +1204,7 @@ def load_encoders(path, device="cpu"):
     return encoders[0], encoders[1], ckpt["config"], ckpt["step"]
 
 def pick_device(name="auto"):
-    """'auto' -> cuda if available, then mps, then cpu; anything else is passed to torch.device, and
-    a device this machine does not have (or a name torch does not know) is a UserError."""
+    """'auto': cuda, then mps, then cpu; else torch.device(name), which must exist here."""
     has_mps = torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
@@ -1392,9 +1220,8 @@ def pick_device(name="auto"):
     return device
 
 def open_run(run, device="auto"):
-    """A run folder of train.py opened for reading its encoders and writing its results: the
-    device, the trained encoder and its random-init control (load_encoders), and run/results,
-    checked writable (with run/cache) before any work.
+    """A run folder opened: its encoders (load_encoders) on the device, and run/results and
+    run/cache checked writable before any work.
     Returns (encoder, init encoder, train config, step, device, results folder)."""
     if os.path.isfile(run):
         raise UserError(f"{run} is a file; give the run FOLDER that holds ckpt.pt "

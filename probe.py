@@ -112,25 +112,21 @@ def encode(args, cfg, splits, encoders, step, times, device):
     wanted = cfg["probes"] == "all" and not args.no_continuous
     on_fine = wanted and bool(((times / FINE_STEP).round() * FINE_STEP - times).abs().max() < 1e-5)
     if wanted and not on_fine:
-        print(f"the grid-free probe needs the grid on multiples of {FINE_STEP}; skipping it for "
-              "these --times")
+        print(f"the grid-free probe needs --times on multiples of {FINE_STEP}: skipped")
     # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
     fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
-    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, test_grids={},
-                run=args.run)
-    data["grid"] = {s: codes(s, times) for s in ("train", "test")}
-    data["init"] = {s: codes(s, times, control=True) for s in ("train", "test")}
+    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, run=args.run)
+    data["grid"] = {s: codes(s, times) for s in ("train", "test")}  # (N, T, D) each
+    data["init"] = {s: codes(s, times, control=True) for s in ("train", "test")}  # the control
     data["pixels"] = {s: splits[s].tensors()[0].flatten(1)[:, None].to(device)  # (N, 1, C*H*W)
                       for s in ("train", "test")}
     if on_fine:  # the grid-free probe is tested on grids it never saw
-        rand_times = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
-        for name, grid in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)),
-                           ("51", tr.paper_times(51)), ("random11", rand_times)):
-            data["test_grids"][name] = codes("test", grid)
+        rand = torch.rand(11, generator=torch.Generator().manual_seed(0)).sort().values
+        grids = zip(("5", "11", "51", "random11"), (*map(tr.paper_times, (5, 11, 51)), rand))
+        data["test_grids"] = {name: codes("test", grid) for name, grid in grids}
     return data
 
 # ---- one attribute's table: the probes, their summaries and the verdicts ----
-
 # ' 77.5 ±  0.2': a probe's accuracy and its spread over seeds in percent (at point i, per-t MLPs)
 fmt = lambda r, i=None: "{:5.1f} ± {:4.1f}".format(
     *(100 * (r[k] if i is None else r[k][i]) for k in ("mean", "std")))
@@ -187,7 +183,7 @@ def continuous_on_grid(res, codes, labels, times):
     accs, atts = zip(*(tr.evaluate_probe(p, (codes - mean) / std, labels, times)
                        for p in res["chosen_probes"]))
     accs = torch.stack(accs)[:, 0]  # (S,)
-    density = torch.stack([tr.attention_density(att, times) for att in atts]).mean(0)
+    density = torch.stack([tr.attention_density(att, times) for att in atts]).mean(0)  # (T',)
     return dict(mean=accs.mean().item(), std=accs.std(unbiased=False).item(), seeds=accs.tolist(),
                 times=times.tolist(), density=density.tolist())
 
@@ -195,7 +191,7 @@ def probe_target(a, name, k, data, cfg, log):
     """The whole table for one attribute a (named name, k classes). data: the codes by grid and
     encoder (see encode)."""
     grid, times, t0 = data["grid"], data["grid"]["train"]["times"], time.time()
-    y_tr, y_te = grid["train"]["labels"][:, a], grid["test"]["labels"][:, a]
+    y_tr, y_te = grid["train"]["labels"][:, a], grid["test"]["labels"][:, a]  # (N,), (N_test,)
     fit_idx, _ = tr.split_train_val(len(y_tr))  # the part tr.probe_protocol trains on
     if len(torch.unique(y_tr[fit_idx])) < 2:
         raise tr.UserError(f"attribute {name!r}: the {len(fit_idx)} of {len(y_tr)} training images "
@@ -262,8 +258,8 @@ def encoder_rows(run, x_tr, x_te, times, tag, cfg):
     """One encoder's rows from its codes x_tr (N, T, D) and x_te: the per-t MLPs (the best t chosen
     on VALIDATION), then the curve read whole: MLPs on the concatenated and the mean codes
     (controls), the GRU and the Transformer on the curve and on its constant-curve control."""
-    mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"], "mlp" + tag)
-    b = int(mlp["val_mean"].argmax())
+    mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"], "mlp" + tag)  # R = T readouts
+    b = int(mlp["val_mean"].argmax())  # the best single t, on validation
     out = dict(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
                         val_mean=mlp["val_mean"].tolist(), lrs=mlp["lrs"].tolist()),
                best_t_index=b, best_t=times[b].item(),
@@ -366,8 +362,7 @@ def main(argv=None):
     attrs = splits["train"].attributes
     targets = list(attrs) if (args.target or "all") == "all" else [args.target]
     if any(t not in attrs for t in targets):
-        raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, got "
-                           f"{args.target!r}")
+        raise tr.UserError(f"--target must be one of {', '.join(attrs)} or all, not {args.target}")
     data = encode(args, cfg, splits, (encoder, init_encoder), step, times, device)
     # How far the codes move along t against the spread between images: a curve that barely moves
     # is one point in disguise, and no probe of it can beat its best point.
@@ -377,9 +372,8 @@ def main(argv=None):
         m["ratio"] = m["along"] / max(m["across"], 1e-12)
     print("curve movement (std over t / std between images): trained "
           f"{movement['grid']['ratio']:.3f}, random init {movement['init']['ratio']:.3f}")
-    result = dict(run=args.run, step=step, dataset=train_cfg["dataset"],
-                  encoder=train_cfg["encoder"], times=times.tolist(), protocol=cfg,
-                  movement=movement, targets={})
+    result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], protocol=cfg,
+                  encoder=train_cfg["encoder"], times=times.tolist(), movement=movement, targets={})
     for i, name in enumerate(targets):
         a = attrs.index(name)
         result["targets"][name] = probe_target(a, name, splits["train"].num_classes[a], data, cfg,
@@ -393,7 +387,7 @@ def main(argv=None):
         print(f"  {name:<10} t={o['best_t']:.2f}: {fmt(o['best_mlp'])} (random init "
               f"{fmt(o['init']['best_mlp'])} at t={o['init']['best_t']:.2f}; pixels "
               f"{fmt(o['pixels'])}; majority {100 * o['chance']:.1f})")
-    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"
+    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces all
     merge_targets(result, os.path.join(out_dir, stem + ".json"))
     tr.atomic_save(result, os.path.join(out_dir, stem + ".json"))
     plot(result, os.path.join(out_dir, stem + ".png"))

@@ -15,8 +15,7 @@ Shape legend, used in every shape comment (one letter, one meaning):
     C, H, W image channels, height, width; D code size; T time points on a trajectory;
     M points of the fine grid the grid-free probe trains on; R readouts of one probe (T for the
     per-t MLPs, else 1); U hidden units of a GRU probe; E width of a Transformer probe (nh heads);
-    V inputs sharing labels (e.g. trained and random-init codes); S seeds; L learning rates; P pairs
-    of time points.
+    S seeds; L learning rates; P pairs of time points.
 """
 import hashlib
 import json
@@ -895,8 +894,8 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
     """A LabelledImages of `name` in {shapes, cifar10, cifar100, miniimagenet, folder}. shapes:
     generated (default 10000 train / 2000 test, another seed per split); elsewhere num_examples
     keeps a stratified subset. cifar10 / cifar100: torchvision, downloaded into data_root if
-    absent. miniimagenet / folder: data_root/{train,test}/<class>/<image>, resized to image_size;
-    every image is verified here, so a broken file stops with its name before training."""
+    absent. miniimagenet / folder: data_root/{train,test}/<class>/<image>. Images are decoded
+    into memory (uint8, resized to image_size) here: a broken file stops with its name."""
     if num_examples is not None and num_examples <= 0:
         raise ValueError(f"num_examples must be positive, got {num_examples}")
     if name == "shapes":

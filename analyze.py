@@ -65,9 +65,9 @@ def parse_args(argv):
                            "of rows gives no estimate")
     return args, cfg
 
-def check_mine(cfg):
+def check_mine(cfg, device):
     """MINE on x, y ~ N(0, I_d) with per-dimension correlation rho, against the true MI,
-    -(d/2) log(1 - rho^2)."""
+    -(d/2) log(1 - rho^2), on `device`."""
     print(f"{'d':>3} {'rho':>5} {'true MI':>8} {'MINE':>8} {'error':>7}   (nats; N=10000, "
           f"{cfg['steps']} steps)")
     # From independent (MI 0) to 1.66 nats: the DV bound sits below the truth, more so for large
@@ -76,7 +76,8 @@ def check_mine(cfg):
         gen = torch.Generator().manual_seed(d * 100 + int(rho * 10))
         x = torch.randn(10000, d, generator=gen)
         y = rho * x + math.sqrt(1 - rho ** 2) * torch.randn(10000, d, generator=gen)
-        est = tr.mine(x, y, steps=cfg["steps"], lr=cfg["lr"], hidden=cfg["hidden"]).item()
+        est = tr.mine(x.to(device), y.to(device), steps=cfg["steps"], lr=cfg["lr"],
+                      hidden=cfg["hidden"]).item()
         true = tr.gaussian_mi(rho, d)
         print(f"{d:>3} {rho:>5.2f} {true:>8.3f} {est:>8.3f} {est - true:>+7.3f}")
 
@@ -258,13 +259,29 @@ def main(argv=None):
     nmi.json and the figures saved."""
     args, cfg = parse_args(argv)
     if args.check_mine:
-        return check_mine(cfg)
+        return check_mine(cfg, tr.pick_device(args.device))
     if not args.run:
         raise tr.UserError("give a run folder (python analyze.py runs/shapes-drl) or --check-mine")
-    if cfg["num_times"] < 2:
-        raise tr.UserError("--num-times must be at least 2: NMI needs two points of the trajectory")
+    if cfg["num_times"] < 3:  # at 2 points lag 1 is lag T-1: the fall is 0 by construction
+        raise tr.UserError("--num-times must be at least 3: the decay of NMI compares neighbours "
+                           "(lag 1) with the ends of the curve (lag T-1)")
     t_start, times = time.time(), tr.paper_times(cfg["num_times"])
     encoder, init_encoder, train_cfg, step, device, out_dir = tr.open_run(args.run, args.device)
+    # Where probe.py has run on this grid: its attention (Figure 3) and the eq. 5 profile. Read
+    # before the codes and MINE's minutes: an unreadable file stops the run before them.
+    path, probe_result = os.path.join(out_dir, "probe.json"), None
+    try:
+        with open(path) as f:
+            probe_result = json.load(f)
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        raise tr.UserError(f"{path} is not readable JSON (cut short?); run probe.py again or "
+                           "delete it") from None
+    if probe_result and probe_result["times"] != times.tolist():  # attention on another grid
+        print(f"{path} used other times; its attention is not drawn (re-run probe.py with "
+              f"--num-times {cfg['num_times']})")
+        probe_result = None
     data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
                            splits=("train",))["train"]  # MINE uses the train split only
     codes = {name:  # (N, T, D) codes and (N, A) labels, probe.py's cache when it has run
@@ -272,13 +289,6 @@ def main(argv=None):
              for name, enc, tag in (("trained", encoder, f"step{step}"),
                                     ("random init", init_encoder, "init"))}
     curves = mine_curves(codes, cfg, device)  # every pair of points, trained then the control
-    # Where probe.py has run on this grid: its attention (Figure 3) and the eq. 5 profile.
-    path = os.path.join(out_dir, "probe.json")
-    probe_result = json.load(open(path)) if os.path.exists(path) else None
-    if probe_result and probe_result["times"] != times.tolist():  # attention on another grid
-        print(f"{path} used other times; its attention is not drawn (re-run probe.py with "
-              f"--num-times {cfg['num_times']})")
-        probe_result = None
     separation, (x, labels) = {}, (codes["trained"]["codes"], codes["trained"]["labels"])
     for name in (probe_result or {}).get("targets", {}):
         p = tr.separation_profile(x, labels[:, data.attributes.index(name)])
@@ -301,3 +311,6 @@ if __name__ == "__main__":
         main()
     except tr.UserError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # Ctrl-C: where things stand, not a traceback
+        raise SystemExit("error: interrupted; the codes encoded so far are kept in <run>/cache, "
+                         "no results were written") from None

@@ -15,7 +15,6 @@
     python bench.py --device cuda          # on the GPU (train.py's --amp / --compile: not timed)"""
 import argparse
 import ast
-import json
 import os
 import statistics
 import subprocess
@@ -104,12 +103,17 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--quick", action="store_true", help="3 calls per timing (7 otherwise)")
     p.add_argument("--run", help="also time probe.py and analyze.py on this run folder")
-    p.add_argument("--out", default="results/bench.json", help="the JSON (its folder is created)")
+    p.add_argument("--out", default="results/bench.json", help="the JSON, or a folder for "
+                   "bench.json (created if absent)")
     args = p.parse_args(argv)
     device = tr.pick_device(args.device)
-    if args.run:
-        tr.load_checkpoint(args.run)  # a missing or foreign run stops here, not after the work
-    tr.check_writable(os.path.dirname(os.path.abspath(args.out)))  # creates the folder
+    # What the end needs is checked now, not after the work: the run and its data, the output.
+    root = tr.load_checkpoint(args.run)["config"]["data_root"] if args.run else "."
+    if not os.path.isdir(root):
+        raise tr.UserError(f"the run's data root {root} is not found from here; run bench.py "
+                           "from the folder train.py ran in")
+    path = os.path.join(args.out, "bench.json") if os.path.isdir(args.out) else args.out
+    tr.check_writable(os.path.dirname(os.path.abspath(path)))  # creates the folder
     # The sizes: train.py's config of each preset (its DEFAULTS, then the preset) at 32x32 pixels
     # (shapes, CIFAR); probe.py's and analyze.py's `cpu` protocol, on the `cpu` model's codes.
     defaults, presets = (script_table("train.py", k) for k in ("DEFAULTS", "PRESETS"))
@@ -140,9 +144,8 @@ def main(argv=None):
                              str(device)], stdout=subprocess.DEVNULL).returncode
         s = out[script] = dict(seconds=time.perf_counter() - t0, returncode=rc)
         row(f"{script} {args.run}", f"{s['seconds'] / 60:.1f} min", "", f"exit status {rc}")
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    tr.atomic_save(out, path)
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     try:

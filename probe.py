@@ -398,3 +398,6 @@ if __name__ == "__main__":
         main()
     except tr.UserError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # Ctrl-C: where things stand, not a traceback
+        raise SystemExit("error: interrupted; the codes encoded so far are kept in <run>/cache, "
+                         "no results were written") from None

@@ -580,6 +580,41 @@ def test_kernel_readout_solves_kernel_ridge_per_time_and_reads_only_that_time():
         assert acc[t].item() == pytest.approx(((k[n:] @ alpha).argmax(1) == y[n:].numpy()).mean())
 
 @pytest.mark.fast
+@pytest.mark.fast
+def test_library_refuses_what_it_cannot_work_with_in_one_sentence():
+    """Each of these once failed deep inside PyTorch, returned a wrong number or read a subset
+    silently; each now names the argument and the form it needs."""
+    torch.manual_seed(0)
+    enc = tr.Encoder(3, 4, (8, 8), 1, False, 0.01, 50.0)
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    cases = [
+        (lambda: enc(x, 0.5), r"t, one time per image, as a tensor of shape \(2,\); got float"),
+        (lambda: enc(x, torch.tensor(0.5)), r"shape \(2,\); got \(\)"),
+        (lambda: enc(x, t[:, None]), r"got \(2, 1\).*t.flatten\(\)"),
+        (lambda: enc(x[0], t[:1]), r"images \(B, C, H, W\) with B >= 1.*x\[None\]"),
+        (lambda: enc(x[:0], t[:0]), r"B >= 1, got shape \(0, 3, 32, 32\)"),
+        (lambda: tr.extract_trajectories(enc, x[0], [0.0, 1.0]), r"one image is x\[None\]"),
+        (lambda: tr.mine(torch.randn(2, 1), torch.randn(2, 1)), "at least 10 rows .got 2"),
+        (lambda: tr.mine(torch.randn(50, 1), torch.randn(50, 1), batch_size=0), "batch_size >= 1"),
+        (lambda: tr.build_probe("mlp", 3, 4, 2)(torch.randn(5, 4, 4)), "reads 3 time points"),
+        (lambda: tr.build_probe("concat", 5, 4, 2)(torch.randn(5, 4, 4)), "reads 5 time points"),
+    ]
+    codes, y = torch.randn(20, 3, 4), torch.randint(2, (20,))
+    bad = codes.clone()
+    bad[3, 1, 2] = float("nan")
+    probe = lambda: tr.build_probe("mlp", 3, 4, 2)
+    cases += [
+        (lambda: tr.train_probe(probe(), (bad, y), (codes, y), (codes, y), 1e-3, 1), "non-finite"),
+        (lambda: tr.train_probe(probe(), (codes, y), (codes[:0], y[:0]), (codes, y), 1e-3, 1),
+         "val codes .* N >= 1 rows"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # and a list of times is a grid of times: the same codes as the tensor
+    assert torch.equal(tr.extract_trajectories(enc, x, [0.0, 1.0]),
+                       tr.extract_trajectories(enc, x, torch.tensor([0.0, 1.0])))
+
 def test_library_functions_leave_the_global_random_state_alone():
     codes, y = synthetic_curves(200, T=3, k=1)
     state = torch.random.get_rng_state()
@@ -942,6 +977,42 @@ def test_folder_dataset_and_missing_folder(tmp_path):
     with pytest.raises(tr.UserError, match="holds no images"):
         tr.load_dataset("folder", "train", str(tmp_path / "empty"))
 
+def test_folder_classes_are_train_s_in_every_split_and_saved_with_the_run(tmp_path, capsys):
+    """train/{a,b,c} and test/{a,c}: test's c is class 2 as in train (ImageFolder's own map made
+    it 1, scoring every c as b); hidden folders and files are no class and no image; a class
+    folder that train/ lacks is refused by name; the run's class list is what later scripts use."""
+    from PIL import Image
+    for split, names in (("train", "abc"), ("test", "ac")):
+        for c in names:
+            os.makedirs(tmp_path / split / c)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (80 * "abc".index(c), 0, 0)).save(
+                    tmp_path / split / c / f"{i}.png")
+    os.makedirs(tmp_path / "train" / ".ipynb_checkpoints")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / ".ipynb_checkpoints" / "x.png")
+    (tmp_path / "train" / "a" / "._0.png").write_bytes(b"resource fork")  # not an image
+    train_split = tr.load_dataset("folder", "train", str(tmp_path), image_size=8)
+    test_split = tr.load_dataset("folder", "test", str(tmp_path), image_size=8)
+    assert train_split.classes == test_split.classes == ("a", "b", "c")
+    assert sorted(train_split.labels[:, 0].tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sorted(test_split.labels[:, 0].tolist()) == [0, 0, 2, 2]
+    x, y = test_split.tensors()
+    assert torch.allclose(x[y[:, 0] == 2, 0], torch.tensor(160 / 127.5 - 1))  # the c images
+    assert "holds no images of class(es) b" in capsys.readouterr().out
+    os.makedirs(tmp_path / "test" / "d")
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "d" / "0.png")
+    with pytest.raises(tr.UserError, match="lack: d;"):
+        tr.load_dataset("folder", "test", str(tmp_path), image_size=8)
+    shutil.rmtree(tmp_path / "test" / "d")
+    run = str(tmp_path / "run")
+    run_train(*TINY, "--dataset", "folder", "--data-root", str(tmp_path), "--image-size", "8",
+              "--num-train", "6", "--batch-size", "2", "--out", run, "--steps", "1")
+    assert tr.load_checkpoint(run)["config"]["classes"] == ("a", "b", "c")
+    os.makedirs(tmp_path / "train" / "0new")  # sorts first: it would shift every index
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "0new" / "0.png")
+    with pytest.raises(tr.UserError, match="lack: 0new;"):
+        tr.run_datasets(tr.load_checkpoint(run)["config"])
+
 def test_folder_subset_and_probe_subset_keep_every_class(tmp_path):
     from PIL import Image
     for split in ("train", "test"):
@@ -1056,8 +1127,9 @@ def test_cache_is_keyed_by_content_and_bad_cache_files_are_re_encoded(tmp_path):
 
 def test_cache_is_keyed_by_the_weights_not_the_step(tmp_path):
     """Two encoders with other weights under the same tag ('step2', as after a retrain to the same
-    step) never share a cache; a cache file copied over another's name is detected and
-    re-encoded."""
+    step) never share a cache; the codes of a step's earlier weights, which the run folder can no
+    longer give, are removed (the random-init control's are kept); a cache file copied over
+    another's name is detected and re-encoded."""
     ds = tr.load_dataset("shapes", "test", num_examples=12)
     x, _ = ds.tensors()
     times = tr.paper_times(3)
@@ -1066,13 +1138,18 @@ def test_cache_is_keyed_by_the_weights_not_the_step(tmp_path):
     with torch.no_grad():
         second.head.weight.add_(0.5 * torch.randn_like(second.head.weight))
     a = tr.cached_trajectories(str(tmp_path), first, ds, "test", times, "step2")
+    (path_a,) = (tmp_path / "cache").iterdir()
+    old = path_a.read_bytes()
+    tr.cached_trajectories(str(tmp_path), first, ds, "test", times, "init")
     lines = []
     b = tr.cached_trajectories(str(tmp_path), second, ds, "test", times, "step2", log=lines.append)
     assert torch.allclose(b["codes"], tr.extract_trajectories(second, x, times), atol=1e-6)
     assert not torch.allclose(a["codes"], b["codes"],
                               atol=1e-3) and any("encoding" in line for line in lines)
-    path_a, path_b = sorted((tmp_path / "cache").iterdir(), key=lambda p: p.stat().st_mtime)
-    path_b.write_bytes(path_a.read_bytes())  # the first encoder's codes under the second's name
+    kept = sorted(p.name.split("-")[3] for p in (tmp_path / "cache").iterdir())
+    assert kept == ["init", "step2"] and not path_a.exists()
+    path_b = next(p for p in (tmp_path / "cache").iterdir() if "-step2-" in p.name)
+    path_b.write_bytes(old)  # the first encoder's codes under the second's name
     lines = []
     again = tr.cached_trajectories(str(tmp_path), second, ds, "test", times, "step2",
                                    log=lines.append)
@@ -1135,6 +1212,18 @@ def test_incomplete_checkpoint_is_one_sentence(tmp_path, tiny_run, missing):
     with pytest.raises(tr.UserError, match="do not fit"):
         tr.load_encoders(str(tmp_path / "run"))
 
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, tiny_run):
+    """Bytes overwritten in a checkpoint can leave it loadable with NaN weights: probe.py would
+    print a full table of numbers from them. Refused on load, the damaged tensor named."""
+    ckpt = tr.load_checkpoint(tiny_run)
+    name = next(k for k, v in ckpt["ema"].items() if v.is_floating_point() and v.numel() > 4)
+    ckpt["ema"][name].view(-1)[3] = float("nan")
+    os.makedirs(tmp_path / "run")
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(tr.UserError, match=f"non-finite weights \\(ema.{re.escape(name)}"):
+        tr.load_checkpoint(str(tmp_path / "run"))
+    one_sentence(run_script("probe.py", str(tmp_path / "run")), "non-finite weights")
+
 def test_exported_weights_read_like_the_run_and_cannot_be_resumed(tmp_path, tiny_run):
     """export_weights keeps what reading a run needs: the same EMA encoder (equal codes), its
     random-init control, config and step, the sentence saying who made it; it is much smaller than
@@ -1153,7 +1242,15 @@ def test_exported_weights_read_like_the_run_and_cannot_be_resumed(tmp_path, tiny
     assert size < 0.5 * os.path.getsize(os.path.join(tiny_run, "ckpt.pt"))
     with pytest.raises(tr.UserError, match="exported weights only.*cannot be resumed"):
         run_train("--resume", "--out", str(folder))
-    assert os.path.exists(folder / "ckpt.pt")  # the refused resume left the file alone
+    with pytest.raises(tr.UserError, match="holds exported weights .*give --out another folder"):
+        run_train(*TINY, "--out", str(folder))  # not told to pass --resume, which would fail
+    assert os.path.exists(folder / "ckpt.pt")  # the refused runs left the file alone
+    assert os.stat(folder / "ckpt.pt").st_mode & 0o044 == 0o044  # readable by others: to share
+    before = open(os.path.join(tiny_run, "ckpt.pt"), "rb").read()
+    for target in (os.path.join(tiny_run, "ckpt.pt"), tiny_run + "/./ckpt.pt"):
+        with pytest.raises(tr.UserError, match="is the checkpoint the weights are read from"):
+            tr.export_weights(tiny_run, target, made_by="x")
+    assert open(os.path.join(tiny_run, "ckpt.pt"), "rb").read() == before
 
 def test_random_init_control_is_train_py_starting_point(tmp_path):
     """load_encoders' control rebuilds the weights train.py started from: a run whose updates are
@@ -1775,6 +1872,48 @@ def test_non_numeric_probe_flags_are_argparse_errors(tiny_run, argv):
         p.returncode == 2 and "invalid float_list value" in p.stderr and "Traceback" not in p.stderr
     )
 
+def test_probe_on_one_test_image_or_one_training_image(tmp_path, tiny_run):
+    """A subset of one image keeps its batch dimension: one test image is scored (the
+    majority-class rate is then 100%); one training image leaves nothing to learn from, said."""
+    import probe
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    common = [run, "--target", "shape", "--probes", "mlp", "--epochs", "1", "--seeds", "1",
+              "--mlp-seeds", "1", "--lrs", "1e-3", "--width", "8"]
+    probe.main(common + ["--max-train", "60", "--max-test", "1"])
+    assert json.load(open(os.path.join(run, "results", "probe_mlp.json")))["targets"]["shape"][
+        "chance"] == 1.0
+    with pytest.raises(tr.UserError, match="single class"):
+        probe.main(common + ["--max-train", "1", "--max-test", "10"])
+
+def interrupted(argv, marker, sig):
+    """Runs a script, sends it `sig` once `marker` is in its output; (return code, stderr)."""
+    p = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=HERE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if marker in line:
+            break
+    p.send_signal(sig)
+    return p.wait(timeout=120), p.stderr.read()
+
+def test_ctrl_c_in_probe_and_sigterm_in_train_end_in_one_sentence(tmp_path, tiny_run):
+    import signal
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    code, err = interrupted(["probe.py", run, "--probes", "mlp", "--epochs", "100000", "--seeds",
+                             "1", "--mlp-seeds", "1", "--max-train", "60", "--max-test", "20"],
+                            "probes:", signal.SIGINT)
+    assert code == 1 and "Traceback" not in err and "error: interrupted; the codes" in err, err
+    assert not os.path.exists(os.path.join(run, "results", "probe_mlp.json"))
+    out = str(tmp_path / "t")
+    code, err = interrupted(["train.py", *TINY, "--out", out, "--steps", "100000",
+                             "--ckpt-every", "2", "--log-every", "2"], "step       4",
+                            signal.SIGTERM)
+    assert code == 1 and "Traceback" not in err, err
+    assert re.search(r"interrupted; the last checkpoint \(step \d+\).*--resume", err), err
+    assert tr.load_checkpoint(out)["step"] >= 2
+
 def test_probe_given_the_checkpoint_file_says_give_the_folder(tiny_run):
     import probe
     with pytest.raises(tr.UserError, match="is a file; give the run FOLDER"):
@@ -1830,14 +1969,47 @@ def test_unwritable_results_stop_probe_and_analyze_before_the_work(tiny_run, mon
         analyze.main([run])
     with pytest.raises(tr.UserError, match="--batch-size must be at least 16"):
         analyze.main([run, "--batch-size", "1"])
+    os.remove(os.path.join(run, "results"))  # a probe.json cut short stops analyze before MINE
+    os.makedirs(os.path.join(run, "results"))
+    with open(os.path.join(run, "results", "probe.json"), "w") as f:
+        f.write('{"times": [0.0, 0.1')
+    with pytest.raises(tr.UserError, match="probe.json is not readable JSON"):
+        analyze.main([run])
+    shutil.rmtree(os.path.join(run, "results"))
+    open(os.path.join(run, "results"), "w").close()
+    # at two points the fall of NMI over lags is 0 by construction: no verdict to read
+    with pytest.raises(tr.UserError, match="--num-times must be at least 3"):
+        analyze.main([run, "--num-times", "2"])
+    os.remove(os.path.join(run, "results"))  # a link to a folder that is gone: said so
+    os.symlink(str(tmp_path / "gone"), os.path.join(run, "results"))
+    with pytest.raises(tr.UserError, match="is a link to .*gone, which does not exist"):
+        analyze.main([run])
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_check_mine_refuses_a_device_this_machine_lacks():
+    import analyze
+    with pytest.raises(tr.UserError, match="not on this machine"):
+        analyze.main(["--check-mine", "--device", "cuda", "--steps", "1"])
 
 # ------------------------------------------------------------------------------------------------
 # bench.py
 # ------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def moved_data_run(tmp_path_factory):
+    """A run whose relative data root does not resolve from the tests' folder."""
+    run = tmp_path_factory.mktemp("moved") / "run"
+    os.makedirs(run)
+    ckpt = dict(kind=tr.CHECKPOINT_KIND, config=dict(dataset="folder", data_root="gone/imgs"),
+                model_kwargs={}, step=1, ema={}, model={}, optimizer={}, rng=dict(ranks=[]))
+    torch.save(ckpt, run / "ckpt.pt")
+    return str(run)
+
 @pytest.mark.parametrize("argv,match", [(["--run", "/nonexistent/run"], "error: no checkpoint at"),
-                                        (["--device", "tpu"], "error: unknown device")])
-def test_bench_checks_its_arguments_before_measuring(argv, match):
+                                        (["--device", "tpu"], "error: unknown device"),
+                                        (["--run", "MOVED"], "data root gone/imgs is not found")])
+def test_bench_checks_its_arguments_before_measuring(argv, match, moved_data_run):
+    argv = [moved_data_run if a == "MOVED" else a for a in argv]
     p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True,
                        text=True, timeout=120, cwd=HERE)
     assert p.returncode == 1 and re.search(match, p.stderr) and "Traceback" not in p.stderr, (

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -61,7 +62,7 @@ DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data"
                 eps=1e-5, t_dist="uniform", weighting="sigma2", precond="sigma", sigma_data=0.5,
                 enc_head="pool", lr_decay="none", seed=0, device="auto", amp=False,
                 channels_last=True, compile=False, workers=0, out=None, allow_new_data=False,
-                probe_every=0)
+                probe_every=0, classes=None)
 # What a --resume may change (the lr, warm-up and clip too: a diverged run goes on from its last
 # good checkpoint); the rest must match the checkpoint's config.
 RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "probe_every", "device", "amp",
@@ -244,6 +245,9 @@ def train(resume, cfg, given):
         cfg = {**DEFAULTS, **old, "allow_new_data": False,
                **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
     elif os.path.exists(ckpt_path):  # a new run never writes over another's checkpoint
+        if tr.load_checkpoint(ckpt_path)["kind"] == tr.WEIGHTS_KIND:
+            raise tr.UserError(f"{cfg['out']} holds exported weights (for reading a run, not for "
+                               "continuing it); give --out another folder for a new run")
         raise tr.UserError(f"{cfg['out']} already holds a checkpoint; pass --resume to continue "
                            "it, or --out to start a new run elsewhere (nothing was overwritten)")
     check_config(cfg, given)  # again: a resume's config is the checkpoint's with the flags given
@@ -296,8 +300,9 @@ def load_data(run, ckpt):
         raise tr.UserError(f"{len(data)} training images are fewer than one batch of "
                            f"{cfg['batch_size']}; pass --batch-size "
                            f"{max(world, len(data) // world * world)} or less, or use more images")
-    # Which images these are, saved with every checkpoint: a resume on others is noticed.
-    run.data_key = tr.dataset_key(data)
+    # Which images these are, and the names of their classes (an image folder's class index means
+    # the same class in every later script), saved with every checkpoint.
+    run.data_key, cfg["classes"] = tr.dataset_key(data), data.classes
     if ckpt and ckpt.get("data_key", run.data_key) != run.data_key and not cfg["allow_new_data"]:
         raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt "
                            "was trained on; give the run's --data-root, or add --allow-new-data "
@@ -514,7 +519,11 @@ def compare_replicas(run):
             f.write(json.dumps(dict(step=run.step, replica_max_abs_diff=diff,
                                     world_size=run.world)) + "\n")
 
+def stop(signum, frame):  # SIGTERM (kill, a scheduler's time limit) ends the run as Ctrl-C does
+    raise KeyboardInterrupt
+
 if __name__ == "__main__":  # a UserError ends the script with its one sentence, no traceback
+    signal.signal(signal.SIGTERM, stop)
     try:
         main()
     except tr.UserError as e:

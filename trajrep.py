@@ -81,6 +81,17 @@ def sample_training_noise(batch_size, image_shape, code_dim, eps=1e-5, generator
 
 # ==== Networks: time embedding, time-aware encoder E(x0, t), encoder-conditioned score U-Net ======
 
+def check_batch(x, t, who):
+    """Refuses, with what to pass instead, the inputs that `who` cannot work with: images x must
+    be a batch (B, C, H, W) with B >= 1, and t a tensor of one time per image, (B,)."""
+    if not torch.is_tensor(x) or x.dim() != 4 or len(x) == 0:
+        raise ValueError(f"{who} needs images (B, C, H, W) with B >= 1, got shape "
+                         f"{tuple(getattr(x, 'shape', ()))}: give one image as x[None]")
+    if not torch.is_tensor(t) or t.shape != (len(x),):
+        raise ValueError(f"{who} needs t, one time per image, as a tensor of shape ({len(x)},); "
+                         f"got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}: pass "
+                         "torch.full((B,), t) for one time, t.flatten() for a (B, 1) tensor")
+
 def group_norm(channels):
     """GroupNorm, up to 32 groups of at least 4 channels (NCSN++). Not BatchNorm (published): the
     code of one image must not depend on which images share its batch."""
@@ -173,6 +184,7 @@ class Encoder(nn.Module):
         self.head = nn.Linear(features, code_dim * (2 if probabilistic else 1))
 
     def forward(self, x0, t):
+        check_batch(x0, t, "the encoder")
         temb = self.temb(t)  # (B, temb_dim)
         h = self.stem(x0)  # (B, W0, H, W)
         for block in self.blocks:
@@ -244,6 +256,7 @@ class ScoreNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, xt, z, t):
+        check_batch(xt, t, "the score network")
         sigma = ve_sigma(t, self.sigma_min, self.sigma_max)[:, None, None, None]  # (B, 1, 1, 1)
         sd = self.sigma_data
         c_in = 1.0 if self.precond == "sigma" else torch.rsqrt(sigma ** 2 + sd ** 2)
@@ -371,9 +384,11 @@ def extract_trajectories(encoder, images, times, batch_size=256):
     """Codes E(x0, t) of every image at every time, on the CPU; VDRL's representation is mu. All
     T times of batch_size // T images go through the encoder (eval mode, where its weights are,
     channels-last as in training) in one pass. images (N, C, H, W), times (T,) -> (N, T, D)."""
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ValueError("extract_trajectories needs images (N, C, H, W): one image is x[None]")
     encoder.eval()
     device = next(encoder.parameters()).device
-    times = times.to(device)
+    times = torch.as_tensor(times, dtype=torch.float32, device=device).flatten()  # (T,)
     T = len(times)
     per_pass = max(1, batch_size // T)
     out = []
@@ -395,13 +410,16 @@ class MLPProbe(nn.Module):
 
     def __init__(self, num_points, d, num_classes, pool="point", hidden=512, dropout=0.25):
         super().__init__()
-        self.pool = pool
+        self.pool, self.num_points = pool, num_points
         d_in = num_points * d if pool == "concat" else d
         mlp = lambda: nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
                                     nn.Linear(hidden, num_classes))  # the published probe MLP
         self.mlps = nn.ModuleList([mlp() for _ in range(num_points if pool == "point" else 1)])
 
     def forward(self, codes, times=None):  # times are not read
+        if self.pool != "mean" and codes.shape[1] != self.num_points:
+            raise ValueError(f"this MLP probe reads {self.num_points} time points, got codes of "
+                             f"{codes.shape[1]}: build it for the codes' T")
         if self.pool == "point":  # (B, T, K)
             return torch.stack([mlp(codes[:, t]) for t, mlp in enumerate(self.mlps)], 1), None
         x = codes.flatten(1) if self.pool == "concat" else codes.mean(1)  # (B, T*D) or (B, D)
@@ -529,6 +547,11 @@ def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, wei
     train_times_fn(generator) -> (columns (k,), times (k,)) draws a sub-grid per batch (grid-free
     probe); eval_times: the val / test times. Returns dict(val, test, epoch (R,), and at readout 0's
     best epoch the test attention (T,) and state, the weights)."""
+    for name, (x, y) in (("train", train), ("val", val), ("test", test)):
+        if len(y) == 0 or len(x) != len(y) or not x.isfinite().all():
+            raise ValueError(f"train_probe needs {name} codes (N, T, D) with N >= 1 rows, one "
+                             f"label per row, all finite; got {len(x)} codes, {len(y)} labels"
+                             + ("" if x.isfinite().all() else ", non-finite values"))
     x_train, y_train = train
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
@@ -675,6 +698,10 @@ def mine(x, y, seed=0, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=
     if x.dim() < 2 or y.dim() < 2 or x.shape[-2] != y.shape[-2]:
         raise ValueError(f"mine needs x (..., N, Dx) and y (..., N, Dy) with the same number of "
                          f"rows N, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[-2] < 10 or batch_size < 1 or steps < 1:
+        raise ValueError(f"mine needs at least 10 rows (got {x.shape[-2]}; a fifth is held out "
+                         f"to estimate on), batch_size >= 1 (got {batch_size}) and steps >= 1 "
+                         f"(got {steps})")
     lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     P, N, device = math.prod(lead), x.shape[-2], x.device
     gen = torch.Generator().manual_seed(seed)
@@ -841,10 +868,11 @@ def make_shapes(n, image_size=32, seed=0, object_scale=1.5, texture=True):
 
 class LabelledImages(torch.utils.data.Dataset):
     """Images held in memory, uint8 (N, H, W, C), with A named integer attributes each (labels
-    (N, A)). Items: (x (C, H, W) in [-1, 1], labels (A,))."""
+    (N, A)); `classes` names the first attribute's classes, where it has names (image folders).
+    Items: (x (C, H, W) in [-1, 1], labels (A,))."""
 
-    def __init__(self, images, labels, attributes, num_classes):
-        self.images, self.labels = images, labels
+    def __init__(self, images, labels, attributes, num_classes, classes=None):
+        self.images, self.labels, self.classes = images, labels, classes
         self.attributes, self.num_classes = tuple(attributes), tuple(num_classes)
 
     def __len__(self):
@@ -853,8 +881,9 @@ class LabelledImages(torch.utils.data.Dataset):
     def subset(self, n, seed=0):
         """A seeded subset of n examples stratified by the first attribute (never "the first n":
         an image folder is sorted by class)."""
-        idx = stratified_indices(self.labels[:, 0], n, seed)  # (n,)
-        return LabelledImages(self.images[idx], self.labels[idx], self.attributes, self.num_classes)
+        idx = stratified_indices(self.labels[:, 0], n, seed).numpy()  # (n,), an array even for 1
+        return LabelledImages(self.images[idx], self.labels[idx], self.attributes, self.num_classes,
+                              self.classes)
 
     def __getitem__(self, i):
         return self.__getitems__([i])[0]
@@ -890,12 +919,13 @@ def stratified_indices(labels, n, seed=0):
     return torch.from_numpy(rng.permutation(idx)).long()
 
 def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0,
-                 object_scale=1.5, texture=True):
+                 object_scale=1.5, texture=True, classes=None):
     """A LabelledImages of `name` in {shapes, cifar10, cifar100, miniimagenet, folder}. shapes:
     generated (default 10000 train / 2000 test, another seed per split); elsewhere num_examples
     keeps a stratified subset. cifar10 / cifar100: torchvision, downloaded into data_root if
-    absent. miniimagenet / folder: data_root/{train,test}/<class>/<image>. Images are decoded
-    into memory (uint8, resized to image_size) here: a broken file stops with its name."""
+    absent. miniimagenet / folder: data_root/{train,test}/<class>/<image>, the classes those of
+    train/ (or `classes`, a run's saved list; see folder_images). Images are decoded into memory
+    (uint8, resized to image_size) here: a broken file stops with its name."""
     if num_examples is not None and num_examples <= 0:
         raise ValueError(f"num_examples must be positive, got {num_examples}")
     if name == "shapes":
@@ -916,19 +946,10 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
             raise UserError(f"{name} is not in {data_root} and could not be downloaded "
                             f"({type(e).__name__}); put the extracted '{cls.base_folder}' folder "
                             f"in {data_root} or give another data root") from None
-        images, labels, k = base.data, np.asarray(base.targets), len(base.classes)  # (N, 32, 32, 3)
+        images, labels, classes = base.data, np.asarray(base.targets), base.classes  # uint8 arrays
     elif name in ("miniimagenet", "folder"):
-        folder = os.path.join(data_root, split)
-        if not os.path.isdir(folder):
-            raise UserError(f"no folder {folder}: put the images in "
-                            f"{data_root}/{{train,test}}/<class>/<image> (one sub-folder per "
-                            "class) or give another data root")
-        try:
-            base = torchvision.datasets.ImageFolder(folder, loader=open_rgb)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"{folder} holds no images in class sub-folders ({e}); put them in "
-                            f"{folder}/<class>/<image>") from None
-        images, labels, k = base.samples, np.asarray(base.targets), len(base.classes)
+        images, classes = folder_images(data_root, split, classes)  # [(path, class)], names
+        labels = np.asarray([c for _, c in images])
     else:
         raise ValueError(f"unknown dataset {name!r}; choose shapes, cifar10, cifar100, "
                          "miniimagenet or folder")
@@ -949,7 +970,41 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
                 raise UserError(f"{item[0]} is not a readable image ({type(e).__name__}); delete "
                                 "or replace it and run again") from None
         images = np.stack([decode(images[i]) for i in idx])  # (n, H, W, 3) uint8
-    return LabelledImages(images, labels[idx, None].astype(np.int64), ("class",), (k,))
+    return LabelledImages(images, labels[idx, None].astype(np.int64), ("class",), (len(classes),),
+                          tuple(classes))
+
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+def folder_images(data_root, split, classes=None):
+    """The (path, class index) of every image in data_root/split/<class>/ (any depth; hidden files
+    and folders skipped), and the class names: those of data_root/train, or `classes`, for every
+    split alike, so that an index means one class everywhere. A class folder that is not among them
+    is a UserError naming it; a class without images in `split` is named in a printed note."""
+    def visible(folder):  # sorted names, hidden ones left out
+        return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    folder, train = os.path.join(data_root, split), os.path.join(data_root, "train")
+    for f in dict.fromkeys((train, folder)):
+        if not os.path.isdir(f):
+            raise UserError(f"no folder {f}: put the images in {data_root}/{{train,test}}/<class>/"
+                            "<image> (one sub-folder per class) or give another data root")
+    classes = list(classes or [c for c in visible(train) if os.path.isdir(os.path.join(train, c))])
+    found = [c for c in visible(folder) if os.path.isdir(os.path.join(folder, c))]
+    if set(found) - set(classes):
+        raise UserError(f"{folder} has class folders that the run's classes (those of {train}) "
+                        f"lack: {', '.join(sorted(set(found) - set(classes)))}; their images "
+                        "would be scored as other classes: remove them or add them to train/")
+    samples = []
+    for i, c in enumerate(classes):
+        for root, dirs, files in os.walk(os.path.join(folder, c), followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            samples += [(os.path.join(root, f), i) for f in sorted(files)
+                        if not f.startswith(".") and f.lower().endswith(IMAGE_FILES)]
+    if not samples:
+        raise UserError(f"{folder} holds no images in class sub-folders; put them in "
+                        f"{folder}/<class>/<image>")
+    if missing := [c for i, c in enumerate(classes) if i not in {j for _, j in samples}]:
+        print(f"note: {folder} holds no images of class(es) {', '.join(missing)}")
+    return samples, classes
 
 def open_rgb(path):
     """An image file as 8-bit RGB. PIL's convert('RGB') clips 16- and 32-bit grey images at 255
@@ -998,7 +1053,8 @@ def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits
     for name in splits:
         out[name] = load_dataset(config["dataset"], name, data_root or config["data_root"],
                                  config["image_size"], limits[name][0], config["seed"],
-                                 config.get("object_scale", 1.0), config.get("texture", False))
+                                 config.get("object_scale", 1.0), config.get("texture", False),
+                                 config.get("classes"))
         if limits[name][1] and limits[name][1] < len(out[name]):
             out[name] = out[name].subset(limits[name][1], seed)
     return out
@@ -1057,6 +1113,10 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
     out = dict(codes=extract_trajectories(encoder, images, times, batch_size), labels=labels,
                times=times)
     atomic_save({**out, "data_key": data_key, "weights_key": enc_key}, path)
+    # A run folder holds one step's weights: the codes of earlier steps are never read again.
+    for name in os.listdir(folder) if tag.startswith("step") else ():
+        if name.startswith("traj-") and "-step" in name and f"-{enc_key}-" not in name:
+            os.remove(os.path.join(folder, name))
     return out
 
 # ==== Checkpoints and run folders: atomic save, safe load, exported weights =======================
@@ -1071,6 +1131,9 @@ def atomic_save(obj, path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
+    umask = os.umask(0o22)  # mkstemp makes the file private (0600); give it the usual mode
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         if path.endswith(".json"):
             with open(tmp, "w") as f:
@@ -1086,6 +1149,9 @@ def check_writable(*folders):
     """Creates each folder and writes a temporary file there: a script stops before its work, not
     after it, when its results could not be written."""
     for folder in folders:
+        if os.path.islink(folder) and not os.path.exists(folder):
+            raise UserError(f"{folder} is a link to {os.readlink(folder)}, which does not exist; "
+                            "create that folder or remove the link")
         try:
             os.makedirs(folder, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):
@@ -1124,6 +1190,10 @@ def load_checkpoint(path, map_location="cpu", resumable=False):
     if broken:
         raise UserError(f"{path} is an incomplete trajrep checkpoint (missing or malformed: "
                         f"{', '.join(broken)}); retrain, or resume from an intact copy")
+    weights = {f"{part}.{k}": v for part in ("ema", "model") for k, v in ckpt.get(part, {}).items()}
+    if bad := [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]:
+        raise UserError(f"{path} holds non-finite weights ({', '.join(bad[:3])}): it is damaged; "
+                        "retrain, or resume from an intact copy")
     return ckpt
 
 def save_checkpoint(path, **contents):
@@ -1141,7 +1211,11 @@ def save_checkpoint(path, **contents):
 def export_weights(run, path, made_by):
     """Writes a run's EMA weights alone (with config, step, data key and made_by, the command that
     trained it) to `path`: a quarter of a checkpoint, for reading the run, not resuming it. As
-    <folder>/ckpt.pt it is a run for probe.py and analyze.py."""
+    <folder>/ckpt.pt it is a run for probe.py and analyze.py; never over the checkpoint it reads."""
+    source = os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
+    if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+        raise UserError(f"{path} is the checkpoint the weights are read from; writing over it "
+                        "would lose the run's optimiser and random state: give another path")
     ckpt = load_checkpoint(run)
     atomic_save(dict(kind=WEIGHTS_KIND, config=ckpt["config"], model_kwargs=ckpt["model_kwargs"],
                      step=ckpt["step"], ema=ckpt["ema"], data_key=ckpt.get("data_key"),

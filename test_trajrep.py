@@ -580,7 +580,6 @@ def test_kernel_readout_solves_kernel_ridge_per_time_and_reads_only_that_time():
         assert acc[t].item() == pytest.approx(((k[n:] @ alpha).argmax(1) == y[n:].numpy()).mean())
 
 @pytest.mark.fast
-@pytest.mark.fast
 def test_library_refuses_what_it_cannot_work_with_in_one_sentence():
     """Each of these once failed deep inside PyTorch, returned a wrong number or read a subset
     silently; each now names the argument and the form it needs."""
@@ -615,6 +614,7 @@ def test_library_refuses_what_it_cannot_work_with_in_one_sentence():
     assert torch.equal(tr.extract_trajectories(enc, x, [0.0, 1.0]),
                        tr.extract_trajectories(enc, x, torch.tensor([0.0, 1.0])))
 
+@pytest.mark.fast
 def test_library_functions_leave_the_global_random_state_alone():
     codes, y = synthetic_curves(200, T=3, k=1)
     state = torch.random.get_rng_state()

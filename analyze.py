@@ -309,8 +309,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except tr.UserError as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:  # Ctrl-C: where things stand, not a traceback
-        raise SystemExit("error: interrupted; the codes encoded so far are kept in <run>/cache, "
-                         "no results were written") from None
+    except (tr.UserError, KeyboardInterrupt) as e:  # one sentence (Ctrl-C too), no traceback
+        raise SystemExit("error: " + (str(e) or "interrupted; the codes encoded so far are kept "
+                                      "in <run>/cache, no results were written")) from None

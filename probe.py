@@ -113,9 +113,8 @@ def encode(args, cfg, splits, encoders, step, times, device):
     on_fine = wanted and bool(((times / FINE_STEP).round() * FINE_STEP - times).abs().max() < 1e-5)
     if wanted and not on_fine:
         print(f"the grid-free probe needs --times on multiples of {FINE_STEP}: skipped")
-    # The fine grid first: the regular grid is then sliced from its cache instead of encoded again.
-    fine_times = torch.linspace(0, 1, int(round(1 / FINE_STEP)) + 1)
-    data = dict(fine={"train": codes("train", fine_times)} if on_fine else None, run=args.run)
+    fine = torch.linspace(0, 1, round(1 / FINE_STEP) + 1)  # encoded first: the grid is cut from it
+    data = dict(fine={"train": codes("train", fine)} if on_fine else None, run=args.run)
     data["grid"] = {s: codes(s, times) for s in ("train", "test")}  # (N, T, D) each
     data["init"] = {s: codes(s, times, control=True) for s in ("train", "test")}  # the control
     data["pixels"] = {s: splits[s].tensors()[0].flatten(1)[:, None].to(device)  # (N, 1, C*H*W)
@@ -126,7 +125,6 @@ def encode(args, cfg, splits, encoders, step, times, device):
         data["test_grids"] = {name: codes("test", grid) for name, grid in grids}
     return data
 
-# ---- one attribute's table: the probes, their summaries and the verdicts ----
 # ' 77.5 ±  0.2': a probe's accuracy and its spread over seeds in percent (at point i, per-t MLPs)
 fmt = lambda r, i=None: "{:5.1f} ± {:4.1f}".format(
     *(100 * (r[k] if i is None else r[k][i]) for k in ("mean", "std")))
@@ -396,8 +394,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except tr.UserError as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:  # Ctrl-C: where things stand, not a traceback
-        raise SystemExit("error: interrupted; the codes encoded so far are kept in <run>/cache, "
-                         "no results were written") from None
+    except (tr.UserError, KeyboardInterrupt) as e:  # one sentence (Ctrl-C too), no traceback
+        raise SystemExit("error: " + (str(e) or "interrupted; the codes encoded so far are kept "
+                                      "in <run>/cache, no results were written")) from None

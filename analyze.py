@@ -42,6 +42,9 @@ def parse_args(argv):
     p.add_argument("run", nargs="?", help="run folder of train.py (holding ckpt.pt)")
     p.add_argument("--check-mine", action="store_true", help="print MINE against the true MI of "
                    "correlated Gaussians for several (d, rho), then exit")
+    p.add_argument("--claims", nargs="+", metavar="RUN", help="judge the per-t MLP claims over "
+                   "runs of one command with other --seed (probe.py run on each) by "
+                   "docs/method.md's decision rules; writes results/claims.json")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or "
                    "paper: the MINE flags below default to its values")
     for key, kind, text in (("steps", int, "MINE training steps"),
@@ -114,6 +117,65 @@ def mine_curves(codes, cfg, device):
         curves[name] = dict(along=along, across=across, nmis=nmis, nmi_mean=nmis.mean(0),
                             mi=mis.mean(0), seconds=time.time() - start)
     return curves
+
+# ---- Claims over encoders trained with other seeds (the decision rules of docs/method.md) ----
+
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)  # t, 95%, df 1-10
+
+def learnt(run):
+    """Rule 1: whether the training monitor's best-t accuracy on the first attribute (shape, on
+    `shapes`) moved by less than 3 points over the run's last 3000 steps."""
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    # (step, the first attribute's accuracy at its best t) of every readout of the monitor
+    best = [(r["step"], max(next(iter(r["readout"].values())))) for r in rows if "readout" in r]
+    before = [a for step, a in best if step <= best[-1][0] - 3000] if best else []  # 3000 earlier
+    return bool(before) and abs(best[-1][1] - before[-1]) < 0.03, [a for _, a in best]
+
+def paired_t(d):
+    """Rules 2-3: the one-sided paired t-test over encoders of differences d (n,): (verdict, t,
+    the 95% critical value)."""
+    n = len(d)  # sample std (ddof = 1); equal differences, or one encoder, prove nothing
+    t = (d.mean() / (d.std() / math.sqrt(n))).item() if n > 1 and d.std() > 0 else 0.0
+    crit = T95[min(n - 1, len(T95)) - 1] if n > 1 else math.inf  # beyond 11 encoders: df 10's
+    return "supported" if t > crit else "not supported" if -t > crit else "inconclusive", t, crit
+
+def claims(runs, out="results/claims.json"):
+    """The per-t MLP claims over runs of one command with other seeds (probe.py run on each), by
+    docs/method.md's decision rules: per attribute, the trained encoder's best single-t MLP against
+    its random-init control and the pixel MLP, and where it is read best."""
+    tables = {}  # run -> its table per attribute, for the learnt runs only
+    for run in runs:
+        found = [os.path.join(run, "results", f) for f in ("probe.json", "probe_mlp.json")]
+        if not os.path.exists(os.path.join(run, "metrics.jsonl")) or not any(map(os.path.exists,
+                                                                               found)):
+            raise tr.UserError(f"{run} holds no metrics.jsonl or results/probe*.json: train it "
+                               "with --probe-every and run probe.py on it first")
+        ok, monitor = learnt(run)
+        print(f"{run}: {'learnt' if ok else 'still learning, not read'} (monitor's last "
+              f"readouts {', '.join(f'{a:.2f}' for a in monitor[-4:])})")
+        if ok:
+            tables[run] = json.load(open(next(f for f in found if os.path.exists(f))))["targets"]
+    verdicts = []  # one dict per claim: the rows of claims.json
+    for name in next(iter(tables.values())) if tables else {}:
+        outs = [t[name] for t in tables.values()]  # this attribute's table of each encoder
+        for control, key in (("random-init encoder", "init"), ("MLP on raw pixels", "pixels")):
+            d = torch.tensor([o["best_mlp"]["mean"] - (o[key].get("best_mlp") or o[key])["mean"]
+                              for o in outs], dtype=torch.float64)  # (n,)
+            verdict, t, crit = paired_t(d)
+            verdicts.append(dict(claim=f"{name}: the trained encoder beats the {control}",
+                                 verdict=verdict, test="one-sided paired t over encoders",
+                                 statistic=t, critical=crit, n_encoders=len(d), d=d.tolist()))
+        best = sorted(o["best_t"] for o in outs)  # each encoder's t, chosen on validation
+        median = (best[(len(best) - 1) // 2] + best[len(best) // 2]) / 2
+        verdicts.append(dict(claim=f"{name}: where it is read best", best_t=best,
+                             n_encoders=len(best), median=median, verdict="consistent" if all(
+                                 abs(b - median) <= 0.2 + 1e-9 for b in best) else "varies"))
+    for v in verdicts:
+        print(f"  {v['claim']}: {v['verdict']}" + (f" (t = {v['statistic']:.2f}, critical "
+              f"{v['critical']:.2f}, n = {v['n_encoders']})" if "d" in v else
+              f" (best t {v['best_t']})"))
+    tr.atomic_save(dict(runs=list(runs), learnt=list(tables), claims=verdicts), out)
+    print(f"wrote {out}")
 
 # ---- NMI, its lag profile, and the findings in words ----
 
@@ -260,6 +322,8 @@ def main(argv=None):
     args, cfg = parse_args(argv)
     if args.check_mine:
         return check_mine(cfg, tr.pick_device(args.device))
+    if args.claims:
+        return claims(args.claims)
     if not args.run:
         raise tr.UserError("give a run folder (python analyze.py runs/shapes-drl) or --check-mine")
     if cfg["num_times"] < 3:  # at 2 points lag 1 is lag T-1: the fall is 0 by construction

@@ -1731,6 +1731,47 @@ def test_analyze_findings_follow_the_numbers():
     same = torch.stack([flat, flat])
     assert "nearly a single point" in analyze.findings(same, times, None, 0.01, 1.0, {})
 
+def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypatch):
+    """analyze.py --claims: a run whose monitor still moved by 3 points or more over its last 3000
+    steps is left out; each claim's t is the paired t of the differences over the learnt runs,
+    computed here by hand, and its verdict the fixed 95% rule."""
+    import analyze
+    monkeypatch.chdir(tmp_path)
+    tables = {"a": (0.85, 0.30, 0.35, 0.8, 0.30, 0.28, 0.40, 0.0, 0.84),
+              "b": (0.80, 0.28, 0.40, 0.7, 0.26, 0.27, 0.41, 0.5, 0.85),
+              "c": (0.90, 0.31, 0.33, 0.9, 0.29, 0.27, 0.42, 1.0, 0.86),
+              "late": (0.99, 0.10, 0.10, 0.0, 0.99, 0.10, 0.10, 0.0, 0.70)}  # still learning
+    for run, (s, s_init, s_pix, s_t, x, x_init, x_pix, x_t, monitor_then) in tables.items():
+        os.makedirs(tmp_path / run / "results")
+        with open(tmp_path / run / "metrics.jsonl", "w") as f:
+            for step, acc in ((8000, 0.5), (9000, monitor_then), (11000, 0.86), (12000, 0.86)):
+                f.write(json.dumps(dict(step=step, readout=dict(shape=[acc - 0.1, acc]))) + "\n")
+        target = lambda m, i, p, t: dict(best_mlp=dict(mean=m), init=dict(best_mlp=dict(mean=i)),
+                                         pixels=dict(mean=p), best_t=t)
+        json.dump(dict(targets=dict(shape=target(s, s_init, s_pix, s_t),
+                                    texture=target(x, x_init, x_pix, x_t))),
+                  open(tmp_path / run / "results" / "probe_mlp.json", "w"))
+    analyze.main(["--claims", "a", "b", "c", "late"])
+    out = json.load(open(tmp_path / "results" / "claims.json"))
+    assert out["learnt"] == ["a", "b", "c"]
+    got = {c["claim"]: c for c in out["claims"]}
+
+    def t_by_hand(d):
+        d = np.array(d)
+        return d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    for claim, d, verdict in (
+            ("shape: the trained encoder beats the random-init encoder", [.55, .52, .59], "supported"),
+            ("texture: the trained encoder beats the random-init encoder", [.02, -.01, .02],
+             "inconclusive"),
+            ("texture: the trained encoder beats the MLP on raw pixels", [-.10, -.15, -.13],
+             "not supported")):
+        assert got[claim]["statistic"] == pytest.approx(t_by_hand(d), rel=1e-6), claim
+        assert got[claim]["verdict"] == verdict and got[claim]["critical"] == 2.920, claim
+    assert got["shape: where it is read best"]["verdict"] == "consistent"  # 0.7, 0.8, 0.9
+    assert got["texture: where it is read best"]["verdict"] == "varies"  # 0, 0.5, 1
+    with pytest.raises(tr.UserError, match="holds no metrics.jsonl"):
+        analyze.main(["--claims", str(tmp_path / "nothing")])
+
 def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol():
     """A real Encoder, trained (supervised, 150 steps at random t) to read the location of `shapes`
     objects, against the same weights before training: extract_trajectories and the probe protocol

@@ -84,39 +84,47 @@ def check_mine(cfg, device):
         true = tr.gaussian_mi(rho, d)
         print(f"{d:>3} {rho:>5.2f} {true:>8.3f} {est:>8.3f} {est - true:>+7.3f}")
 
-def mine_curves(codes, cfg, device):
-    """For each set of codes (name -> cached codes, the trained first): how far its curves move,
-    and the NMI matrix of each MINE seed, (S, T, T), with their mean, spread and mean MI in nats,
-    estimated on `device`. The control runs second, with an ETA from the first."""
-    curves, steps, seeds = {}, cfg["steps"], cfg["seeds"]
-    for name, c in codes.items():
-        print(f"MINE on the {name} codes: {cfg['num_times'] ** 2} pairs x {seeds} seed(s), {steps} "
-              "steps" + (f" (ETA {curves['trained']['seconds'] / 60:.1f} min, as long as the "
-                         "trained codes took)" if curves else " ..."), flush=True)
-        # One scale per dimension, pooled over t: the same invertible map at every t keeps every
-        # pair's MI, and MINE's optimisation needs scaled input.
-        x = c["codes"].to(device)
-        mean, std = tr.standardiser_stats(x, per_time=False)
-        start = time.time()
+def mine_curves(codes, cfg, device, run):
+    """The trained and the random-init codes' curves (see mine_curve). The control's does not
+    depend on the trained encoder: it is cached under its codes and the MINE budget, and a later
+    checkpoint of the run reads it instead of training its MINE networks again."""
+    budget = [cfg[k] for k in ("steps", "batch_size", "lr", "hidden", "seeds", "num_times")]
+    trained = mine_curve("trained", codes["trained"]["codes"], cfg, device)
+    init = tr.cached_result(run, "control-nmi", [codes["random init"]["codes"]], budget, lambda:
+                            mine_curve("random init", codes["random init"]["codes"], cfg, device,
+                                       eta=trained["seconds"]))
+    return {name: {k: torch.tensor(v) if isinstance(v, list) else v for k, v in c.items()}
+            for name, c in (("trained", trained), ("random init", init))}
 
-        def tick(done, total):  # at every tenth of the steps of all seeds: how far, and an ETA
-            spent = time.time() - start
-            if done < total:
-                print(f"  {name}: {done}/{total} MINE steps in {spent:.0f} s, ETA "
-                      f"{spent * (total - done) / done:.0f} s", flush=True)
-        nmis, mis = tr.nmi_matrix((x - mean) / std, tuple(range(seeds)), tick, steps=steps,
-                                  batch_size=cfg["batch_size"], lr=cfg["lr"], hidden=cfg["hidden"])
-        nmis, mis = nmis.cpu(), mis.cpu()
-        print(f"{name}: done in {time.time() - start:.1f} s; NMI next to the diagonal "
-              f"{', '.join(f'{lag_profile(n)[0]:.3f}' for n in nmis)} (per seed)", flush=True)
-        if torch.isnan(nmis).any():  # MINE's I(X;X) about zero at some t: no entropy stand-in
-            raise tr.UserError(f"MINE's estimate of I(X;X) was about zero at some t ({name} "
-                               "codes), so NMI is undefined there; raise --steps (or --lr) and "
-                               "run again")
-        along, across = tr.curve_movement(c["codes"])
-        curves[name] = dict(along=along, across=across, nmis=nmis, nmi_mean=nmis.mean(0),
-                            mi=mis.mean(0), seconds=time.time() - start)
-    return curves
+def mine_curve(name, codes, cfg, device, eta=None):
+    """How far the curves of codes (N, T, D) move, and the NMI matrix of each MINE seed (S, T, T)
+    with their mean and the mean MI in nats, estimated on `device`; as lists (JSON-able)."""
+    steps, seeds = cfg["steps"], cfg["seeds"]
+    print(f"MINE on the {name} codes: {cfg['num_times'] ** 2} pairs x {seeds} seed(s), {steps} "
+          "steps" + (f" (ETA {eta / 60:.1f} min, as long as the trained codes took)" if eta else
+                     " ..."), flush=True)
+    # One scale per dimension, pooled over t: the same invertible map at every t keeps every
+    # pair's MI, and MINE's optimisation needs scaled input.
+    x = codes.to(device)
+    mean, std = tr.standardiser_stats(x, per_time=False)
+    start = time.time()
+
+    def tick(done, total):  # at every tenth of the steps of all seeds: how far, and an ETA
+        spent = time.time() - start
+        if done < total:
+            print(f"  {name}: {done}/{total} MINE steps in {spent:.0f} s, ETA "
+                  f"{spent * (total - done) / done:.0f} s", flush=True)
+    nmis, mis = tr.nmi_matrix((x - mean) / std, tuple(range(seeds)), tick, steps=steps,
+                              batch_size=cfg["batch_size"], lr=cfg["lr"], hidden=cfg["hidden"])
+    nmis, mis = nmis.cpu(), mis.cpu()  # (S, T, T) each
+    print(f"{name}: done in {time.time() - start:.1f} s; NMI next to the diagonal "
+          f"{', '.join(f'{lag_profile(n)[0]:.3f}' for n in nmis)} (per seed)", flush=True)
+    if torch.isnan(nmis).any():  # MINE's I(X;X) about zero at some t: no entropy stand-in
+        raise tr.UserError(f"MINE's estimate of I(X;X) was about zero at some t ({name} codes), "
+                           "so NMI is undefined there; raise --steps (or --lr) and run again")
+    along, across = tr.curve_movement(codes)
+    return dict(along=along, across=across, nmis=nmis.tolist(), nmi_mean=nmis.mean(0).tolist(),
+                mi=mis.mean(0).tolist(), seconds=time.time() - start)
 
 # ---- Claims over encoders trained with other seeds (the decision rules of docs/method.md) ----
 
@@ -352,7 +360,7 @@ def main(argv=None):
  tr.cached_trajectories(args.run, enc, data, "train", times, tag)
              for name, enc, tag in (("trained", encoder, f"step{step}"),
                                     ("random init", init_encoder, "init"))}
-    curves = mine_curves(codes, cfg, device)  # every pair of points, trained then the control
+    curves = mine_curves(codes, cfg, device, args.run)  # every pair, trained then control
     separation, (x, labels) = {}, (codes["trained"]["codes"], codes["trained"]["labels"])
     for name in (probe_result or {}).get("targets", {}):
         p = tr.separation_profile(x, labels[:, data.attributes.index(name)])

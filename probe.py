@@ -213,15 +213,20 @@ def probe_target(a, name, k, data, cfg, log):
         return res
     out = dict(num_classes=k, chance=torch.bincount(y_te, minlength=k).max().item() / len(y_te))
     # The same probes on the trained and the random-init encoder's codes, then an MLP on the raw
-    # pixels; the controls are read from the cache when this protocol has trained them before.
+    # pixels. The controls do not depend on the trained encoder: they are cached under their inputs,
+    # labels and protocol, and a later checkpoint of the run (or a rerun) reads them.
     rows = lambda codes, tag: encoder_rows(run, codes["train"]["codes"], codes["test"]["codes"],
                                            times, tag, cfg)
     out.update(rows(grid, ""))
-    out["init"] = cached_control(data, "init", a, cfg,
-                                 lambda: rows(data["init"], ", random init"), log)
-    out["pixels"] = cached_control(data, "pixels", a, cfg, lambda: summary(run(
-        "mlp", data["pixels"]["train"], data["pixels"]["test"], cfg["mlp_seeds"], "pixel MLP")),
-                                   log)
+    protocol = [cfg[k] for k in ("epochs", "lrs", "seeds", "mlp_seeds", "width", "batch_size",
+                                 "probes")]
+    control = lambda name, inputs, compute: tr.cached_result(
+        data["run"], f"control-{name}", [*inputs, y_tr, y_te], protocol, compute, log)
+    init, pixels = data["init"], data["pixels"]
+    out["init"] = control("init", [init["train"]["codes"], init["test"]["codes"]],
+                          lambda: rows(init, ", random init"))
+    out["pixels"] = control("pixels", [pixels["train"], pixels["test"]], lambda: summary(
+        run("mlp", pixels["train"], pixels["test"], cfg["mlp_seeds"], "pixel MLP")))
     if data["fine"] is not None and cfg["probes"] == "all":  # grid-free: then on other grids
         fine, cols = data["fine"]["train"], (times / FINE_STEP).round().long()
         res = run("continuous", fine["codes"], grid["test"]["codes"], cfg["seeds"], "continuous",
@@ -232,25 +237,6 @@ def probe_target(a, name, k, data, cfg, log):
     out.update(seconds=time.time() - t0, verdicts=verdicts(out))
     print_table(name, out, times, log)
     return out
-
-def cached_control(data, name, a, cfg, compute, log):
-    """A control's rows (`compute()`), cached in <run>/cache under a hash of what they depend on:
-    inputs, labels, protocol; not the trained encoder, so a later checkpoint reads them."""
-    inputs = [x if torch.is_tensor(x) else x["codes"] for x in data[name].values()]  # pixels, codes
-    labels = [data["grid"][s]["labels"][:, a] for s in ("train", "test")]
-    protocol = [cfg[k] for k in ("epochs", "lrs", "seeds", "mlp_seeds", "width", "batch_size",
-                                 "probes")]
-    key = tr.tensors_key(*inputs, *labels, torch.tensor(bytearray(json.dumps(protocol).encode())))
-    path = os.path.join(data["run"], "cache", f"control-{name}-{key}.json")
-    try:
-        with open(path) as f:
-            rows = json.load(f)
-        log(f"{name} control: read from {path}")
-        return rows
-    except (OSError, ValueError):  # none yet, or damaged: trained again
-        rows = compute()
-    tr.atomic_save(rows, path)
-    return rows
 
 def encoder_rows(run, x_tr, x_te, times, tag, cfg):
     """One encoder's rows from its codes x_tr (N, T, D) and x_te: the per-t MLPs (the best t chosen

@@ -1760,7 +1760,8 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
         d = np.array(d)
         return d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
     for claim, d, verdict in (
-            ("shape: the trained encoder beats the random-init encoder", [.55, .52, .59], "supported"),
+            ("shape: the trained encoder beats the random-init encoder", [.55, .52, .59],
+             "supported"),
             ("texture: the trained encoder beats the random-init encoder", [.02, -.01, .02],
              "inconclusive"),
             ("texture: the trained encoder beats the MLP on raw pixels", [-.10, -.15, -.13],
@@ -1799,9 +1800,9 @@ def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol(
         accs[name] = res["test_mean"].max().item()
     assert accs["trained"] > 0.85 and accs["trained"] > accs["init"] + 0.3, accs  # 16 classes
 
-def test_probe_and_analyze_scripts_end_to_end(tmp_path):
+def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch):
     """train.py -> probe.py -> analyze.py on a tiny run: the files appear and agree with the
-    data."""
+    data; a second analyze.py reads the random-init control's NMI from the cache."""
     import analyze
     import probe
     run = str(tmp_path / "run")
@@ -1825,9 +1826,15 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path):
     }
     with pytest.raises(tr.UserError, match="raise --steps"):  # too small a budget: said, not hidden
         analyze.main([run, "--steps", "1", "--seeds", "1", "--hidden", "8", "--max-train", "120"])
-    analyze.main([run, "--steps", "150", "--seeds", "1", "--hidden", "16", "--max-train", "120",
-                  "--lr", "3e-3"])
+    argv = [run, "--steps", "150", "--seeds", "1", "--hidden", "16", "--max-train", "120", "--lr",
+            "3e-3"]
+    analyze.main(argv)
     nmi = json.load(open(os.path.join(run, "results", "nmi.json")))
+    calls, nmi_matrix = [], tr.nmi_matrix
+    monkeypatch.setattr(tr, "nmi_matrix", lambda *a, **k: calls.append(1) or nmi_matrix(*a, **k))
+    analyze.main(argv)  # MINE on the trained codes only: the control's curve is read
+    again = json.load(open(os.path.join(run, "results", "nmi.json")))
+    assert len(calls) == 1 and again["random_init"] == nmi["random_init"]
     m = np.array(nmi["nmi_mean"])  # the lag profile is the mean of each off-diagonal
     assert np.allclose(nmi["nmi_by_lag"], [np.diagonal(m, k).mean() for k in range(1, 11)],
                        atol=1e-6)

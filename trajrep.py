@@ -1119,6 +1119,22 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
             os.remove(os.path.join(folder, name))
     return out
 
+def cached_result(run_dir, name, inputs, settings, compute, log=print):
+    """compute()'s JSON-able result, kept in run_dir/cache under a hash of all it depends on: the
+    tensors `inputs` (their values) and `settings` (JSON-able): a later call with the same inputs
+    and settings, on another checkpoint of the run too, reads it instead of computing it again."""
+    key = tensors_key(*inputs, torch.tensor(bytearray(json.dumps(settings).encode())))
+    path = os.path.join(run_dir, "cache", f"{name}-{key}.json")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        log(f"{name}: read from {path}")
+        return result
+    except (OSError, ValueError):  # none yet, or damaged: computed again
+        result = compute()
+    atomic_save(result, path)
+    return result
+
 # ==== Checkpoints and run folders: atomic save, safe load, exported weights =======================
 
 CHECKPOINT_KIND = "trajrep-drl-checkpoint"

@@ -60,8 +60,10 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="for encoding and MINE: auto, cpu, cuda, mps")
     args = p.parse_args(argv)
     cfg = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
-    if cfg["steps"] <= 0 or cfg["seeds"] <= 0 or cfg["hidden"] <= 0:
-        raise tr.UserError("--steps, --seeds and --hidden must be positive")
+    if cfg["steps"] <= 0 or cfg["seeds"] <= 0 or cfg["hidden"] <= 0 or not 0 < cfg["lr"] < math.inf:
+        raise tr.UserError("--steps, --seeds, --hidden and --lr must be positive (--lr finite)")
+    if 0 < cfg["max_train"] < 10:  # MINE holds out a fifth of the rows to estimate on
+        raise tr.UserError("--max-train must be 0 (all) or at least 10 images")
     if cfg["batch_size"] < 16:  # the DV bound's log-mean-exp needs rows to average
         raise tr.UserError(f"--batch-size must be at least 16, got {cfg['batch_size']}: MINE's "
                            "bound averages exp(T) over the batch's shuffled pairs, and a handful "
@@ -339,6 +341,8 @@ def main(argv=None):
                            "(lag 1) with the ends of the curve (lag T-1)")
     t_start, times = time.time(), tr.paper_times(cfg["num_times"])
     encoder, init_encoder, train_cfg, step, device, out_dir = tr.open_run(args.run, args.device)
+    tr.check_writable(files=[os.path.join(out_dir, f) for f in ("nmi.json", "nmi.png",
+                                                                "attention.png", "attributes.png")])
     # Where probe.py has run on this grid: its attention (Figure 3) and the eq. 5 profile. Read
     # before the codes and MINE's minutes: an unreadable file stops the run before them.
     path, probe_result = os.path.join(out_dir, "probe.json"), None

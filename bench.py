@@ -103,16 +103,16 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--quick", action="store_true", help="3 calls per timing (7 otherwise)")
     p.add_argument("--run", help="also time probe.py and analyze.py on this run folder")
-    p.add_argument("--out", default="results/bench.json", help="the JSON, or a folder for "
+    p.add_argument("--out", default="results/bench.json", help="a .json file, or a folder for "
                    "bench.json (created if absent)")
     args = p.parse_args(argv)
     device = tr.pick_device(args.device)
     # What the end needs is checked now, not after the work: the run and its data, the output.
-    root = tr.load_checkpoint(args.run)["config"]["data_root"] if args.run else "."
-    if not os.path.isdir(root):
-        raise tr.UserError(f"the run's data root {root} is not found from here; run bench.py "
-                           "from the folder train.py ran in")
-    path = os.path.join(args.out, "bench.json") if os.path.isdir(args.out) else args.out
+    config = tr.load_checkpoint(args.run)["config"] if args.run else dict(dataset="shapes")
+    if config["dataset"] != "shapes" and not os.path.isdir(config["data_root"]):
+        raise tr.UserError(f"the run's data root {config['data_root']} is not found from here; run "
+                           "bench.py from the folder train.py ran in")
+    path = args.out if args.out.endswith(".json") else os.path.join(args.out, "bench.json")
     tr.check_writable(os.path.dirname(os.path.abspath(path)))  # creates the folder
     # The sizes: train.py's config of each preset (its DEFAULTS, then the preset) at 32x32 pixels
     # (shapes, CIFAR); probe.py's and analyze.py's `cpu` protocol, on the `cpu` model's codes.
@@ -150,5 +150,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except tr.UserError as e:
-        sys.exit(f"error: {e}")
+    except (tr.UserError, KeyboardInterrupt) as e:  # one sentence (Ctrl-C too), no traceback
+        sys.exit(f"error: {e or 'interrupted; nothing was written'}")

@@ -88,7 +88,7 @@ def parse_args(argv):
             cfg["num_times"] < 2):
         raise tr.UserError("--epochs, --seeds, --mlp-seeds, --width and --batch-size must be "
                            "positive and --num-times at least 2")
-    if not all(0 < lr < float("inf") for lr in cfg["lrs"]):  # NaN fails both comparisons
+    if not cfg["lrs"] or not all(0 < lr < float("inf") for lr in cfg["lrs"]):  # NaN fails
         raise tr.UserError(f"--lrs must be positive numbers, got {cfg['lrs']}")
     if cfg["max_train"] < 0 or cfg["max_test"] < 0:
         raise tr.UserError("--max-train and --max-test must be 0 (all) or positive")
@@ -331,17 +331,20 @@ def merge_targets(result, path):
         return
     same = lambda r: (r.get("step"), r.get("times"), {k: v for k, v in r.get("protocol", {}).items()
                                                       if k not in ("target", "run", "device")})
-    if same(old) == same(result):
-        kept = [name for name in old.get("targets", {}) if name not in result["targets"]]
+    kept = [name for name in old.get("targets", {}) if name not in result["targets"]]
+    what = "kept" if same(old) == same(result) else "replaced (other checkpoint, grid or protocol)"
+    if what == "kept":
         result["targets"] = {**{n: old["targets"][n] for n in kept}, **result["targets"]}
-        if kept:
-            print(f"kept the earlier results of {', '.join(kept)} in {path}")
+    if kept:  # said either way
+        print(f"{what} the earlier results of {', '.join(kept)} in {path}")
 
 def main(argv=None):
     """probe.py: flags checked, the run opened, its codes encoded (or read from the cache), every
     probe trained per attribute, the summary printed, probe.json and probe.png written."""
     (args, cfg, times), t_start = parse_args(argv), time.time()
     encoder, init_encoder, train_cfg, step, device, out_dir = tr.open_run(args.run, args.device)
+    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces all
+    tr.check_writable(files=[os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "png")])
     splits = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], cfg["max_test"], seed=0)
     attrs = splits["train"].attributes
     targets = list(attrs) if (args.target or "all") == "all" else [args.target]
@@ -371,7 +374,6 @@ def main(argv=None):
         print(f"  {name:<10} t={o['best_t']:.2f}: {fmt(o['best_mlp'])} (random init "
               f"{fmt(o['init']['best_mlp'])} at t={o['init']['best_t']:.2f}; pixels "
               f"{fmt(o['pixels'])}; majority {100 * o['chance']:.1f})")
-    stem = "probe" if cfg["probes"] == "all" else "probe_mlp"  # a quick table never replaces all
     merge_targets(result, os.path.join(out_dir, stem + ".json"))
     tr.atomic_save(result, os.path.join(out_dir, stem + ".json"))
     plot(result, os.path.join(out_dir, stem + ".png"))

@@ -381,7 +381,7 @@ def test_dsm_loss_refuses_a_sigma_that_would_broadcast_across_the_batch():
     score, noise, sigma = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.rand(4) + 0.1
     with pytest.raises(ValueError, match=r"sigma .*shape \(B,\) = \(4,\).*got \(4, 1, 1, 1\)"):
         tr.dsm_loss(score, noise, sigma[:, None, None, None])
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match=r"got \(4,\) and \(4, 1\)"):  # the weight's own shape
         tr.dsm_loss(score, noise, sigma, weight=torch.ones(4, 1))
     assert tr.dsm_loss(score, noise, sigma).shape == ()
 
@@ -595,6 +595,10 @@ def test_library_refuses_what_it_cannot_work_with_in_one_sentence():
         (lambda: tr.extract_trajectories(enc, x[0], [0.0, 1.0]), r"one image is x\[None\]"),
         (lambda: tr.mine(torch.randn(2, 1), torch.randn(2, 1)), "at least 10 rows .got 2"),
         (lambda: tr.mine(torch.randn(50, 1), torch.randn(50, 1), batch_size=0), "batch_size >= 1"),
+        (lambda: tr.mine(torch.randn(50, 1), torch.randn(50, 1), holdout=1), "0 < holdout < 1"),
+        (lambda: tr.mine(torch.full((50, 1), float("nan")), torch.randn(50, 1)), "finite x and y"),
+        (lambda: tr.extract_trajectories(enc, x[:0], [0.0]), r"N >= 1"),
+        (lambda: tr.extract_trajectories(enc, x, []), "at least one time"),
         (lambda: tr.build_probe("mlp", 3, 4, 2)(torch.randn(5, 4, 4)), "reads 3 time points"),
         (lambda: tr.build_probe("concat", 5, 4, 2)(torch.randn(5, 4, 4)), "reads 5 time points"),
     ]
@@ -606,6 +610,8 @@ def test_library_refuses_what_it_cannot_work_with_in_one_sentence():
         (lambda: tr.train_probe(probe(), (bad, y), (codes, y), (codes, y), 1e-3, 1), "non-finite"),
         (lambda: tr.train_probe(probe(), (codes, y), (codes[:0], y[:0]), (codes, y), 1e-3, 1),
          "val codes .* N >= 1 rows"),
+        (lambda: tr.train_probe(probe(), (codes, y), (codes, y), (codes, y), 1e-3, 0),
+         "epochs >= 1"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -1224,6 +1230,21 @@ def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, tiny_run):
         tr.load_checkpoint(str(tmp_path / "run"))
     one_sentence(run_script("probe.py", str(tmp_path / "run")), "non-finite weights")
 
+def test_checkpoint_whose_tensors_changed_on_disk_is_refused(tmp_path, tiny_run):
+    """Random bytes written into a checkpoint often leave it loadable with other weights: the
+    checksum saved with it (over every tensor, the optimiser's and random states' too) notices."""
+    ckpt = torch.load(os.path.join(tiny_run, "ckpt.pt"), weights_only=True)
+    assert ckpt["checksum"] == tr.checksum({k: v for k, v in ckpt.items() if k != "checksum"})
+    for part in ("ema", "optimizer"):
+        damaged = copy.deepcopy(ckpt)
+        tensor = (damaged["optimizer"]["state"][0]["exp_avg"] if part == "optimizer" else
+                  next(v for v in damaged["ema"].values() if v.is_floating_point()))
+        tensor.view(-1)[0] += 1e-3  # finite, plausible, wrong
+        os.makedirs(tmp_path / part)
+        torch.save(damaged, tmp_path / part / "ckpt.pt")
+        with pytest.raises(tr.UserError, match="damaged: its tensors do not match the checksum"):
+            tr.load_checkpoint(str(tmp_path / part))
+
 def test_exported_weights_read_like_the_run_and_cannot_be_resumed(tmp_path, tiny_run):
     """export_weights keeps what reading a run needs: the same EMA encoder (equal codes), its
     random-init control, config and step, the sentence saying who made it; it is much smaller than
@@ -1618,6 +1639,24 @@ def test_resume_refuses_other_images_unless_asked(tmp_path):
     assert tr.load_checkpoint(run)["step"] == 4
     with pytest.raises(tr.UserError, match="not those"):  # the permission is not remembered
         run_train(*common, "--data-root", moved, "--steps", "5", "--resume")
+    # probe.py and analyze.py on other images under the run's class names: refused, not probed
+    import analyze
+    import probe
+    other = image_folder(tmp_path / "c", 2, 8, seed=2)
+    for main in (probe.main, analyze.main):
+        with pytest.raises(tr.UserError, match="not those the run was trained on"):
+            main([run, "--data-root", other])
+    os.makedirs(os.path.join(run, "results", "probe_mlp.json"))  # a folder where a result goes
+    with pytest.raises(tr.UserError, match="probe_mlp.json is a folder where a result file"):
+        probe.main([run, "--probes", "mlp", "--data-root", moved])
+    for argv, match in ((["--lrs", ""], "--lrs must be positive"),):
+        with pytest.raises(tr.UserError, match=match):
+            probe.main([run, *argv])
+    for argv, match in ((["--lr", "nan"], "--lr must be positive"),
+                        (["--lr", "0"], "--lr must be positive"),
+                        (["--max-train", "5"], "--max-train must be 0 .all. or at least 10")):
+        with pytest.raises(tr.UserError, match=match):
+            analyze.main([run, *argv])
 
 def write_tiny_cifar10(root, per_batch=12, test=20, seed=0):
     """torchvision's on-disk CIFAR-10 (cifar-10-batches-py: five pickled training batches, a test
@@ -2055,11 +2094,14 @@ def moved_data_run(tmp_path_factory):
 
 @pytest.mark.parametrize("argv,match", [(["--run", "/nonexistent/run"], "error: no checkpoint at"),
                                         (["--device", "tpu"], "error: unknown device"),
-                                        (["--run", "MOVED"], "data root gone/imgs is not found")])
+                                        (["--run", "MOVED"], "data root gone/imgs is not found"),
+                                        (["--out", "MOVED/ckpt.pt"], "cannot write to .*ckpt.pt")])
 def test_bench_checks_its_arguments_before_measuring(argv, match, moved_data_run):
-    argv = [moved_data_run if a == "MOVED" else a for a in argv]
+    argv = [a.replace("MOVED", moved_data_run) for a in argv]
+    before = open(os.path.join(moved_data_run, "ckpt.pt"), "rb").read()
     p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True,
                        text=True, timeout=120, cwd=HERE)
     assert p.returncode == 1 and re.search(match, p.stderr) and "Traceback" not in p.stderr, (
         p.stderr[-500:]
     )
+    assert open(os.path.join(moved_data_run, "ckpt.pt"), "rb").read() == before  # never written

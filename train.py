@@ -62,7 +62,7 @@ DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data"
                 eps=1e-5, t_dist="uniform", weighting="sigma2", precond="sigma", sigma_data=0.5,
                 enc_head="pool", lr_decay="none", seed=0, device="auto", amp=False,
                 channels_last=True, compile=False, workers=0, out=None, allow_new_data=False,
-                probe_every=0, classes=None)
+                probe_every=0, classes=None, data_key=None)
 # What a --resume may change (the lr, warm-up and clip too: a diverged run goes on from its last
 # good checkpoint); the rest must match the checkpoint's config.
 RESUME_OVERRIDES = {"steps", "log_every", "ckpt_every", "probe_every", "device", "amp",
@@ -214,6 +214,7 @@ def main(argv=None):
     if os.environ.get("RANK", "0") == "0":  # the only process or rank 0; other ranks write nothing
         check_config(cfg, given)  # before anything is written
         lock, created = tr.claim_run_folder(cfg["out"])  # keeps a second train.py out
+        tr.check_writable(files=[ckpt_path, os.path.join(cfg["out"], "metrics.jsonl")])
     try:
         train(resume, cfg, given)
     except BaseException as e:  # any failure, Ctrl-C included: leave the folder as a retry needs it
@@ -292,7 +293,7 @@ def load_data(run, ckpt):
     """The training split and its sampler: a seeded DistributedSampler deals each rank its shard,
     epoch by epoch. Sets run.data_key. Returns (data, sampler)."""
     cfg, world = run.cfg, run.world
-    data = tr.run_datasets(cfg, splits=("train",))["train"]
+    data = tr.run_datasets(cfg, splits=("train",), check=False)["train"]  # checked below
     # drop_last: every rank has as many batches, so no rank waits for one that is never sent
     sampler = DistributedSampler(data, num_replicas=world, rank=run.rank, shuffle=True,
                                  seed=cfg["seed"], drop_last=True)
@@ -302,7 +303,8 @@ def load_data(run, ckpt):
                            f"{max(world, len(data) // world * world)} or less, or use more images")
     # Which images these are, and the names of their classes (an image folder's class index means
     # the same class in every later script), saved with every checkpoint.
-    run.data_key, cfg["classes"] = tr.dataset_key(data), data.classes
+    run.data_key = cfg["data_key"] = tr.dataset_key(data)
+    cfg["classes"] = data.classes
     if ckpt and ckpt.get("data_key", run.data_key) != run.data_key and not cfg["allow_new_data"]:
         raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt "
                            "was trained on; give the run's --data-root, or add --allow-new-data "

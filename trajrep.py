@@ -327,8 +327,9 @@ def dsm_loss(score, noise, sigma, weight=None):
     lambda / sigma^2 (None: 1); 0.5 * sum over pixels, mean over the batch (published).
     score, noise (B, C, H, W), sigma (B,), weight (B,) or None -> scalar."""
     if sigma.shape != score.shape[:1] or (weight is not None and weight.shape != sigma.shape):
-        raise ValueError(f"dsm_loss needs sigma (and weight) of shape (B,) = ({len(score)},), one "
-                         f"per example; got {tuple(sigma.shape)}: flatten a (B, 1, 1, 1) sigma")
+        raise ValueError(f"dsm_loss needs sigma and weight of shape (B,) = ({len(score)},), one "
+                         f"per example; got {tuple(sigma.shape)} and "
+                         f"{None if weight is None else tuple(weight.shape)}: flatten them")
     err = sigma[:, None, None, None] * score + noise  # (B, C, H, W)
     per_example = 0.5 * err.pow(2).flatten(1).sum(1)  # (B,)
     return (per_example if weight is None else weight * per_example).mean()
@@ -384,11 +385,12 @@ def extract_trajectories(encoder, images, times, batch_size=256):
     """Codes E(x0, t) of every image at every time, on the CPU; VDRL's representation is mu. All
     T times of batch_size // T images go through the encoder (eval mode, where its weights are,
     channels-last as in training) in one pass. images (N, C, H, W), times (T,) -> (N, T, D)."""
-    if not torch.is_tensor(images) or images.dim() != 4:
-        raise ValueError("extract_trajectories needs images (N, C, H, W): one image is x[None]")
     encoder.eval()
     device = next(encoder.parameters()).device
     times = torch.as_tensor(times, dtype=torch.float32, device=device).flatten()  # (T,)
+    if not torch.is_tensor(images) or images.dim() != 4 or len(images) == 0 or len(times) == 0:
+        raise ValueError("extract_trajectories needs images (N, C, H, W), N >= 1 (one image is "
+                         "x[None]), and at least one time")
     T = len(times)
     per_pass = max(1, batch_size // T)
     out = []
@@ -547,6 +549,9 @@ def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, wei
     train_times_fn(generator) -> (columns (k,), times (k,)) draws a sub-grid per batch (grid-free
     probe); eval_times: the val / test times. Returns dict(val, test, epoch (R,), and at readout 0's
     best epoch the test attention (T,) and state, the weights)."""
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"train_probe needs epochs >= 1 and batch_size >= 1, got {epochs} and "
+                         f"{batch_size}")
     for name, (x, y) in (("train", train), ("val", val), ("test", test)):
         if len(y) == 0 or len(x) != len(y) or not x.isfinite().all():
             raise ValueError(f"train_probe needs {name} codes (N, T, D) with N >= 1 rows, one "
@@ -698,10 +703,12 @@ def mine(x, y, seed=0, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=
     if x.dim() < 2 or y.dim() < 2 or x.shape[-2] != y.shape[-2]:
         raise ValueError(f"mine needs x (..., N, Dx) and y (..., N, Dy) with the same number of "
                          f"rows N, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.shape[-2] < 10 or batch_size < 1 or steps < 1:
-        raise ValueError(f"mine needs at least 10 rows (got {x.shape[-2]}; a fifth is held out "
-                         f"to estimate on), batch_size >= 1 (got {batch_size}) and steps >= 1 "
-                         f"(got {steps})")
+    if x.shape[-2] < 10 or batch_size < 1 or steps < 1 or not 0 < holdout < 1:
+        raise ValueError(f"mine needs at least 10 rows (got {x.shape[-2]}; a part is held out "
+                         f"to estimate on), batch_size >= 1 (got {batch_size}), steps >= 1 (got "
+                         f"{steps}) and 0 < holdout < 1 (got {holdout})")
+    if not (x.isfinite().all() and y.isfinite().all()):
+        raise ValueError("mine needs finite x and y: the estimate of rows with NaN or inf is NaN")
     lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     P, N, device = math.prod(lead), x.shape[-2], x.device
     gen = torch.Generator().manual_seed(seed)
@@ -1045,9 +1052,11 @@ def model_kwargs(config, in_channels=3):
                 enc_widths=int_list(config["enc_widths"]),
                 attn_resolutions=int_list(config["attn_res"]))
 
-def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits=("train", "test")):
+def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits=("train", "test"),
+                 check=True):
     """{split: LabelledImages} of a run's config, each cut to a stratified subset of max_*
-    examples (0: all); data_root overrides the run's."""
+    examples (0: all); data_root overrides the run's. check: the training split must be the images
+    the run was trained on (config's data_key, where it has one), wherever they now lie."""
     limits = dict(train=(config["num_train"], max_train), test=(None, max_test))
     out = {}
     for name in splits:
@@ -1055,6 +1064,10 @@ def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits
                                  config["image_size"], limits[name][0], config["seed"],
                                  config.get("object_scale", 1.0), config.get("texture", False),
                                  config.get("classes"))
+        if check and name == "train" and config.get("data_key") not in (None,
+                                                                          dataset_key(out[name])):
+            raise UserError(f"the images in {data_root or config['data_root']} are not those the "
+                            "run was trained on; give --data-root the folder of the run's images")
         if limits[name][1] and limits[name][1] < len(out[name]):
             out[name] = out[name].subset(limits[name][1], seed)
     return out
@@ -1065,18 +1078,28 @@ def tensors_key(*tensors):
     """A short hash of the CONTENT of tensors: a cache of one set of images is never read for
     another of the same size."""
     h = hashlib.sha1()
-    for x in tensors:
+    for x in tensors:  # its dtype, shape and bytes (viewed as uint8: any dtype, bf16 too)
         h.update(str((x.dtype, tuple(x.shape))).encode())
-        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+        h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:12]
+
+def checksum(obj):
+    """A hash of every tensor in nested dicts and lists (a state dict, a checkpoint), with where
+    each lies. Saved with a checkpoint, it notices bytes changed on disk that still load."""
+    def walk(o, at):  # (path, tensor) pairs in a fixed order
+        if torch.is_tensor(o):
+            yield at, o
+        for k, v in sorted(o.items(), key=str) if isinstance(o, dict) else enumerate(
+                o if isinstance(o, (list, tuple)) else ()):
+            yield from walk(v, f"{at}/{k}")
+    found = list(walk(obj, ""))
+    return tensors_key(torch.tensor(bytearray("|".join(p for p, _ in found).encode())),
+                       *(t for _, t in found))
 
 def weights_key(module):
     """A short hash of a module's state dict: two encoders share it only if they compute the same
     codes."""
-    state = module.state_dict()
-    names = sorted(state)
-    return tensors_key(torch.tensor(bytearray("|".join(names).encode())),
-                       *(state[n] for n in names))
+    return checksum(module.state_dict())
 
 def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size=256, log=print):
     """extract_trajectories of a whole split, cached in run_dir/cache under the split, a hash of
@@ -1145,7 +1168,8 @@ def atomic_save(obj, path):
     mid-write never leaves a truncated file where a good one was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    suffix = os.path.splitext(path)[1] or ".pt"  # torch.save refuses a dot-name without one
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     umask = os.umask(0o22)  # mkstemp makes the file private (0600); give it the usual mode
     os.umask(umask)
@@ -1161,9 +1185,13 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-def check_writable(*folders):
-    """Creates each folder and writes a temporary file there: a script stops before its work, not
-    after it, when its results could not be written."""
+def check_writable(*folders, files=()):
+    """Creates each folder and writes a temporary file there, and checks that no folder stands
+    where one of `files` will be written: a script stops before its work, not after it, when its
+    results could not be written."""
+    if folder_files := [f for f in files if os.path.isdir(f)]:
+        raise UserError(f"{folder_files[0]} is a folder where a result file will be written; move "
+                        "or remove it")
     for folder in folders:
         if os.path.islink(folder) and not os.path.exists(folder):
             raise UserError(f"{folder} is a link to {os.readlink(folder)}, which does not exist; "
@@ -1206,6 +1234,10 @@ def load_checkpoint(path, map_location="cpu", resumable=False):
     if broken:
         raise UserError(f"{path} is an incomplete trajrep checkpoint (missing or malformed: "
                         f"{', '.join(broken)}); retrain, or resume from an intact copy")
+    saved = ckpt.pop("checksum", None)  # files written before checksums have none
+    if saved is not None and saved != checksum(ckpt):
+        raise UserError(f"{path} is damaged: its tensors do not match the checksum saved with "
+                        "them; retrain, or resume from an intact copy")
     weights = {f"{part}.{k}": v for part in ("ema", "model") for k, v in ckpt.get(part, {}).items()}
     if bad := [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]:
         raise UserError(f"{path} holds non-finite weights ({', '.join(bad[:3])}): it is damaged; "
@@ -1215,8 +1247,9 @@ def load_checkpoint(path, map_location="cpu", resumable=False):
 def save_checkpoint(path, **contents):
     """Writes a training checkpoint atomically; a failed write (full disk, read-only folder) is a
     UserError naming the previous checkpoint's step, which stays intact."""
+    contents = dict(kind=CHECKPOINT_KIND, **contents)
     try:
-        atomic_save(dict(kind=CHECKPOINT_KIND, **contents), path)
+        atomic_save(dict(contents, checksum=checksum(contents)), path)
     except (OSError, RuntimeError) as e:
         before = (f"the previous checkpoint (step {load_checkpoint(path)['step']}) is intact"
                   if os.path.exists(path) else "no checkpoint was written")
@@ -1233,9 +1266,10 @@ def export_weights(run, path, made_by):
         raise UserError(f"{path} is the checkpoint the weights are read from; writing over it "
                         "would lose the run's optimiser and random state: give another path")
     ckpt = load_checkpoint(run)
-    atomic_save(dict(kind=WEIGHTS_KIND, config=ckpt["config"], model_kwargs=ckpt["model_kwargs"],
-                     step=ckpt["step"], ema=ckpt["ema"], data_key=ckpt.get("data_key"),
-                     made_by=str(made_by)), path)
+    weights = dict(kind=WEIGHTS_KIND, config=ckpt["config"], model_kwargs=ckpt["model_kwargs"],
+                   step=ckpt["step"], ema=ckpt["ema"], data_key=ckpt.get("data_key"),
+                   made_by=str(made_by))
+    atomic_save(dict(weights, checksum=checksum(weights)), path)
 
 def claim_run_folder(out):
     """Creates the run folder and locks it (flock on out/.lock, dropped by the kernel when the

@@ -1078,9 +1078,10 @@ def tensors_key(*tensors):
     """A short hash of the CONTENT of tensors: a cache of one set of images is never read for
     another of the same size."""
     h = hashlib.sha1()
-    for x in tensors:  # its dtype, shape and bytes (viewed as uint8: any dtype, bf16 too)
+    for x in tensors:  # its dtype, shape and bytes (a dense copy viewed as uint8: any dtype)
         h.update(str((x.dtype, tuple(x.shape))).encode())
-        h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        dense = torch.empty(x.numel(), dtype=x.dtype).copy_(x.detach().cpu().reshape(-1))
+        h.update(dense.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:12]
 
 def checksum(obj):

@@ -155,16 +155,18 @@ def claims(runs, out="results/claims.json"):
     its random-init control and the pixel MLP, and where it is read best."""
     tables = {}  # run -> its table per attribute, for the learnt runs only
     for run in runs:
-        found = [os.path.join(run, "results", f) for f in ("probe.json", "probe_mlp.json")]
-        if not os.path.exists(os.path.join(run, "metrics.jsonl")) or not any(map(os.path.exists,
-                                                                               found)):
-            raise tr.UserError(f"{run} holds no metrics.jsonl or results/probe*.json: train it "
-                               "with --probe-every and run probe.py on it first")
+        if not os.path.exists(os.path.join(run, "metrics.jsonl")):
+            raise tr.UserError(f"{run} holds no metrics.jsonl: give runs of train.py")
         ok, monitor = learnt(run)
         print(f"{run}: {'learnt' if ok else 'still learning, not read'} (monitor's last "
               f"readouts {', '.join(f'{a:.2f}' for a in monitor[-4:])})")
+        found = [f for f in (os.path.join(run, "results", f"{stem}.json")
+                             for stem in ("probe", "probe_mlp")) if os.path.exists(f)]
+        if ok and not found:
+            raise tr.UserError(f"{run} has no results/probe.json or probe_mlp.json: run probe.py "
+                               "on it first")
         if ok:
-            tables[run] = json.load(open(next(f for f in found if os.path.exists(f))))["targets"]
+            tables[run] = json.load(open(found[0]))["targets"]
     verdicts = []  # one dict per claim: the rows of claims.json
     for name in next(iter(tables.values())) if tables else {}:
         outs = [t[name] for t in tables.values()]  # this attribute's table of each encoder

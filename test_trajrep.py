@@ -1811,6 +1811,11 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     assert got["texture: where it is read best"]["verdict"] == "varies"  # 0, 0.5, 1
     with pytest.raises(tr.UserError, match="holds no metrics.jsonl"):
         analyze.main(["--claims", str(tmp_path / "nothing")])
+    os.remove(tmp_path / "late" / "results" / "probe_mlp.json")  # not needed: not read
+    analyze.main(["--claims", "a", "b", "c", "late"])
+    os.remove(tmp_path / "c" / "results" / "probe_mlp.json")
+    with pytest.raises(tr.UserError, match="c has no results/probe.json or probe_mlp.json"):
+        analyze.main(["--claims", "a", "b", "c"])
 
 def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol():
     """A real Encoder, trained (supervised, 150 steps at random t) to read the location of `shapes`

@@ -1998,6 +1998,10 @@ def test_ctrl_c_in_probe_and_sigterm_in_train_end_in_one_sentence(tmp_path, tiny
                             "probes:", signal.SIGINT)
     assert code == 1 and "Traceback" not in err and "error: interrupted; the codes" in err, err
     assert not os.path.exists(os.path.join(run, "results", "probe_mlp.json"))
+    code, err = interrupted(["analyze.py", run, "--steps", "100000", "--seeds", "1", "--hidden",
+                             "8", "--max-train", "60"], "MINE on the trained", signal.SIGINT)
+    assert code == 1 and "Traceback" not in err and "error: interrupted; the codes" in err, err
+    assert not os.path.exists(os.path.join(run, "results", "nmi.json"))
     out = str(tmp_path / "t")
     code, err = interrupted(["train.py", *TINY, "--out", out, "--steps", "100000",
                              "--ckpt-every", "2", "--log-every", "2"], "step       4",

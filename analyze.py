@@ -177,7 +177,7 @@ def claims(runs, out="results/claims.json"):
             verdicts.append(dict(claim=f"{name}: the trained encoder beats the {control}",
                                  verdict=verdict, test="one-sided paired t over encoders",
                                  statistic=t, critical=crit, n_encoders=len(d), d=d.tolist()))
-        best = sorted(o["best_t"] for o in outs)  # each encoder's t, chosen on validation
+        best = sorted(round(o["best_t"], 2) for o in outs)  # each encoder's, chosen on validation
         median = (best[(len(best) - 1) // 2] + best[len(best) // 2]) / 2
         verdicts.append(dict(claim=f"{name}: where it is read best", best_t=best,
                              n_encoders=len(best), median=median, verdict="consistent" if all(
@@ -185,7 +185,7 @@ def claims(runs, out="results/claims.json"):
     for v in verdicts:
         print(f"  {v['claim']}: {v['verdict']}" + (f" (t = {v['statistic']:.2f}, critical "
               f"{v['critical']:.2f}, n = {v['n_encoders']})" if "d" in v else
-              f" (best t {v['best_t']})"))
+              f" (best t {v['best_t']}, n = {v['n_encoders']})"))
     tr.atomic_save(dict(runs=list(runs), learnt=list(tables), claims=verdicts), out)
     print(f"wrote {out}")
 

@@ -1090,8 +1090,9 @@ def checksum(obj):
     def walk(o, at):  # (path, tensor) pairs in a fixed order
         if torch.is_tensor(o):
             yield at, o
-        for k, v in sorted(o.items(), key=str) if isinstance(o, dict) else enumerate(
-                o if isinstance(o, (list, tuple)) else ()):
+        items = (sorted(o.items(), key=lambda kv: str(kv[0])) if isinstance(o, dict)  # by key,
+                 else enumerate(o) if isinstance(o, (list, tuple)) else ())  # never by value
+        for k, v in items:
             yield from walk(v, f"{at}/{k}")
     found = list(walk(obj, ""))
     return tensors_key(torch.tensor(bytearray("|".join(p for p, _ in found).encode())),

@@ -969,10 +969,11 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
         import torchvision.transforms as T
         resize = T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
 
-        def decode(item):  # a CIFAR image array, or a folder's (path, class)
+        def decode(item):  # a CIFAR image array (in memory: nothing to fail), or (path, class)
+            if name.startswith("cifar"):
+                return np.asarray(resize(PIL.Image.fromarray(item)))
             try:
-                return np.asarray(resize(PIL.Image.fromarray(item) if name.startswith("cifar")
-                                         else open_rgb(item[0])))
+                return np.asarray(resize(open_rgb(item[0])))
             except Exception as e:
                 raise UserError(f"{item[0]} is not a readable image ({type(e).__name__}); delete "
                                 "or replace it and run again") from None
@@ -1009,7 +1010,8 @@ def folder_images(data_root, split, classes=None):
     if not samples:
         raise UserError(f"{folder} holds no images in class sub-folders; put them in "
                         f"{folder}/<class>/<image>")
-    if missing := [c for i, c in enumerate(classes) if i not in {j for _, j in samples}]:
+    present = {j for _, j in samples}  # once: a set per class would cost classes x images
+    if missing := [c for i, c in enumerate(classes) if i not in present]:
         print(f"note: {folder} holds no images of class(es) {', '.join(missing)}")
     return samples, classes
 

@@ -9,7 +9,6 @@ accuracy, attention and class separation along t. The findings are written in wo
 
     python train.py && python probe.py runs/shapes-drl && python analyze.py runs/shapes-drl
     python analyze.py runs/cifar10-vdrl --preset paper --device cuda   # the published MINE budget
-    python analyze.py --check-mine                                     # MINE against closed-form MI
 
 NMI is the published code's HEURISTIC: continuous codes have no finite entropy, so MINE's I(X;X)
 stands in for H(X); the diagonal is about 1 by construction and values compare only at one MINE
@@ -40,8 +39,6 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="run folder of train.py (holding ckpt.pt)")
-    p.add_argument("--check-mine", action="store_true", help="print MINE against the true MI of "
-                   "correlated Gaussians for several (d, rho), then exit")
     p.add_argument("--claims", nargs="+", metavar="RUN", help="judge the per-t MLP claims over "
                    "runs of one command with other --seed (probe.py run on each) by "
                    "docs/method.md's decision rules; writes results/claims.json")
@@ -69,22 +66,6 @@ def parse_args(argv):
                            "bound averages exp(T) over the batch's shuffled pairs, and a handful "
                            "of rows gives no estimate")
     return args, cfg
-
-def check_mine(cfg, device):
-    """MINE on x, y ~ N(0, I_d) with per-dimension correlation rho, against the true MI,
-    -(d/2) log(1 - rho^2), on `device`."""
-    print(f"{'d':>3} {'rho':>5} {'true MI':>8} {'MINE':>8} {'error':>7}   (nats; N=10000, "
-          f"{cfg['steps']} steps)")
-    # From independent (MI 0) to 1.66 nats: the DV bound sits below the truth, more so for large
-    # MI and small budgets.
-    for d, rho in ((1, 0.0), (1, 0.5), (1, 0.9), (2, 0.8), (4, 0.5), (8, 0.3), (4, 0.9)):
-        gen = torch.Generator().manual_seed(d * 100 + int(rho * 10))
-        x = torch.randn(10000, d, generator=gen)
-        y = rho * x + math.sqrt(1 - rho ** 2) * torch.randn(10000, d, generator=gen)
-        est = tr.mine(x.to(device), y.to(device), steps=cfg["steps"], lr=cfg["lr"],
-                      hidden=cfg["hidden"]).item()
-        true = tr.gaussian_mi(rho, d)
-        print(f"{d:>3} {rho:>5.2f} {true:>8.3f} {est:>8.3f} {est - true:>+7.3f}")
 
 def mine_curves(codes, cfg, device, run):
     """The trained and the random-init codes' curves (see mine_curve). The control's does not
@@ -328,16 +309,14 @@ def plot(result, title, probe_result, separation, out_dir):
         plt.close(fig)
 
 def main(argv=None):
-    """analyze.py: the MINE flags checked (or MINE checked against closed forms), the run's codes
-    read, NMI estimated for the trained and the random-init codes, the findings written in words,
-    nmi.json and the figures saved."""
+    """analyze.py: the MINE flags checked (or --claims judged), the run's codes read, NMI estimated
+    for the trained and the random-init codes, the findings written in words, nmi.json and the
+    figures saved."""
     args, cfg = parse_args(argv)
-    if args.check_mine:
-        return check_mine(cfg, tr.pick_device(args.device))
     if args.claims:
         return claims(args.claims)
     if not args.run:
-        raise tr.UserError("give a run folder (python analyze.py runs/shapes-drl) or --check-mine")
+        raise tr.UserError("give a run folder (python analyze.py runs/shapes-drl) or --claims")
     if cfg["num_times"] < 3:  # at 2 points lag 1 is lag T-1: the fall is 0 by construction
         raise tr.UserError("--num-times must be at least 3: the decay of NMI compares neighbours "
                            "(lag 1) with the ends of the curve (lag T-1)")

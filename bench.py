@@ -6,18 +6,15 @@
        work (analyze.py's `cpu` size), a ratio;
     3. seconds per probe of tr.probe_protocol at probe.py's `cpu` size (timed on 2 epochs, scaled):
        probe.py's minutes are about the probes it trains (seeds x learning rates per kind and
-       attribute) times that;
-    4. with --run RUN: the wall time of `python probe.py RUN` and `python analyze.py RUN`.
+       attribute) times that.
 
     python bench.py                        # on --device auto; a table, and results/bench.json
     python bench.py --quick                # 3 calls per timing, not 7: a smoke run
-    python bench.py --run runs/shapes-drl  # adds the wall times of probe.py and analyze.py
     python bench.py --device cuda          # on the GPU (train.py's --amp / --compile: not timed)"""
 import argparse
 import ast
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -97,21 +94,16 @@ def bench_probe(cfg, kind, d, device, repeat, epochs=2, T=11, K=10):
     return {k: v * cfg["epochs"] / epochs for k, v in s.items()}
 
 def main(argv=None):
-    """Checks (device, run, output folder); then measures, a row of the table at a time."""
+    """Checks (device, output folder); then measures, a row of the table at a time."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--quick", action="store_true", help="3 calls per timing (7 otherwise)")
-    p.add_argument("--run", help="also time probe.py and analyze.py on this run folder")
     p.add_argument("--out", default="results/bench.json", help="a .json file, or a folder for "
                    "bench.json (created if absent)")
     args = p.parse_args(argv)
     device = tr.pick_device(args.device)
-    # What the end needs is checked now, not after the work: the run and its data, the output.
-    config = tr.load_checkpoint(args.run)["config"] if args.run else dict(dataset="shapes")
-    if config["dataset"] != "shapes" and not os.path.isdir(config["data_root"]):
-        raise tr.UserError(f"the run's data root {config['data_root']} is not found from here; run "
-                           "bench.py from the folder train.py ran in")
+    # The output is checked now, not after the work.
     path = args.out if args.out.endswith(".json") else os.path.join(args.out, "bench.json")
     tr.check_writable(os.path.dirname(os.path.abspath(path)))  # creates the folder
     # The sizes: train.py's config of each preset (its DEFAULTS, then the preset) at 32x32 pixels
@@ -138,12 +130,6 @@ def main(argv=None):
         out[f"probe {kind}"] = r = bench_probe(probe_cfg, kind, d, device, repeat)
         row(f"probe {kind} (cpu protocol)", *cells(r, "s/probe"), f"{probe_cfg['epochs']} "
             f"epochs, {probe_cfg['max_train']} codes, width {probe_cfg['width']}")
-    for script in ("probe.py", "analyze.py") if args.run else ():
-        t0 = time.perf_counter()
-        rc = subprocess.run([sys.executable, os.path.join(HERE, script), args.run, "--device",
-                             str(device)], stdout=subprocess.DEVNULL).returncode
-        s = out[script] = dict(seconds=time.perf_counter() - t0, returncode=rc)
-        row(f"{script} {args.run}", f"{s['seconds'] / 60:.1f} min", "", f"exit status {rc}")
     tr.atomic_save(out, path)
     print(f"wrote {path}")
 

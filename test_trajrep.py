@@ -1389,9 +1389,9 @@ def test_dataloader_workers_give_the_same_run(tmp_path):
     assert not state_equal(a["model"], c["model"])
 
 def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
-    """2 ranks x 4 images == 1 process x 8 images: identical replicas, and the same weights as one
-    process with the same global batch (the noise of the global batch is drawn identically and
-    sliced per rank; DDP averages the gradients)."""
+    """2 ranks x 4 images == 1 process x 8 images: the same weights as one process with the same
+    global batch (the noise of the global batch is drawn identically and sliced per rank; DDP
+    averages the gradients)."""
     # the monitor at step 3, not a log step: every rank must still join that step's write
     common = [*TINY, "--encoder", "vdrl", "--steps", "4", "--ckpt-every", "4", "--log-every", "4",
               "--probe-every", "3"]
@@ -1401,8 +1401,6 @@ def test_two_gloo_ranks_agree_and_match_one_process(tmp_path):
                         str(tmp_path / "ddp")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    last = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")][-1]
-    assert last["world_size"] == 2 and last["replica_max_abs_diff"] == 0.0
     assert "global batch 8" in p.stdout and "shape" in p.stdout.split("step       3")[1]
     run_train(*common, "--out", str(tmp_path / "one"))
     a, b = tr.load_checkpoint(str(tmp_path / "ddp")), tr.load_checkpoint(str(tmp_path / "one"))
@@ -2081,19 +2079,13 @@ def test_unwritable_results_stop_probe_and_analyze_before_the_work(tiny_run, mon
     with pytest.raises(tr.UserError, match="is a link to .*gone, which does not exist"):
         analyze.main([run])
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_check_mine_refuses_a_device_this_machine_lacks():
-    import analyze
-    with pytest.raises(tr.UserError, match="not on this machine"):
-        analyze.main(["--check-mine", "--device", "cuda", "--steps", "1"])
-
 # ------------------------------------------------------------------------------------------------
 # bench.py
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def moved_data_run(tmp_path_factory):
-    """A run whose relative data root does not resolve from the tests' folder."""
+    """A run folder holding a checkpoint, which bench.py's --out must never write over."""
     run = tmp_path_factory.mktemp("moved") / "run"
     os.makedirs(run)
     ckpt = dict(kind=tr.CHECKPOINT_KIND, config=dict(dataset="folder", data_root="gone/imgs"),
@@ -2101,9 +2093,7 @@ def moved_data_run(tmp_path_factory):
     torch.save(ckpt, run / "ckpt.pt")
     return str(run)
 
-@pytest.mark.parametrize("argv,match", [(["--run", "/nonexistent/run"], "error: no checkpoint at"),
-                                        (["--device", "tpu"], "error: unknown device"),
-                                        (["--run", "MOVED"], "data root gone/imgs is not found"),
+@pytest.mark.parametrize("argv,match", [(["--device", "tpu"], "error: unknown device"),
                                         (["--out", "MOVED/ckpt.pt"], "cannot write to .*ckpt.pt")])
 def test_bench_checks_its_arguments_before_measuring(argv, match, moved_data_run):
     argv = [a.replace("MOVED", moved_data_run) for a in argv]

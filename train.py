@@ -276,22 +276,21 @@ def train(resume, cfg, given):
             "--preset cpu --image-size 32")
     # The run's state, filled in by the phases below and written by save_run.
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, log=log, step=0)
-    data, sampler = load_data(run, ckpt)
+    data, sampler = load_data(run)
     build_model(run, ckpt, in_channels=data[0][0].shape[0])
     count = lambda module: sum(p.numel() for p in module.parameters())
     log(f"parameters: encoder {count(run.model.encoder):,}, score {count(run.model.score):,}; "
         f"{world} rank(s) x {cfg['batch_size'] // world} = global batch {cfg['batch_size']} on "
         f"{device}")
     train_loop(run, data, sampler)
-    if world > 1:  # DDP replicas must hold the same weights (see compare_replicas)
-        compare_replicas(run)
+    if world > 1:
         dist.destroy_process_group()
     log(f"done: {run.step} steps in {(time.time() - run.t_start) / 60:.1f} min; checkpoint "
         f"{cfg['out']}/ckpt.pt")
 
-def load_data(run, ckpt):
+def load_data(run):
     """The training split and its sampler: a seeded DistributedSampler deals each rank its shard,
-    epoch by epoch. Sets run.data_key. Returns (data, sampler)."""
+    epoch by epoch. Returns (data, sampler)."""
     cfg, world = run.cfg, run.world
     data = tr.run_datasets(cfg, splits=("train",), check=False)["train"]  # checked below
     # drop_last: every rank has as many batches, so no rank waits for one that is never sent
@@ -302,18 +301,15 @@ def load_data(run, ckpt):
                            f"{cfg['batch_size']}; pass --batch-size "
                            f"{max(world, len(data) // world * world)} or less, or use more images")
     # Which images these are, and the names of their classes (an image folder's class index means
-    # the same class in every later script), saved with every checkpoint.
-    run.data_key = cfg["data_key"] = tr.dataset_key(data)
-    cfg["classes"] = data.classes
-    if ckpt and ckpt.get("data_key", run.data_key) != run.data_key and not cfg["allow_new_data"]:
+    # the same class in every later script), in the config of every checkpoint. A resumed run
+    # checks the key it was trained with (as probe.py and analyze.py do, by tr.run_datasets).
+    key = tr.dataset_key(data)
+    if cfg["data_key"] not in (None, key) and not cfg["allow_new_data"]:
         raise tr.UserError(f"the images at {cfg['data_root']} are not those {cfg['out']}/ckpt.pt "
                            "was trained on; give the run's --data-root, or add --allow-new-data "
                            "to continue on these")
-    if run.rank == 0 and ckpt is None:  # Song & Ermon: sigma_max about the largest distance
-        sample = torch.stack([data[i][0] for i in range(min(500, len(data)))])  # (n, C, H, W)
-        run.log(f"data: {len(data)} images of {tuple(sample.shape[1:])}; largest pairwise distance "
-                f"in {len(sample)} of them {tr.max_pairwise_distance(sample):.1f} (Song & Ermon: "
-                f"sigma_max about that; it is {cfg['sigma_max']})")
+    cfg["data_key"], cfg["classes"] = key, data.classes
+    run.log(f"data: {len(data)} images of {tuple(data[0][0].shape)}")
     return data, sampler
 
 def build_model(run, ckpt, in_channels):
@@ -505,21 +501,7 @@ def save_run(run):
         tr.save_checkpoint(os.path.join(run.cfg["out"], "ckpt.pt"), config=run.cfg,
                            model_kwargs=run.kwargs, step=run.step, model=run.model.state_dict(),
                            ema=run.ema.state_dict(), optimizer=run.opt.state_dict(),
-                           rng=dict(noise=run.noise_gen.get_state(), ranks=rngs),
-                           data_key=run.data_key)
-
-def compare_replicas(run):
-    """The largest difference between the ranks' weights, in the log and metrics.jsonl: replicas
-    that start equal stay equal under DDP, unless a rank saw other data or randomness."""
-    flat = torch.cat([p.detach().flatten() for p in run.model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(run.world)]
-    dist.all_gather(gathered, flat)
-    diff = max((g - gathered[0]).abs().max().item() for g in gathered)
-    run.log(f"replicas: max |difference| of weights across {run.world} ranks = {diff}")
-    if run.rank == 0:
-        with open(os.path.join(run.cfg["out"], "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(dict(step=run.step, replica_max_abs_diff=diff,
-                                    world_size=run.world)) + "\n")
+                           rng=dict(noise=run.noise_gen.get_state(), ranks=rngs))
 
 def stop(signum, frame):  # SIGTERM (kill, a scheduler's time limit) ends the run as Ctrl-C does
     raise KeyboardInterrupt

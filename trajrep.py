@@ -1034,12 +1034,6 @@ def dataset_key(dataset):
     h.update(np.ascontiguousarray(dataset.images).tobytes())
     return h.hexdigest()[:12]
 
-def max_pairwise_distance(x):
-    """Largest Euclidean distance between two rows of x (N, ...): Song & Ermon's guide for
-    sigma_max."""
-    flat = x.flatten(1).double()  # (N, C*H*W)
-    return torch.cdist(flat, flat).max().item()
-
 def int_list(value):
     """'16,32,64' or [16, 32, 64] -> (16, 32, 64): a config's list of ints (argparse type too)."""
     return tuple(int(v) for v in (value.split(",") if isinstance(value, str) else value)
@@ -1246,6 +1240,8 @@ def load_checkpoint(path, map_location="cpu", resumable=False):
     if bad := [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]:
         raise UserError(f"{path} holds non-finite weights ({', '.join(bad[:3])}): it is damaged; "
                         "retrain, or resume from an intact copy")
+    if ckpt["config"].get("data_key") is None:  # older files keep the images' key beside it
+        ckpt["config"]["data_key"] = ckpt.pop("data_key", None)
     return ckpt
 
 def save_checkpoint(path, **contents):
@@ -1262,7 +1258,7 @@ def save_checkpoint(path, **contents):
                         "space or choose another run folder, then resume") from None
 
 def export_weights(run, path, made_by):
-    """Writes a run's EMA weights alone (with config, step, data key and made_by, the command that
+    """Writes a run's EMA weights alone (with config, step and made_by, the command that
     trained it) to `path`: a quarter of a checkpoint, for reading the run, not resuming it. As
     <folder>/ckpt.pt it is a run for probe.py and analyze.py; never over the checkpoint it reads."""
     source = os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
@@ -1271,8 +1267,7 @@ def export_weights(run, path, made_by):
                         "would lose the run's optimiser and random state: give another path")
     ckpt = load_checkpoint(run)
     weights = dict(kind=WEIGHTS_KIND, config=ckpt["config"], model_kwargs=ckpt["model_kwargs"],
-                   step=ckpt["step"], ema=ckpt["ema"], data_key=ckpt.get("data_key"),
-                   made_by=str(made_by))
+                   step=ckpt["step"], ema=ckpt["ema"], made_by=str(made_by))
     atomic_save(dict(weights, checksum=checksum(weights)), path)
 
 def claim_run_folder(out):

@@ -39,9 +39,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="run folder of train.py (holding ckpt.pt)")
-    p.add_argument("--claims", nargs="+", metavar="RUN", help="judge the per-t MLP claims over "
-                   "runs of one command with other --seed (probe.py run on each) by "
-                   "docs/method.md's decision rules; writes results/claims.json")
+    p.add_argument("--claims", nargs="+", metavar="RUN", help="judge the MLP claims over runs "
+                   "of one command with other --seed (probe.py --probes mlp run on each) by "
+                   "docs/method.md's decision rules; writes docs/claims.json")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or "
                    "paper: the MINE flags below default to its values")
     for key, kind, text in (("steps", int, "MINE training steps"),
@@ -116,6 +116,8 @@ T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)  # 
 def learnt(run):
     """Rule 1: whether the training monitor's best-t accuracy on the first attribute (shape, on
     `shapes`) moved by less than 3 points over the run's last 3000 steps."""
+    if not os.path.exists(os.path.join(run, "metrics.jsonl")):
+        raise tr.UserError(f"{run} holds no metrics.jsonl: give runs of train.py")
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     # (step, the first attribute's accuracy at its best t) of every readout of the monitor
     best = [(r["step"], max(next(iter(r["readout"].values())))) for r in rows if "readout" in r]
@@ -123,21 +125,35 @@ def learnt(run):
     return bool(before) and abs(best[-1][1] - before[-1]) < 0.03, [a for _, a in best]
 
 def paired_t(d):
-    """Rules 2-3: the one-sided paired t-test over encoders of differences d (n,): (verdict, t,
-    the 95% critical value)."""
-    n = len(d)  # sample std (ddof = 1); equal differences, or one encoder, prove nothing
+    """Rules 2-3: the one-sided paired t over encoders of differences d (n,): (t, the 95% critical
+    value). Equal differences, or one encoder, prove nothing (t = 0, critical inf)."""
+    n = len(d)  # sample std (ddof = 1)
     t = (d.mean() / (d.std() / math.sqrt(n))).item() if n > 1 and d.std() > 0 else 0.0
-    crit = T95[min(n - 1, len(T95)) - 1] if n > 1 else math.inf  # beyond 11 encoders: df 10's
-    return "supported" if t > crit else "not supported" if -t > crit else "inconclusive", t, crit
+    return t, T95[min(n - 1, len(T95)) - 1] if n > 1 else math.inf  # beyond 11 encoders: df 10's
 
-def claims(runs, out="results/claims.json"):
-    """The per-t MLP claims over runs of one command with other seeds (probe.py run on each), by
-    docs/method.md's decision rules: per attribute, the trained encoder's best single-t MLP against
-    its random-init control and the pixel MLP, and where it is read best."""
+def paired_bootstrap(diffs, resamples=2000, seed=0):
+    """Rule 5: diffs, per encoder the per-image differences d (N_e,) of two probes' seed-averaged
+    correctness. Returns D, the mean over encoders of their mean d, and the 2.5 and 97.5
+    percentiles of D over resamples of each encoder's test images."""
+    gen = torch.Generator().manual_seed(seed)
+    boot = torch.stack([d[torch.randint(len(d), (resamples, len(d)), generator=gen)].mean(1)
+                        for d in diffs]).mean(0)  # (resamples,)
+    interval = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype))
+    return torch.stack([d.mean() for d in diffs]).mean().item(), interval.tolist()
+
+# The claims of rules 2, 3 and 6 per attribute: (rule, probe A, its key, control B, B's keys).
+MLP, CAT = "the trained encoder's best single-t MLP", "the MLP on the concatenated curve"
+PAIRS = [(2, MLP, "best_mlp", "the random-init encoder's", ("init", "best_mlp")),
+         (3, MLP, "best_mlp", "an MLP on the raw pixels", ("pixels",)),
+         (6, CAT, "concat", "the same MLP on its constant curve", ("concat_const",)),
+         ("6, beside", CAT, "concat", "the best single-t MLP", ("best_mlp",))]
+
+def claims(runs, out="docs/claims.json"):
+    """The MLP claims over runs of one command with other seeds (probe.py --probes mlp run on each),
+    by docs/method.md's decision rules 1-6: per attribute, each pair of PAIRS by the paired t over
+    encoders and the paired bootstrap over test images, and where the attribute is read best."""
     tables = {}  # run -> its table per attribute, for the learnt runs only
     for run in runs:
-        if not os.path.exists(os.path.join(run, "metrics.jsonl")):
-            raise tr.UserError(f"{run} holds no metrics.jsonl: give runs of train.py")
         ok, monitor = learnt(run)
         print(f"{run}: {'learnt' if ok else 'still learning, not read'} (monitor's last "
               f"readouts {', '.join(f'{a:.2f}' for a in monitor[-4:])})")
@@ -148,27 +164,48 @@ def claims(runs, out="results/claims.json"):
                                "on it first")
         if ok:
             tables[run] = json.load(open(found[0]))["targets"]
+    # per test image, the fraction of a row's probe seeds that get it right (N,)
+    right = lambda row: torch.tensor([[c == "1" for c in s] for s in row["correct"]],
+                                     dtype=torch.float64).mean(0)
+    get = lambda table, keys: table[keys[0]] if len(keys) == 1 else table[keys[0]][keys[1]]
     verdicts = []  # one dict per claim: the rows of claims.json
     for name in next(iter(tables.values())) if tables else {}:
         outs = [t[name] for t in tables.values()]  # this attribute's table of each encoder
-        for control, key in (("random-init encoder", "init"), ("MLP on raw pixels", "pixels")):
-            d = torch.tensor([o["best_mlp"]["mean"] - (o[key].get("best_mlp") or o[key])["mean"]
-                              for o in outs], dtype=torch.float64)  # (n,)
-            verdict, t, crit = paired_t(d)
-            verdicts.append(dict(claim=f"{name}: the trained encoder beats the {control}",
-                                 verdict=verdict, test="one-sided paired t over encoders",
-                                 statistic=t, critical=crit, n_encoders=len(d), d=d.tolist()))
+        for rule, a_name, a, b_name, b in PAIRS:
+            if any(a not in o or b[0] not in o for o in outs):  # a table without these probes
+                continue
+            d = torch.tensor([o[a]["mean"] - get(o, b)["mean"] for o in outs], dtype=torch.float64)
+            t, crit = paired_t(d)  # over encoders (n,)
+            big, interval = paired_bootstrap([right(o[a]) - right(get(o, b)) for o in outs])
+            verdict = ("supported" if t > crit and interval[0] > 0 else "not supported"
+                       if -t > crit and interval[1] < 0 else "inconclusive")
+            verdicts.append(dict(
+                claim=f"{name}: {a_name} beats {b_name}", verdict=verdict, rule=rule,
+                test="one-sided paired t over encoders, and the paired bootstrap over test images "
+                "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
+                D=big, interval=interval, n_encoders=len(d), control=b_name,
+                n_seeds=min(len(get(o, k)["correct"]) for o in outs for k in ((a,), b))))
         best = sorted(round(o["best_t"], 2) for o in outs)  # each encoder's, chosen on validation
         median = (best[(len(best) - 1) // 2] + best[len(best) // 2]) / 2
-        verdicts.append(dict(claim=f"{name}: where it is read best", best_t=best,
+        verdicts.append(dict(claim=f"{name}: where it is read best", rule=4, best_t=best,
                              n_encoders=len(best), median=median, verdict="consistent" if all(
                                  abs(b - median) <= 0.2 + 1e-9 for b in best) else "varies"))
-    for v in verdicts:
-        print(f"  {v['claim']}: {v['verdict']}" + (f" (t = {v['statistic']:.2f}, critical "
-              f"{v['critical']:.2f}, n = {v['n_encoders']})" if "d" in v else
-              f" (best t {v['best_t']}, n = {v['n_encoders']})"))
-    tr.atomic_save(dict(runs=list(runs), learnt=list(tables), claims=verdicts), out)
+    result = dict(runs=list(runs), learnt=list(tables), claims=verdicts,
+                  command="python analyze.py --claims " + " ".join(runs))
+    print(claims_text(result))
+    tr.atomic_save(result, out)
     print(f"wrote {out}")
+
+def claims_text(result):
+    """The claims in words, one line each, from claims.json: what the README prints."""
+    lines = [f"Over {len(result['learnt'])} encoders ({', '.join(result['learnt'])}; the runs "
+             f"still learning are not read), by the decision rules of docs/method.md:"]
+    for c in result["claims"]:
+        lines.append(f"- {c['claim']}: **{c['verdict']}** " + (
+            f"(t = {c['statistic']:.2f}, critical {c['critical']:.2f}; {100 * c['D']:+.1f} points, "
+            f"95% interval {100 * c['interval'][0]:+.1f} to {100 * c['interval'][1]:+.1f}; "
+            f"{c['n_seeds']} probe seeds)" if "D" in c else f"(best t {c['best_t']})"))
+    return "\n".join(lines)
 
 # ---- NMI, its lag profile, and the findings in words ----
 
@@ -326,12 +363,9 @@ def main(argv=None):
                                                                 "attention.png", "attributes.png")])
     # Where probe.py has run on this grid: its attention (Figure 3) and the eq. 5 profile. Read
     # before the codes and MINE's minutes: an unreadable file stops the run before them.
-    path, probe_result = os.path.join(out_dir, "probe.json"), None
+    path = os.path.join(out_dir, "probe.json")
     try:
-        with open(path) as f:
-            probe_result = json.load(f)
-    except FileNotFoundError:
-        pass
+        probe_result = json.load(open(path)) if os.path.exists(path) else None
     except ValueError:
         raise tr.UserError(f"{path} is not readable JSON (cut short?); run probe.py again or "
                            "delete it") from None
@@ -349,9 +383,8 @@ def main(argv=None):
     separation, (x, labels) = {}, (codes["trained"]["codes"], codes["trained"]["labels"])
     for name in (probe_result or {}).get("targets", {}):
         p = tr.separation_profile(x, labels[:, data.attributes.index(name)])
-        separation[name] = dict(ratio=p["ratio"].tolist(), between=p["between"].tolist(),
-                                within=p["within"].tolist(),
-                                argsup_fraction=p["argsup_hist"].tolist())
+        separation[name] = {k: p[k].tolist() for k in ("ratio", "between", "within")}
+        separation[name]["argsup_fraction"] = p["argsup_hist"].tolist()
     result = summarise(args.run, step, times, cfg, curves, probe_result, separation)
     result["wall_time_s"] = time.time() - t_start
     tr.atomic_save(result, os.path.join(out_dir, "nmi.json"))

@@ -5,13 +5,14 @@ For a run of train.py: encodes the train and test splits on the paper's grid of 
 <run>/cache), then trains with the paper's protocol (trajrep.probe_protocol):
     - an MLP on each single time point; a GRU and a Transformer on the whole curve (section 3.1;
       the Transformer's attention over t, Figure 3, is saved for analyze.py),
-    - controls the paper lacks: MLPs on the T codes concatenated and on their mean, and the GRU /
-      Transformer on a CONSTANT curve (the best single-t code repeated): only a gain over these is
-      a gain of the curve,
+    - an MLP on the T codes concatenated, and controls the paper lacks: an MLP on their mean, and
+      the concatenated MLP, GRU and Transformer on a CONSTANT curve (the best single-t code
+      repeated): only a gain over these is a gain of the curve,
     - a grid-free Transformer on the VALUE of t, tested on grids it never saw (the paper's closing
       question),
     - the SAME probes on the encoder at its random initialisation, and an MLP on the raw pixels.
-`--probes mlp` runs only the per-t MLPs and their controls: the quick table of an ablation.
+`--probes mlp` runs only the MLPs (per t, concatenated, on the constant curve) and their controls:
+the quick table of an ablation, and what analyze.py --claims reads.
 
     python train.py && python probe.py runs/shapes-drl               # CPU default, every attribute
     python probe.py runs/shapes-drl --target shape                    # one attribute of `shapes`
@@ -40,7 +41,8 @@ PRESETS = {
 FINE_STEP = 0.05
 # The table's rows after the per-t MLPs: key in probe.json, label, and for a probe of the whole
 # curve its line in Figure 1 (colour, style).
-ROWS = [("concat", "MLP on concatenated curve (ctrl)", "tab:green", "--"),
+ROWS = [("concat", "MLP on concatenated curve", "tab:green", "-"),
+        ("concat_const", "  MLP on constant curve, concatenated", "tab:green", ":"),
         ("mean", "MLP on mean over t (ctrl)", None, None), ("gru", "GRU", "tab:blue", "-"),
         ("gru_const", "  GRU on constant curve (ctrl)", "tab:blue", ":"),
         ("transformer", "Transformer", "tab:red", "-"),
@@ -66,7 +68,7 @@ def parse_args(argv):
                    "--num-times, e.g. 0,0.25,0.5,0.75,1")
     p.add_argument("--no-continuous", action="store_true", help="skip the grid-free probe")
     p.add_argument("--probes", choices=["all", "mlp"], default="all", help="all (default) or mlp: "
-                   "only the per-t MLPs and their random-init and pixel controls")
+                   "only the MLPs (per t, concatenated) and their controls")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or "
                    "paper: the protocol flags below default to its values")
     show = lambda v: ",".join(f"{x:g}" for x in v) if isinstance(v, list) else v
@@ -129,10 +131,12 @@ def encode(args, cfg, splits, encoders, step, times, device):
 fmt = lambda r, i=None: "{:5.1f} ± {:4.1f}".format(
     *(100 * (r[k] if i is None else r[k][i]) for k in ("mean", "std")))
 
-def summary(res):
-    """Mean, spread, per-seed accuracies and chosen lrs of readout 0."""
-    return dict(mean=res["test_mean"][0].item(), std=res["test_std"][0].item(),
-                seeds=res["tests"][:, 0].tolist(), lrs=res["lrs"][:, 0].tolist())
+def summary(res, r=0):
+    """Readout r's mean, spread, per-seed accuracies and chosen lrs, and per seed which test images
+    it gets right ('1') or wrong ('0'), for tests paired image by image (analyze.py --claims)."""
+    right = ["".join("01"[int(c)] for c in seed.tolist()) for seed in res["correct"][:, :, r]]
+    return dict(mean=res["test_mean"][r].item(), std=res["test_std"][r].item(), correct=right,
+                seeds=res["tests"][:, r].tolist(), lrs=res["lrs"][:, r].tolist())
 
 def verdict(name, a, b, b_name, chance):
     """One plain sentence: does probe `a` beat `b` by more than their seed spread (added in
@@ -156,12 +160,13 @@ def verdicts(out):
     ours, const = "the trained encoder's best single-t MLP", "its constant-curve control"
     rows = [(f"{ours} (t={out['best_t']:.2f})", "best_mlp", init["best_mlp"],
              f"the random-init encoder's (t={init['best_t']:.2f})"),
-            (ours, "best_mlp", out["pixels"], "an MLP on the raw pixels")]
+            (ours, "best_mlp", out["pixels"], "an MLP on the raw pixels"),
+            ("MLP on the concatenated curve", "concat", best, mlp),
+            ("MLP on the concatenated curve", "concat", out["concat_const"], const)]
     if "gru" in out:  # the whole protocol ran
         rows += [("GRU", "gru", best, f"{mlp} (t={out['best_t']:.2f})"),
                  ("Transformer", "transformer", best, mlp), ("GRU", "gru", out["gru_const"], const),
                  ("Transformer", "transformer", out["transformer_const"], const),
-                 ("MLP on the concatenated curve", "concat", best, mlp),
                  ("Transformer", "transformer", init["transformer"],
                   "the same probe at random init")]
     if "continuous" in out:
@@ -171,7 +176,8 @@ def verdicts(out):
 
 def constant_curve(codes, best):
     """The constant-curve control: the best single-t code (index best, chosen on validation)
-    repeated at all T points. Same probe, same capacity, no trajectory. (N, T, D) -> (N, T, D)."""
+    repeated at all T points. Same probe, same capacity (an MLP's first layer as wide, taking as
+    many Adam steps), no trajectory. (N, T, D) -> (N, T, D)."""
     return codes[:, best:best + 1].expand_as(codes)
 
 def continuous_on_grid(res, codes, labels, times):
@@ -180,7 +186,7 @@ def continuous_on_grid(res, codes, labels, times):
     mean, std = res["standardiser"]  # the training codes' statistics, pooled over t
     accs, atts = zip(*(tr.evaluate_probe(p, (codes - mean) / std, labels, times)
                        for p in res["chosen_probes"]))
-    accs = torch.stack(accs)[:, 0]  # (S,)
+    accs = torch.stack([c[:, 0].float().mean() for c in accs])  # (S,)
     density = torch.stack([tr.attention_density(att, times) for att in atts]).mean(0)  # (T',)
     return dict(mean=accs.mean().item(), std=accs.std(unbiased=False).item(), seeds=accs.tolist(),
                 times=times.tolist(), density=density.tolist())
@@ -219,7 +225,7 @@ def probe_target(a, name, k, data, cfg, log):
                                            times, tag, cfg)
     out.update(rows(grid, ""))
     protocol = [cfg[k] for k in ("epochs", "lrs", "seeds", "mlp_seeds", "width", "batch_size",
-                                 "probes")]
+                                 "probes")] + [[row[0] for row in ROWS]]  # and the rows it holds
     control = lambda name, inputs, compute: tr.cached_result(
         data["run"], f"control-{name}", [*inputs, y_tr, y_te], protocol, compute, log)
     init, pixels = data["init"], data["pixels"]
@@ -240,18 +246,20 @@ def probe_target(a, name, k, data, cfg, log):
 
 def encoder_rows(run, x_tr, x_te, times, tag, cfg):
     """One encoder's rows from its codes x_tr (N, T, D) and x_te: the per-t MLPs (the best t chosen
-    on VALIDATION), then the curve read whole: MLPs on the concatenated and the mean codes
-    (controls), the GRU and the Transformer on the curve and on its constant-curve control."""
+    on VALIDATION), then the curve read whole: an MLP on the concatenated codes and on its
+    constant curve (control); with every probe, an MLP on the mean codes (control), the GRU and the
+    Transformer on the curve and on its constant curve."""
     mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"], "mlp" + tag)  # R = T readouts
     b = int(mlp["val_mean"].argmax())  # the best single t, on validation
     out = dict(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
                         val_mean=mlp["val_mean"].tolist(), lrs=mlp["lrs"].tolist()),
-               best_t_index=b, best_t=times[b].item(),
-               best_mlp=dict(mean=mlp["test_mean"][b].item(), std=mlp["test_std"][b].item()))
+               best_t_index=b, best_t=times[b].item(), best_mlp=summary(mlp, b))
+    out["concat"] = summary(run("concat", x_tr, x_te, cfg["mlp_seeds"], "concat" + tag))
+    out["concat_const"] = summary(run("concat", constant_curve(x_tr, b), constant_curve(x_te, b),
+                                      cfg["mlp_seeds"], "concat on the constant curve" + tag))
     if cfg["probes"] != "all":  # --probes mlp, the quick table of an ablation, stops here
         return out
-    for kind in ("concat", "mean"):
-        out[kind] = summary(run(kind, x_tr, x_te, cfg["mlp_seeds"], kind + tag))
+    out["mean"] = summary(run("mean", x_tr, x_te, cfg["mlp_seeds"], "mean" + tag))
     for kind in ("gru", "transformer"):  # the curve, then its constant-curve control
         res = run(kind, x_tr, x_te, cfg["seeds"], kind + tag)
         out[kind] = summary(res)

@@ -446,7 +446,8 @@ def loop_protocol(kind, xtr, ytr, xte, yte, k, lrs, seeds, epochs, width, batch_
             )
             v, te, att = r["val"], r["test"], r["attention"]
             if best is None:
-                best = dict(val=v, test=te, lr=torch.full_like(v, lr), att=att)
+                best = dict(val=v, test=te, lr=torch.full_like(v, lr), att=att,
+                            correct=r["correct"])
                 continue
             better = v > best["val"]  # strict: the first lr wins ties
             best = dict(
@@ -454,6 +455,7 @@ def loop_protocol(kind, xtr, ytr, xte, yte, k, lrs, seeds, epochs, width, batch_
                 test=torch.where(better, te, best["test"]),
                 lr=torch.where(better, torch.full_like(v, lr), best["lr"]),
                 att=att if better[0] else best["att"],
+                correct=torch.where(better, r["correct"], best["correct"]),  # (N_test, R)
             )
         out.append(best)
     return out
@@ -468,9 +470,11 @@ def test_train_probe_keeps_each_readouts_test_accuracy_at_its_own_best_validatio
     val = [[0.5, 0.6], [0.7, 0.6], [0.7, 0.9]]
     test = [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
     script, weights = [], []  # the evaluations to return; the weights at each validation
+    # an accuracy a as which of 10 examples are right: the first 10 a
+    right = lambda accs: torch.stack([torch.arange(10) < round(10 * a) for a in accs], 1)  # (10, R)
     for epoch, (v, t) in enumerate(zip(val, test)):
         attention = torch.full((3,), float(epoch))  # the epoch, to see whose attention is kept
-        script += [(torch.tensor(v), attention), (torch.tensor(t), attention)]
+        script += [(right(v), attention), (right(t), attention)]
 
     def scripted(probe, *args, **kwargs):
         if len(script) % 2 == 0:  # a validation call: the end of an epoch's training
@@ -483,6 +487,7 @@ def test_train_probe_keeps_each_readouts_test_accuracy_at_its_own_best_validatio
     assert not script and len(weights) == 3  # 3 epochs x (validation, test)
     assert torch.equal(res["epoch"], torch.tensor([1, 2]))
     assert torch.allclose(res["test"], torch.tensor([0.3, 0.6]))
+    assert torch.equal(res["correct"], right(test[1][:1] + test[2][1:]))  # each its own epoch's
     assert torch.equal(res["attention"], torch.full((3,), 1.0))  # epoch 1's
     assert state_equal(res["state"], weights[1]) and not state_equal(res["state"], weights[2])
 
@@ -519,6 +524,7 @@ def test_probe_protocol_equals_a_hand_written_loop_of_train_probe(kind):
         for s, r in enumerate(ref):
             assert torch.equal(r["lr"], res["lrs"][s]), (kind, v, s)
             assert torch.allclose(r["test"], res["tests"][s], atol=1e-6), (kind, v, s)
+            assert torch.equal(r["correct"], res["correct"][s]), (kind, v, s)  # image by image
         if kind in ("transformer", "continuous"):
             assert torch.allclose(torch.stack([r["att"] for r in ref]).mean(0), res["attention"],
                                   atol=1e-5)
@@ -691,8 +697,8 @@ def test_grid_free_probe_finds_a_narrow_band_from_unseen_grids():
     accs = {}
     for name, t in (("5", tr.paper_times(5)), ("11", tr.paper_times(11)), ("51", eval_t),
                     ("random", torch.rand(30, generator=gen).sort().values)):
-        acc, att = tr.evaluate_probe(model, (test.at(t) - mean) / std, test.y, times=t)
-        accs[name] = acc[0].item()
+        correct, att = tr.evaluate_probe(model, (test.at(t) - mean) / std, test.y, times=t)
+        accs[name] = correct[:, 0].float().mean().item()
         if name == "51":
             dens = tr.attention_density(att, t)
             assert 0.3 <= t[dens.argmax()] <= 0.4  # the attention density peaks inside the band
@@ -1771,42 +1777,65 @@ def test_analyze_findings_follow_the_numbers():
 def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypatch):
     """analyze.py --claims: a run whose monitor still moved by 3 points or more over its last 3000
     steps is left out; each claim's t is the paired t of the differences over the learnt runs,
-    computed here by hand, and its verdict the fixed 95% rule."""
+    computed here by hand; its interval is the paired bootstrap over the test images (its width
+    against the normal approximation); and the verdict needs both (rules 2, 5 and 6)."""
     import analyze
     monkeypatch.chdir(tmp_path)
-    tables = {"a": (0.85, 0.30, 0.35, 0.8, 0.30, 0.28, 0.40, 0.0, 0.84),
-              "b": (0.80, 0.28, 0.40, 0.7, 0.26, 0.27, 0.41, 0.5, 0.85),
-              "c": (0.90, 0.31, 0.33, 0.9, 0.29, 0.27, 0.42, 1.0, 0.86),
-              "late": (0.99, 0.10, 0.10, 0.0, 0.99, 0.10, 0.10, 0.0, 0.70)}  # still learning
-    for run, (s, s_init, s_pix, s_t, x, x_init, x_pix, x_t, monitor_then) in tables.items():
+    n = 1000  # test images per encoder, 2 probe seeds that agree
+
+    def row(acc, start=0):  # right on the images start, ..., start + acc n - 1
+        bits = "0" * start + "1" * round(acc * n)
+        return dict(mean=acc, correct=[bits + "0" * (n - len(bits))] * 2)
+    # per run: shape (best MLP, init, pixels, best t, concat, concat on the constant curve),
+    # texture (best MLP, init, pixels, best t), the monitor 3000 steps before the end
+    tables = {"a": ((.85, .30, .35, .8, .500, .490), (.30, .28, .40, 0.0), .84),
+              "b": ((.80, .28, .40, .7, .512, .500), (.26, .27, .41, 0.5), .85),
+              "c": ((.90, .31, .33, .9, .505, .494), (.29, .27, .42, 1.0), .86),
+              "late": ((.99, .10, .10, 0., .99, .10), (.99, .10, .10, 0.0), .70)}  # learning
+    for run, ((s, s_init, s_pix, s_t, cat, const), (x, x_init, x_pix, x_t), then) in tables.items():
         os.makedirs(tmp_path / run / "results")
         with open(tmp_path / run / "metrics.jsonl", "w") as f:
-            for step, acc in ((8000, 0.5), (9000, monitor_then), (11000, 0.86), (12000, 0.86)):
+            for step, acc in ((8000, 0.5), (9000, then), (11000, 0.86), (12000, 0.86)):
                 f.write(json.dumps(dict(step=step, readout=dict(shape=[acc - 0.1, acc]))) + "\n")
-        target = lambda m, i, p, t: dict(best_mlp=dict(mean=m), init=dict(best_mlp=dict(mean=i)),
-                                         pixels=dict(mean=p), best_t=t)
-        json.dump(dict(targets=dict(shape=target(s, s_init, s_pix, s_t),
-                                    texture=target(x, x_init, x_pix, x_t))),
+        target = lambda m, i, p, t: dict(best_mlp=row(m), init=dict(best_mlp=row(i)),
+                                         pixels=row(p), best_t=t)
+        shape = dict(target(s, s_init, s_pix, s_t), concat=row(cat),
+                     concat_const=row(const, start=250))  # 490 images differ: a wide interval
+        json.dump(dict(targets=dict(shape=shape, texture=target(x, x_init, x_pix, x_t))),
                   open(tmp_path / run / "results" / "probe_mlp.json", "w"))
     analyze.main(["--claims", "a", "b", "c", "late"])
-    out = json.load(open(tmp_path / "results" / "claims.json"))
+    out = json.load(open(tmp_path / "docs" / "claims.json"))
     assert out["learnt"] == ["a", "b", "c"]
     got = {c["claim"]: c for c in out["claims"]}
 
     def t_by_hand(d):
         d = np.array(d)
         return d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    beats = lambda name, a, b: f"{name}: the {a} beats {b}"
+    best, cat = "trained encoder's best single-t MLP", "MLP on the concatenated curve"
     for claim, d, verdict in (
-            ("shape: the trained encoder beats the random-init encoder", [.55, .52, .59],
-             "supported"),
-            ("texture: the trained encoder beats the random-init encoder", [.02, -.01, .02],
+            (beats("shape", best, "the random-init encoder's"), [.55, .52, .59], "supported"),
+            (beats("texture", best, "the random-init encoder's"), [.02, -.01, .02],
              "inconclusive"),
-            ("texture: the trained encoder beats the MLP on raw pixels", [-.10, -.15, -.13],
-             "not supported")):
-        assert got[claim]["statistic"] == pytest.approx(t_by_hand(d), rel=1e-6), claim
-        assert got[claim]["verdict"] == verdict and got[claim]["critical"] == 2.920, claim
+            (beats("texture", best, "an MLP on the raw pixels"), [-.10, -.15, -.13],
+             "not supported"),
+            # t = 19 says supported; 490 discordant images of 1000 put 0 inside the interval
+            (beats("shape", cat, "the same MLP on its constant curve"), [.010, .012, .011],
+             "inconclusive")):
+        c = got[claim]
+        assert c["statistic"] == pytest.approx(t_by_hand(d), rel=1e-6), claim
+        assert c["D"] == pytest.approx(np.mean(d), abs=1e-9), claim
+        assert c["verdict"] == verdict and c["critical"] == 2.920 and c["n_seeds"] == 2, claim
+    # the interval's half-width against the normal approximation 1.96 sqrt(sum_e var_e / N) / E
+    for claim, var in ((beats("shape", best, "the random-init encoder's"), lambda d: d * (1 - d)),
+                       (beats("shape", cat, "the same MLP on its constant curve"),
+                        lambda d: (0.5 - d) - d ** 2)):  # 0.5 - d of the images differ, +-1
+        c = got[claim]
+        normal = 1.96 * np.sqrt(sum(var(d) for d in c["d"]) / n) / 3
+        assert (c["interval"][1] - c["interval"][0]) / 2 == pytest.approx(normal, rel=0.15), claim
     assert got["shape: where it is read best"]["verdict"] == "consistent"  # 0.7, 0.8, 0.9
     assert got["texture: where it is read best"]["verdict"] == "varies"  # 0, 0.5, 1
+    assert analyze.claims_text(out).count("\n- ") == len(out["claims"])  # a line per claim
     with pytest.raises(tr.UserError, match="holds no metrics.jsonl"):
         analyze.main(["--claims", str(tmp_path / "nothing")])
     os.remove(tmp_path / "late" / "results" / "probe_mlp.json")  # not needed: not read
@@ -1895,10 +1924,12 @@ def test_probe_controls_are_trained_once_per_inputs_and_protocol(tmp_path, tiny_
     argv = [run, "--target", "shape", "--probes", "mlp", "--epochs", "1", "--seeds", "1",
             "--mlp-seeds", "1", "--lrs", "1e-3", "--max-train", "120", "--max-test", "40"]
     tables = []
-    for extra, trained in (([], 3), ([], 1), (["--epochs", "2"], 3)):
+    for extra, trained in (([], 7), ([], 3), (["--epochs", "2"], 7)):
         calls.clear()
         probe.main(argv + extra)
-        assert len(calls) == trained  # trained encoder, random init, pixels; or the first only
+        # 3 MLPs (per t, concatenated, constant curve) x (trained, random init) and the pixels'; or
+        # the trained encoder's 3 only
+        assert len(calls) == trained
         table = json.load(open(os.path.join(run, "results", "probe_mlp.json")))["targets"]["shape"]
         tables.append({k: v for k, v in table.items() if k != "seconds"})
     assert tables[0] == tables[1] and tables[2]["init"] != tables[0]["init"]

@@ -237,9 +237,8 @@ def train(resume, cfg, given):
     if resume:  # the checkpoint's config, where only RESUME_OVERRIDES may differ
         ckpt = tr.load_checkpoint(ckpt_path, resumable=True)
         old = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
-        clash = {k: old.get(k) for k, v in given.items()
-                 if k not in RESUME_OVERRIDES and old.get(k) != v}
-        if clash:
+        if clash := {k: old.get(k) for k, v in given.items()
+                     if k not in RESUME_OVERRIDES and old.get(k) != v}:
             raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was "
                                f"trained with {clash}; drop those flags")
         # a key the checkpoint lacks takes its DEFAULTS value; --allow-new-data is asked each time

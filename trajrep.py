@@ -529,16 +529,17 @@ def build_probe(kind, num_points, d, num_classes, width=256, dropout=0.25):
 
 @torch.no_grad()
 def evaluate_probe(probe, codes, labels, times=None, chunk=1024):
-    """Accuracy of each readout of a probe, in eval mode, and the token's mean attention (None for
-    probes without one). codes (N, T, D), labels (N,) -> (accuracy (R,), attention (T,) or None)."""
+    """Which examples each readout of a probe gets right, in eval mode (its accuracy is the mean
+    over examples), and the token's mean attention (None for probes without one).
+    codes (N, T, D), labels (N,) -> (correct (N, R) bool, attention (T,) or None)."""
     probe.eval()
-    correct, attention = 0, None
+    correct, attention = [], None
     for start in range(0, len(labels), chunk):
         logits, att = probe(codes[start:start + chunk], times)  # (b, R, K), (b, T) or None
-        correct = correct + (logits.argmax(-1) == labels[start:start + chunk, None]).sum(0)  # (R,)
+        correct.append(logits.argmax(-1) == labels[start:start + chunk, None])  # (b, R)
         if att is not None:
             attention = att.sum(0) if attention is None else attention + att.sum(0)
-    return correct.float() / len(labels), None if attention is None else attention / len(labels)
+    return torch.cat(correct), None if attention is None else attention / len(labels)
 
 def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, weight_decay=1e-5,
                 clip=None, train_times_fn=None, eval_times=None):
@@ -547,7 +548,8 @@ def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, wei
     batch order comes from a generator seeded with `seed`; the loss sums the readouts' mean
     cross-entropies, so per-t MLPs learn independently; clip: the published GRU / Transformer's 1.0.
     train_times_fn(generator) -> (columns (k,), times (k,)) draws a sub-grid per batch (grid-free
-    probe); eval_times: the val / test times. Returns dict(val, test, epoch (R,), and at readout 0's
+    probe); eval_times: the val / test times. Returns dict(val, test, epoch (R,), correct
+    (N_test, R): which test examples each readout gets right at its best epoch, and at readout 0's
     best epoch the test attention (T,) and state, the weights)."""
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"train_probe needs epochs >= 1 and batch_size >= 1, got {epochs} and "
@@ -577,13 +579,14 @@ def train_probe(probe, train, val, test, lr, epochs, batch_size=256, seed=0, wei
             if clip is not None:
                 nn.utils.clip_grad_norm_(probe.parameters(), clip)
             opt.step()
-        val_acc, _ = evaluate_probe(probe, *val, times=eval_times)  # (R,)
-        test_acc, attention = evaluate_probe(probe, *test, times=eval_times)
-        best = best or dict(val=torch.full_like(val_acc, -1.0), test=test_acc,
+        val_acc = evaluate_probe(probe, *val, times=eval_times)[0].float().mean(0)  # (R,)
+        correct, attention = evaluate_probe(probe, *test, times=eval_times)  # (N_test, R)
+        best = best or dict(val=torch.full_like(val_acc, -1.0), correct=correct,
                             epoch=torch.zeros_like(val_acc).long())
         improved = val_acc > best["val"]  # (R,): strictly better, the earliest best epoch is kept
-        for key, now in (("val", val_acc), ("test", test_acc), ("epoch", epoch)):
-            best[key] = torch.where(improved, now, best[key])
+        for key, now in (("val", val_acc), ("correct", correct), ("epoch", epoch)):
+            best[key] = torch.where(improved, now, best[key])  # per readout (a column of correct)
+        best["test"] = best["correct"].float().mean(0)  # (R,)
         if improved[0]:
             best["attention"] = attention
             best["state"] = {k: v.detach().clone() for k, v in probe.state_dict().items()}
@@ -633,8 +636,9 @@ def probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, 
     for the grid-free probe: dict(fine_times (M,), eval_cols (T,)): training codes on the fine grid
     (sub-grids drawn), validation on its columns eval_cols, test codes on fine_times[eval_cols],
     statistics pooled over t. progress(done, total) after each probe.
-    Returns dict(test_mean, test_std, val_mean (R,), tests, lrs (S, R), attention (T,) or None,
-    standardiser (mean, std); grid-free: chosen_probes, per seed the chosen lr's best probe)."""
+    Returns dict(test_mean, test_std, val_mean (R,), tests, lrs (S, R), correct (S, N_test, R): the
+    test examples each seed's chosen probe gets right, attention (T,) or None, standardiser (mean,
+    std), chosen_probes: per seed the chosen lr's best probe (of readout 0))."""
     tr_idx, va_idx = split_train_val(len(codes_train), val_fraction, split_seed)
     mean, std = standardiser_stats(codes_train[tr_idx], per_time=continuous is None)
     x_tr, x_va, x_te = [(x - mean) / std for x in (codes_train[tr_idx], codes_train[va_idx],
@@ -662,7 +666,11 @@ def probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, 
     val, test = grid("val"), grid("test")  # (S, L, R)
     pick = val.argmax(1)  # (S, R): the first best lr per seed and readout
     tests = test.gather(1, pick[:, None])[:, 0]  # (S, R)
+    correct = torch.stack([r["correct"] for r in results])  # (S * L, N_test, R)
+    correct = correct.reshape(len(seeds), len(lrs), *correct.shape[1:])  # (S, L, N_test, R)
+    correct = correct.gather(1, pick[:, None, None].expand(-1, 1, len(x_te), -1))[:, 0]
     out = dict(test_mean=tests.mean(0), test_std=tests.std(0, unbiased=False), tests=tests,
+               correct=correct,  # (S, N_test, R), the chosen lr's per seed and readout
                val_mean=val.gather(1, pick[:, None])[:, 0].mean(0), standardiser=(mean, std),
                lrs=torch.tensor(lrs, device=val.device)[pick], attention=None,
                chosen_probes=[results[i * len(lrs) + int(p)]["probe"]
@@ -749,16 +757,13 @@ def mine(x, y, seed=0, steps=2000, batch_size=256, lr=1e-4, hidden=256, ma_rate=
         opt.step()
         if progress is not None and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
             progress(step + 1, steps)
-    estimates = []
-    with torch.no_grad():
+    with torch.no_grad():  # T on held-out rows of x paired with rows b of y, in chunks: (P, n_hold)
+        held = lambda b: torch.cat([statistic(hold[i:i + eval_rows], b[i:i + eval_rows])
+                                    for i in range(0, n_hold, eval_rows)], 1)
+        joint, estimates = held(hold).mean(1), []  # (P,): E_joint[T], the same for every shuffle
         for _ in range(eval_shuffles):
             shuffled = hold[torch.randperm(n_hold, generator=gen).to(device)]  # (n_hold,)
-            chunks = range(0, n_hold, eval_rows)
-            joint = torch.cat([statistic(hold[i:i + eval_rows], hold[i:i + eval_rows])
-                               for i in chunks], 1)  # (P, n_hold)
-            marginal = torch.cat([statistic(hold[i:i + eval_rows], shuffled[i:i + eval_rows])
-                                  for i in chunks], 1)
-            estimates.append(joint.mean(1) - log_mean_exp(marginal, 1))  # (P,)
+            estimates.append(joint - log_mean_exp(held(shuffled), 1))  # (P,)
     return torch.stack(estimates).mean(0).reshape(lead)  # (...)
 
 def gaussian_mi(rho, d):
@@ -1094,11 +1099,6 @@ def checksum(obj):
     return tensors_key(torch.tensor(bytearray("|".join(p for p, _ in found).encode())),
                        *(t for _, t in found))
 
-def weights_key(module):
-    """A short hash of a module's state dict: two encoders share it only if they compute the same
-    codes."""
-    return checksum(module.state_dict())
-
 def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size=256, log=print):
     """extract_trajectories of a whole split, cached in run_dir/cache under the split, a hash of
     its images and labels, a hash of the encoder's WEIGHTS, `tag` (e.g. 'step1500', for the reader)
@@ -1107,7 +1107,7 @@ def cached_trajectories(run_dir, encoder, dataset, split, times, tag, batch_size
     Returns dict(codes (N, T, D), labels (N, A), times (T,))."""
     images, labels = dataset.tensors()  # (N, C, H, W), (N, A)
     folder = os.path.join(run_dir, "cache")
-    data_key, enc_key = tensors_key(images, labels), weights_key(encoder)
+    data_key, enc_key = tensors_key(images, labels), checksum(encoder.state_dict())
     prefix, suffix = f"traj-{split}-{data_key}-{tag}-{enc_key}-", ".pt"
     times = torch.as_tensor(times, dtype=torch.float32)
     path = os.path.join(folder, prefix + tensors_key(times.double().round(decimals=6)) + suffix)
@@ -1150,10 +1150,9 @@ def cached_result(run_dir, name, inputs, settings, compute, log=print):
         with open(path) as f:
             result = json.load(f)
         log(f"{name}: read from {path}")
-        return result
     except (OSError, ValueError):  # none yet, or damaged: computed again
         result = compute()
-    atomic_save(result, path)
+        atomic_save(result, path)
     return result
 
 # ==== Checkpoints and run folders: atomic save, safe load, exported weights =======================

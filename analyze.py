@@ -151,8 +151,9 @@ PAIRS = [(2, MLP, "best_mlp", "the random-init encoder's", ("init", "best_mlp"))
 def claims(runs, out="docs/claims.json"):
     """The MLP claims over runs of one command with other seeds (probe.py --probes mlp run on each),
     by docs/method.md's decision rules 1-6: per attribute, each pair of PAIRS by the paired t over
-    encoders and the paired bootstrap over test images, and where the attribute is read best."""
-    tables = {}  # run -> its table per attribute, for the learnt runs only
+    encoders and the paired bootstrap over test images, and where the attribute is read best.
+    Runs of several datasets are judged per dataset."""
+    tables = {}  # dataset -> run -> its table per attribute, for the learnt runs only
     for run in runs:
         ok, monitor = learnt(run)
         print(f"{run}: {'learnt' if ok else 'still learning, not read'} (monitor's last "
@@ -163,14 +164,16 @@ def claims(runs, out="docs/claims.json"):
             raise tr.UserError(f"{run} has no results/probe.json or probe_mlp.json: run probe.py "
                                "on it first")
         if ok:
-            tables[run] = json.load(open(found[0]))["targets"]
+            result = json.load(open(found[0]))
+            tables.setdefault(result["dataset"], {})[run] = result["targets"]
     # per test image, the fraction of a row's probe seeds that get it right (N,)
     right = lambda row: torch.tensor([[c == "1" for c in s] for s in row["correct"]],
                                      dtype=torch.float64).mean(0)
     get = lambda table, keys: table[keys[0]] if len(keys) == 1 else table[keys[0]][keys[1]]
     verdicts = []  # one dict per claim: the rows of claims.json
-    for name in next(iter(tables.values())) if tables else {}:
-        outs = [t[name] for t in tables.values()]  # this attribute's table of each encoder
+    attributes = [(k, n) for k, group in tables.items() for n in next(iter(group.values()))]
+    for dataset, name in attributes:
+        outs = [t[name] for t in tables[dataset].values()]  # this attribute's table per encoder
         for rule, a_name, a, b_name, b in PAIRS:
             if any(a not in o or b[0] not in o for o in outs):  # a table without these probes
                 continue
@@ -180,17 +183,18 @@ def claims(runs, out="docs/claims.json"):
             verdict = ("supported" if t > crit and interval[0] > 0 else "not supported"
                        if -t > crit and interval[1] < 0 else "inconclusive")
             verdicts.append(dict(
-                claim=f"{name}: {a_name} beats {b_name}", verdict=verdict, rule=rule,
+                claim=f"{dataset} / {name}: {a_name} beats {b_name}", verdict=verdict, rule=rule,
                 test="one-sided paired t over encoders, and the paired bootstrap over test images "
                 "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
                 D=big, interval=interval, n_encoders=len(d), control=b_name,
                 n_seeds=min(len(get(o, k)["correct"]) for o in outs for k in ((a,), b))))
         best = sorted(round(o["best_t"], 2) for o in outs)  # each encoder's, chosen on validation
         median = (best[(len(best) - 1) // 2] + best[len(best) // 2]) / 2
-        verdicts.append(dict(claim=f"{name}: where it is read best", rule=4, best_t=best,
-                             n_encoders=len(best), median=median, verdict="consistent" if all(
-                                 abs(b - median) <= 0.2 + 1e-9 for b in best) else "varies"))
-    result = dict(runs=list(runs), learnt=list(tables), claims=verdicts,
+        verdicts.append(dict(claim=f"{dataset} / {name}: where it is read best", rule=4,
+                             best_t=best, n_encoders=len(best), median=median,
+                             verdict="consistent" if all(abs(b - median) <= 0.2 + 1e-9
+                                                         for b in best) else "varies"))
+    result = dict(runs=list(runs), learnt={k: list(g) for k, g in tables.items()}, claims=verdicts,
                   command="python analyze.py --claims " + " ".join(runs))
     print(claims_text(result))
     tr.atomic_save(result, out)
@@ -198,13 +202,14 @@ def claims(runs, out="docs/claims.json"):
 
 def claims_text(result):
     """The claims in words, one line each, from claims.json: what the README prints."""
-    lines = [f"Over {len(result['learnt'])} encoders ({', '.join(result['learnt'])}; the runs "
-             f"still learning are not read), by the decision rules of docs/method.md:"]
+    learnt = "; ".join(f"{k}: {', '.join(g)}" for k, g in result["learnt"].items())
+    lines = [f"By the decision rules of docs/method.md, over the encoders that finished learning "
+             f"({learnt or 'none'}; the others are not read):"]
     for c in result["claims"]:
-        lines.append(f"- {c['claim']}: **{c['verdict']}** " + (
-            f"(t = {c['statistic']:.2f}, critical {c['critical']:.2f}; {100 * c['D']:+.1f} points, "
+        lines.append(f"- {c['claim']}: **{c['verdict']}** (n = {c['n_encoders']}; " + (
+            f"t = {c['statistic']:.2f}, critical {c['critical']:.2f}; {100 * c['D']:+.1f} points, "
             f"95% interval {100 * c['interval'][0]:+.1f} to {100 * c['interval'][1]:+.1f}; "
-            f"{c['n_seeds']} probe seeds)" if "D" in c else f"(best t {c['best_t']})"))
+            f"{c['n_seeds']} probe seeds)" if "D" in c else f"best t {c['best_t']})"))
     return "\n".join(lines)
 
 # ---- NMI, its lag profile, and the findings in words ----

@@ -1801,17 +1801,18 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
                                          pixels=row(p), best_t=t)
         shape = dict(target(s, s_init, s_pix, s_t), concat=row(cat),
                      concat_const=row(const, start=250))  # 490 images differ: a wide interval
-        json.dump(dict(targets=dict(shape=shape, texture=target(x, x_init, x_pix, x_t))),
+        json.dump(dict(dataset="shapes", targets=dict(shape=shape,
+                                                      texture=target(x, x_init, x_pix, x_t))),
                   open(tmp_path / run / "results" / "probe_mlp.json", "w"))
     analyze.main(["--claims", "a", "b", "c", "late"])
     out = json.load(open(tmp_path / "docs" / "claims.json"))
-    assert out["learnt"] == ["a", "b", "c"]
+    assert out["learnt"] == {"shapes": ["a", "b", "c"]}
     got = {c["claim"]: c for c in out["claims"]}
 
     def t_by_hand(d):
         d = np.array(d)
         return d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
-    beats = lambda name, a, b: f"{name}: the {a} beats {b}"
+    beats = lambda name, a, b: f"shapes / {name}: the {a} beats {b}"
     best, cat = "trained encoder's best single-t MLP", "MLP on the concatenated curve"
     for claim, d, verdict in (
             (beats("shape", best, "the random-init encoder's"), [.55, .52, .59], "supported"),
@@ -1833,9 +1834,21 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
         c = got[claim]
         normal = 1.96 * np.sqrt(sum(var(d) for d in c["d"]) / n) / 3
         assert (c["interval"][1] - c["interval"][0]) / 2 == pytest.approx(normal, rel=0.15), claim
-    assert got["shape: where it is read best"]["verdict"] == "consistent"  # 0.7, 0.8, 0.9
-    assert got["texture: where it is read best"]["verdict"] == "varies"  # 0, 0.5, 1
+    assert got["shapes / shape: where it is read best"]["verdict"] == "consistent"  # .7, .8, .9
+    assert got["shapes / texture: where it is read best"]["verdict"] == "varies"  # 0, 0.5, 1
     assert analyze.claims_text(out).count("\n- ") == len(out["claims"])  # a line per claim
+    # a run of another dataset is judged apart, not pooled with the shapes runs
+    shutil.copytree(tmp_path / "a", tmp_path / "f")
+    table = json.load(open(tmp_path / "f" / "results" / "probe_mlp.json"))
+    table.update(dataset="folder", targets=dict(digit=table["targets"]["shape"]))
+    json.dump(table, open(tmp_path / "f" / "results" / "probe_mlp.json", "w"))
+    analyze.main(["--claims", "a", "b", "f", "c"])
+    out = json.load(open(tmp_path / "docs" / "claims.json"))
+    assert out["learnt"] == {"shapes": ["a", "b", "c"], "folder": ["f"]}
+    got = {c["claim"]: c for c in out["claims"]}
+    assert got[beats("shape", best, "the random-init encoder's")]["n_encoders"] == 3
+    assert got[beats("shape", best, "the random-init encoder's").replace(
+        "shapes / shape", "folder / digit")]["verdict"] == "inconclusive"  # n = 1
     with pytest.raises(tr.UserError, match="holds no metrics.jsonl"):
         analyze.main(["--claims", str(tmp_path / "nothing")])
     os.remove(tmp_path / "late" / "results" / "probe_mlp.json")  # not needed: not read

@@ -122,20 +122,24 @@ def learnt(run):
     # (step, the first attribute's accuracy at its best t) of every readout of the monitor
     best = [(r["step"], max(next(iter(r["readout"].values())))) for r in rows if "readout" in r]
     before = [a for step, a in best if step <= best[-1][0] - 3000] if best else []  # 3000 earlier
-    return bool(before) and abs(best[-1][1] - before[-1]) < 0.03, [a for _, a in best]
+    return (bool(before) and abs(best[-1][1] - before[-1]) < 0.03, [a for _, a in best],
+            best[-1][0] if best else None)  # learnt, the readouts, the last step
 
 def paired_t(d):
     """Rules 2-3: the one-sided paired t over encoders of differences d (n,): (t, the 95% critical
-    value). Equal differences, or one encoder, prove nothing (t = 0, critical inf)."""
-    n = len(d)  # sample std (ddof = 1)
-    t = (d.mean() / (d.std() / math.sqrt(n))).item() if n > 1 and d.std() > 0 else 0.0
+    value). One encoder proves nothing (critical inf); equal differences give t = +-inf (0 if 0)."""
+    n = len(d)  # sample std (ddof = 1); 0 / 0 = nan -> 0
+    t = torch.nan_to_num(d.mean() / (d.std() / math.sqrt(n)), 0.0, math.inf, -math.inf).item() if (
+        n > 1) else 0.0
     return t, T95[min(n - 1, len(T95)) - 1] if n > 1 else math.inf  # beyond 11 encoders: df 10's
 
-def paired_bootstrap(diffs, resamples=2000, seed=0):
+def paired_bootstrap(diffs, shared=False, resamples=2000, seed=0):
     """Rule 5: diffs, per encoder the per-image differences d (N_e,) of two probes' seed-averaged
     correctness. Returns D, the mean over encoders of their mean d, and the 2.5 and 97.5
-    percentiles of D over resamples of each encoder's test images."""
+    percentiles of D over resamples of each encoder's test images; shared: the encoders were
+    scored on the same images, in the same order, and one resample of them serves all."""
     gen = torch.Generator().manual_seed(seed)
+    diffs = [torch.stack(diffs).mean(0)] if shared else diffs  # (N,): the mean over encoders
     boot = torch.stack([d[torch.randint(len(d), (resamples, len(d)), generator=gen)].mean(1)
                         for d in diffs]).mean(0)  # (resamples,)
     interval = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype))
@@ -155,31 +159,38 @@ def claims(runs, out="docs/claims.json"):
     Runs of several datasets are judged per dataset."""
     tables = {}  # dataset -> run -> its table per attribute, for the learnt runs only
     for run in runs:
-        ok, monitor = learnt(run)
+        ok, monitor, step = learnt(run)
         print(f"{run}: {'learnt' if ok else 'still learning, not read'} (monitor's last "
               f"readouts {', '.join(f'{a:.2f}' for a in monitor[-4:])})")
-        found = [f for f in (os.path.join(run, "results", f"{stem}.json")
-                             for stem in ("probe", "probe_mlp")) if os.path.exists(f)]
+        # the table of the run's last step: the quick one (--probes mlp) first, as the rules say
+        found = [r for r in (json.load(open(f)) for f in (os.path.join(run, "results", f"{s}.json")
+                                                          for s in ("probe_mlp", "probe"))
+                             if os.path.exists(f)) if r["step"] == step]
         if ok and not found:
-            raise tr.UserError(f"{run} has no results/probe.json or probe_mlp.json: run probe.py "
-                               "on it first")
+            raise tr.UserError(f"{run} has no results/probe_mlp.json or probe.json of its last "
+                               f"step ({step}): run probe.py on it first")
         if ok:
-            result = json.load(open(found[0]))
-            tables.setdefault(result["dataset"], {})[run] = result["targets"]
+            tables.setdefault(found[0]["dataset"], {})[run] = found[0]
     # per test image, the fraction of a row's probe seeds that get it right (N,)
     right = lambda row: torch.tensor([[c == "1" for c in s] for s in row["correct"]],
                                      dtype=torch.float64).mean(0)
     get = lambda table, keys: table[keys[0]] if len(keys) == 1 else table[keys[0]][keys[1]]
     verdicts = []  # one dict per claim: the rows of claims.json
-    attributes = [(k, n) for k, group in tables.items() for n in next(iter(group.values()))]
+    attributes = [(k, n) for k, g in tables.items() for n in next(iter(g.values()))["targets"]]
     for dataset, name in attributes:
-        outs = [t[name] for t in tables[dataset].values()]  # this attribute's table per encoder
+        group = tables[dataset].values()  # the encoders' results; are their test images the same?
+        shared = len({r.get("test_key") for r in group}) == 1 and None not in {
+            r.get("test_key") for r in group}
+        outs = [r["targets"][name] for r in group]  # this attribute's table per encoder
         for rule, a_name, a, b_name, b in PAIRS:
-            if any(a not in o or b[0] not in o for o in outs):  # a table without these probes
-                continue
+            lacking = [run for run, o in zip(tables[dataset], outs) if a not in o or b[0] not in o]
+            if lacking:
+                raise tr.UserError(f"{', '.join(lacking)}: the table of {name} lacks {a} or "
+                                   f"{b[0]}; run this version's probe.py on it")
             d = torch.tensor([o[a]["mean"] - get(o, b)["mean"] for o in outs], dtype=torch.float64)
             t, crit = paired_t(d)  # over encoders (n,)
-            big, interval = paired_bootstrap([right(o[a]) - right(get(o, b)) for o in outs])
+            big, interval = paired_bootstrap([right(o[a]) - right(get(o, b)) for o in outs],
+                                             shared)
             verdict = ("supported" if t > crit and interval[0] > 0 else "not supported"
                        if -t > crit and interval[1] < 0 else "inconclusive")
             verdicts.append(dict(
@@ -187,6 +198,7 @@ def claims(runs, out="docs/claims.json"):
                 test="one-sided paired t over encoders, and the paired bootstrap over test images "
                 "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
                 D=big, interval=interval, n_encoders=len(d), control=b_name,
+                deciding=rule != "6, beside", shared_test_images=shared,
                 n_seeds=min(len(get(o, k)["correct"]) for o in outs for k in ((a,), b))))
         best = sorted(round(o["best_t"], 2) for o in outs)  # each encoder's, chosen on validation
         median = (best[(len(best) - 1) // 2] + best[len(best) // 2]) / 2
@@ -206,7 +218,10 @@ def claims_text(result):
     lines = [f"By the decision rules of docs/method.md, over the encoders that finished learning "
              f"({learnt or 'none'}; the others are not read):"]
     for c in result["claims"]:
-        lines.append(f"- {c['claim']}: **{c['verdict']}** (n = {c['n_encoders']}; " + (
+        word = c["verdict"] + (" (the control is better)" if c["verdict"] == "not supported"
+                               else "") + ("" if c.get("deciding", True) else "; reported beside "
+                                           "rule 6, not deciding")
+        lines.append(f"- {c['claim']}: **{word}** (n = {c['n_encoders']}; " + (
             f"t = {c['statistic']:.2f}, critical {c['critical']:.2f}; {100 * c['D']:+.1f} points, "
             f"95% interval {100 * c['interval'][0]:+.1f} to {100 * c['interval'][1]:+.1f}; "
             f"{c['n_seeds']} probe seeds)" if "D" in c else f"best t {c['best_t']})"))

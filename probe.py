@@ -368,6 +368,7 @@ def main(argv=None):
     print("curve movement (std over t / std between images): trained "
           f"{movement['grid']['ratio']:.3f}, random init {movement['init']['ratio']:.3f}")
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], protocol=cfg,
+                  test_key=tr.tensors_key(*splits["test"].tensors()),  # which test images
                   encoder=train_cfg["encoder"], times=times.tolist(), movement=movement, targets={})
     for i, name in enumerate(targets):
         a = attrs.index(name)

@@ -1778,7 +1778,8 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     """analyze.py --claims: a run whose monitor still moved by 3 points or more over its last 3000
     steps is left out; each claim's t is the paired t of the differences over the learnt runs,
     computed here by hand; its interval is the paired bootstrap over the test images (its width
-    against the normal approximation); and the verdict needs both (rules 2, 5 and 6)."""
+    against the normal approximation, per encoder or, on shared test images, for all at once); and
+    the verdict needs both (rules 2, 5 and 6)."""
     import analyze
     monkeypatch.chdir(tmp_path)
     n = 1000  # test images per encoder, 2 probe seeds that agree
@@ -1787,22 +1788,20 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
         bits = "0" * start + "1" * round(acc * n)
         return dict(mean=acc, correct=[bits + "0" * (n - len(bits))] * 2)
     # per run: shape (best MLP, init, pixels, best t, concat, concat on the constant curve),
-    # texture (best MLP, init, pixels, best t), the monitor 3000 steps before the end
-    tables = {"a": ((.85, .30, .35, .8, .500, .490), (.30, .28, .40, 0.0), .84),
-              "b": ((.80, .28, .40, .7, .512, .500), (.26, .27, .41, 0.5), .85),
-              "c": ((.90, .31, .33, .9, .505, .494), (.29, .27, .42, 1.0), .86),
-              "late": ((.99, .10, .10, 0., .99, .10), (.99, .10, .10, 0.0), .70)}  # learning
-    for run, ((s, s_init, s_pix, s_t, cat, const), (x, x_init, x_pix, x_t), then) in tables.items():
+    # texture (the same), the monitor 3000 steps before the end
+    tables = {"a": ((.85, .30, .35, .8, .500, .490), (.30, .28, .40, 0.0, .490, .500), .84),
+              "b": ((.80, .28, .40, .7, .512, .500), (.26, .27, .41, 0.5, .500, .512), .85),
+              "c": ((.90, .31, .33, .9, .505, .494), (.29, .27, .42, 1.0, .494, .505), .86),
+              "late": ((.99, .10, .10, 0., .99, .10), (.99, .10, .10, 0., .99, .10), .70)}
+    for run, attributes in tables.items():
         os.makedirs(tmp_path / run / "results")
         with open(tmp_path / run / "metrics.jsonl", "w") as f:
-            for step, acc in ((8000, 0.5), (9000, then), (11000, 0.86), (12000, 0.86)):
+            for step, acc in ((8000, 0.5), (9000, attributes[2]), (11000, .86), (12000, .86)):
                 f.write(json.dumps(dict(step=step, readout=dict(shape=[acc - 0.1, acc]))) + "\n")
-        target = lambda m, i, p, t: dict(best_mlp=row(m), init=dict(best_mlp=row(i)),
-                                         pixels=row(p), best_t=t)
-        shape = dict(target(s, s_init, s_pix, s_t), concat=row(cat),
-                     concat_const=row(const, start=250))  # 490 images differ: a wide interval
-        json.dump(dict(dataset="shapes", targets=dict(shape=shape,
-                                                      texture=target(x, x_init, x_pix, x_t))),
+        targets = {name: dict(best_mlp=row(m), init=dict(best_mlp=row(i)), pixels=row(p),
+                              best_t=t, concat=row(cat), concat_const=row(const, start=250))
+                   for name, (m, i, p, t, cat, const) in zip(("shape", "texture"), attributes)}
+        json.dump(dict(dataset="shapes", step=12000, test_key=run, targets=targets),
                   open(tmp_path / run / "results" / "probe_mlp.json", "w"))
     analyze.main(["--claims", "a", "b", "c", "late"])
     out = json.load(open(tmp_path / "docs" / "claims.json"))
@@ -1820,23 +1819,40 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
              "inconclusive"),
             (beats("texture", best, "an MLP on the raw pixels"), [-.10, -.15, -.13],
              "not supported"),
-            # t = 19 says supported; 490 discordant images of 1000 put 0 inside the interval
+            # t = +-19 says supported / not supported; 490 discordant images of 1000 put 0 inside
+            # the interval
             (beats("shape", cat, "the same MLP on its constant curve"), [.010, .012, .011],
+             "inconclusive"),
+            (beats("texture", cat, "the same MLP on its constant curve"), [-.010, -.012, -.011],
              "inconclusive")):
         c = got[claim]
         assert c["statistic"] == pytest.approx(t_by_hand(d), rel=1e-6), claim
         assert c["D"] == pytest.approx(np.mean(d), abs=1e-9), claim
         assert c["verdict"] == verdict and c["critical"] == 2.920 and c["n_seeds"] == 2, claim
+        assert c["deciding"] and not c["shared_test_images"], claim
+    assert not got[beats("shape", cat, "the best single-t MLP")]["deciding"]  # reported beside
     # the interval's half-width against the normal approximation 1.96 sqrt(sum_e var_e / N) / E
     for claim, var in ((beats("shape", best, "the random-init encoder's"), lambda d: d * (1 - d)),
                        (beats("shape", cat, "the same MLP on its constant curve"),
                         lambda d: (0.5 - d) - d ** 2)):  # 0.5 - d of the images differ, +-1
         c = got[claim]
         normal = 1.96 * np.sqrt(sum(var(d) for d in c["d"]) / n) / 3
-        assert (c["interval"][1] - c["interval"][0]) / 2 == pytest.approx(normal, rel=0.15), claim
+        assert (c["interval"][1] - c["interval"][0]) / 2 == pytest.approx(normal, rel=0.07), claim
     assert got["shapes / shape: where it is read best"]["verdict"] == "consistent"  # .7, .8, .9
     assert got["shapes / texture: where it is read best"]["verdict"] == "varies"  # 0, 0.5, 1
     assert analyze.claims_text(out).count("\n- ") == len(out["claims"])  # a line per claim
+    # Encoders scored on the same test images: one resample of them for all, so the differences'
+    # shared image noise does not average out (3 equal encoders: sqrt(3) times as wide).
+    for run in ("a", "b", "c"):
+        path = tmp_path / run / "results" / "probe_mlp.json"
+        json.dump(dict(json.load(open(path)), test_key="same"), open(path, "w"))
+    analyze.main(["--claims", "a", "a", "a"])
+    shared = {c["claim"]: c for c in json.load(open(tmp_path / "docs" / "claims.json"))["claims"]}
+    width = lambda c: c["interval"][1] - c["interval"][0]
+    claim = beats("shape", cat, "the same MLP on its constant curve")
+    assert shared[claim]["shared_test_images"] and not got[claim]["shared_test_images"]
+    normal = 1.96 * np.sqrt((0.5 - 0.01) - 0.01 ** 2) / np.sqrt(n)  # one encoder's, d = 0.01
+    assert width(shared[claim]) / 2 == pytest.approx(normal, rel=0.07)
     # a run of another dataset is judged apart, not pooled with the shapes runs
     shutil.copytree(tmp_path / "a", tmp_path / "f")
     table = json.load(open(tmp_path / "f" / "results" / "probe_mlp.json"))
@@ -1849,13 +1865,22 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     assert got[beats("shape", best, "the random-init encoder's")]["n_encoders"] == 3
     assert got[beats("shape", best, "the random-init encoder's").replace(
         "shapes / shape", "folder / digit")]["verdict"] == "inconclusive"  # n = 1
+    # what the rules need, or one sentence: a table of another step, a table without a probe
     with pytest.raises(tr.UserError, match="holds no metrics.jsonl"):
         analyze.main(["--claims", str(tmp_path / "nothing")])
     os.remove(tmp_path / "late" / "results" / "probe_mlp.json")  # not needed: not read
     analyze.main(["--claims", "a", "b", "c", "late"])
-    os.remove(tmp_path / "c" / "results" / "probe_mlp.json")
-    with pytest.raises(tr.UserError, match="c has no results/probe.json or probe_mlp.json"):
+    path = tmp_path / "c" / "results" / "probe_mlp.json"
+    json.dump(dict(json.load(open(path)), step=9000), open(path, "w"))
+    with pytest.raises(tr.UserError, match="c has no .* of its last step .12000."):
         analyze.main(["--claims", "a", "b", "c"])
+    table = dict(json.load(open(path)), step=12000)
+    del table["targets"]["shape"]["concat_const"]
+    json.dump(table, open(path, "w"))
+    with pytest.raises(tr.UserError, match="c: the table of shape lacks concat or concat_const"):
+        analyze.main(["--claims", "a", "b", "c"])
+    t, critical = analyze.paired_t(torch.tensor([0.05, 0.05, 0.05], dtype=torch.float64))
+    assert t > critical  # equal differences: no spread, not "no evidence"
 
 def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol():
     """A real Encoder, trained (supervised, 150 steps at random t) to read the location of `shapes`
@@ -1946,6 +1971,12 @@ def test_probe_controls_are_trained_once_per_inputs_and_protocol(tmp_path, tiny_
         table = json.load(open(os.path.join(run, "results", "probe_mlp.json")))["targets"]["shape"]
         tables.append({k: v for k, v in table.items() if k != "seconds"})
     assert tables[0] == tables[1] and tables[2]["init"] != tables[0]["init"]
+    # which test images each row gets right: its accuracy, the best t's for the best single t
+    right = lambda r: np.mean([[c == "1" for c in s] for s in r["correct"]])
+    for r in (table, table["init"]):
+        assert right(r["best_mlp"]) == pytest.approx(r["mlp"]["mean"][r["best_t_index"]])
+        for key in ("best_mlp", "concat", "concat_const"):
+            assert right(r[key]) == pytest.approx(r[key]["mean"]) and len(r[key]["correct"]) == 1
 
 def test_probe_json_keeps_the_other_targets_of_the_same_checkpoint_and_protocol(tmp_path, tiny_run):
     import probe

@@ -111,8 +111,6 @@ def mine_curve(name, codes, cfg, device, eta=None):
 
 # ---- Claims over encoders trained with other seeds (the decision rules of docs/method.md) ----
 
-T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)  # t, 95%, df 1-10
-
 def learnt(run):
     """Rule 1: whether the training monitor's best-t accuracy on the first attribute (shape, on
     `shapes`) moved by less than 3 points over the run's last 3000 steps."""
@@ -125,32 +123,13 @@ def learnt(run):
     return (bool(before) and abs(best[-1][1] - before[-1]) < 0.03, [a for _, a in best],
             best[-1][0] if best else None)  # learnt, the readouts, the last step
 
-def paired_t(d):
-    """Rules 2-3: the one-sided paired t over encoders of differences d (n,): (t, the 95% critical
-    value). One encoder proves nothing (critical inf); equal differences give t = +-inf (0 if 0)."""
-    n = len(d)  # sample std (ddof = 1); 0 / 0 = nan -> 0
-    t = torch.nan_to_num(d.mean() / (d.std() / math.sqrt(n)), 0.0, math.inf, -math.inf).item() if (
-        n > 1) else 0.0
-    return t, T95[min(n - 1, len(T95)) - 1] if n > 1 else math.inf  # beyond 11 encoders: df 10's
-
-def paired_bootstrap(diffs, shared=False, resamples=2000, seed=0):
-    """Rule 5: diffs, per encoder the per-image differences d (N_e,) of two probes' seed-averaged
-    correctness. Returns D, the mean over encoders of their mean d, and the 2.5 and 97.5
-    percentiles of D over resamples of each encoder's test images; shared: the encoders were
-    scored on the same images, in the same order, and one resample of them serves all."""
-    gen = torch.Generator().manual_seed(seed)
-    diffs = [torch.stack(diffs).mean(0)] if shared else diffs  # (N,): the mean over encoders
-    boot = torch.stack([d[torch.randint(len(d), (resamples, len(d)), generator=gen)].mean(1)
-                        for d in diffs]).mean(0)  # (resamples,)
-    interval = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype))
-    return torch.stack([d.mean() for d in diffs]).mean().item(), interval.tolist()
-
-# The claims of rules 2, 3 and 6 per attribute: (rule, probe A, its key, control B, B's keys).
+# The claims of rules 2, 3 and 6 per attribute: (rule, probe A, its row in an attribute's table
+# of probe.json, control B, its row). "6, beside" is reported, not deciding (rule 6).
 MLP, CAT = "the trained encoder's best single-t MLP", "the MLP on the concatenated curve"
-PAIRS = [(2, MLP, "best_mlp", "the random-init encoder's", ("init", "best_mlp")),
-         (3, MLP, "best_mlp", "an MLP on the raw pixels", ("pixels",)),
-         (6, CAT, "concat", "the same MLP on its constant curve", ("concat_const",)),
-         ("6, beside", CAT, "concat", "the best single-t MLP", ("best_mlp",))]
+PAIRS = [(2, MLP, "best_mlp", "the random-init encoder's", lambda o: o["init"]["best_mlp"]),
+         (3, MLP, "best_mlp", "an MLP on the raw pixels", lambda o: o["pixels"]),
+         (6, CAT, "concat", "the same MLP on its constant curve", lambda o: o["concat_const"]),
+         ("6, beside", CAT, "concat", "the best single-t MLP", lambda o: o["best_mlp"])]
 
 def claims(runs, out="docs/claims.json"):
     """The MLP claims over runs of one command with other seeds (probe.py --probes mlp run on each),
@@ -174,23 +153,21 @@ def claims(runs, out="docs/claims.json"):
     # per test image, the fraction of a row's probe seeds that get it right (N,)
     right = lambda row: torch.tensor([[c == "1" for c in s] for s in row["correct"]],
                                      dtype=torch.float64).mean(0)
-    get = lambda table, keys: table[keys[0]] if len(keys) == 1 else table[keys[0]][keys[1]]
     verdicts = []  # one dict per claim: the rows of claims.json
     attributes = [(k, n) for k, g in tables.items() for n in next(iter(g.values()))["targets"]]
     for dataset, name in attributes:
-        group = tables[dataset].values()  # the encoders' results; are their test images the same?
-        shared = len({r.get("test_key") for r in group}) == 1 and None not in {
-            r.get("test_key") for r in group}
-        outs = [r["targets"][name] for r in group]  # this attribute's table per encoder
-        for rule, a_name, a, b_name, b in PAIRS:
-            lacking = [run for run, o in zip(tables[dataset], outs) if a not in o or b[0] not in o]
-            if lacking:
-                raise tr.UserError(f"{', '.join(lacking)}: the table of {name} lacks {a} or "
-                                   f"{b[0]}; run this version's probe.py on it")
-            d = torch.tensor([o[a]["mean"] - get(o, b)["mean"] for o in outs], dtype=torch.float64)
-            t, crit = paired_t(d)  # over encoders (n,)
-            big, interval = paired_bootstrap([right(o[a]) - right(get(o, b)) for o in outs],
-                                             shared)
+        keys = {r.get("test_key") for r in tables[dataset].values()}  # which test images
+        shared = len(keys) == 1 and None not in keys  # the same ones for every encoder
+        outs = [r["targets"][name] for r in tables[dataset].values()]  # the table per encoder
+        for rule, a_name, a, b_name, control in PAIRS:
+            try:  # per encoder, the rows of A and B
+                rows = [(o[a], control(o)) for o in outs]
+            except KeyError as e:
+                raise tr.UserError(f"a table of {name} lacks {e}: run this version's probe.py on "
+                                   "each run") from None
+            d = torch.tensor([ra["mean"] - rb["mean"] for ra, rb in rows], dtype=torch.float64)
+            t, crit = tr.paired_t(d)  # over encoders (n,)
+            big, interval = tr.paired_bootstrap([right(ra) - right(rb) for ra, rb in rows], shared)
             verdict = ("supported" if t > crit and interval[0] > 0 else "not supported"
                        if -t > crit and interval[1] < 0 else "inconclusive")
             verdicts.append(dict(
@@ -199,7 +176,7 @@ def claims(runs, out="docs/claims.json"):
                 "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
                 D=big, interval=interval, n_encoders=len(d), control=b_name,
                 deciding=rule != "6, beside", shared_test_images=shared,
-                n_seeds=min(len(get(o, k)["correct"]) for o in outs for k in ((a,), b))))
+                n_seeds=min(len(r["correct"]) for pair in rows for r in pair)))
         best = sorted(round(o["best_t"], 2) for o in outs)  # each encoder's, chosen on validation
         median = (best[(len(best) - 1) // 2] + best[len(best) // 2]) / 2
         verdicts.append(dict(claim=f"{dataset} / {name}: where it is read best", rule=4,
@@ -208,9 +185,8 @@ def claims(runs, out="docs/claims.json"):
                                                          for b in best) else "varies"))
     result = dict(runs=list(runs), learnt={k: list(g) for k, g in tables.items()}, claims=verdicts,
                   command="python analyze.py --claims " + " ".join(runs))
-    print(claims_text(result))
     tr.atomic_save(result, out)
-    print(f"wrote {out}")
+    print(f"{claims_text(result)}\nwrote {out}")
 
 def claims_text(result):
     """The claims in words, one line each, from claims.json: what the README prints."""

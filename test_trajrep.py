@@ -1877,9 +1877,9 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     table = dict(json.load(open(path)), step=12000)
     del table["targets"]["shape"]["concat_const"]
     json.dump(table, open(path, "w"))
-    with pytest.raises(tr.UserError, match="c: the table of shape lacks concat or concat_const"):
+    with pytest.raises(tr.UserError, match="a table of shape lacks 'concat_const'"):
         analyze.main(["--claims", "a", "b", "c"])
-    t, critical = analyze.paired_t(torch.tensor([0.05, 0.05, 0.05], dtype=torch.float64))
+    t, critical = tr.paired_t(torch.tensor([0.05, 0.05, 0.05], dtype=torch.float64))
     assert t > critical  # equal differences: no spread, not "no evidence"
 
 def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol():

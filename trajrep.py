@@ -822,6 +822,33 @@ def separation_profile(codes, labels, max_pairs=2000, seed=0):
     out["ratio"] = out["between"] / out["within"].clamp_min(1e-12)  # (T,)
     return out
 
+# ==== Claims over encoders: paired tests across training seeds and across test images =============
+
+# Student's t, one-sided 95% quantile, at 1-10 degrees of freedom
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
+
+def paired_t(d):
+    """The one-sided paired t-test over encoders of differences d (n,): (t, the 95% critical value
+    of Student's t at n - 1 degrees of freedom; df 10's beyond 11). One encoder proves nothing
+    (critical inf); equal differences have no spread (t huge, or 0 if they are all 0)."""
+    n = len(d)
+    if n < 2:
+        return 0.0, math.inf
+    t = d.mean() / (d.std() / math.sqrt(n))  # sample std (ddof = 1); 0 / 0 = nan -> 0
+    return torch.nan_to_num(t, nan=0.0).item(), T95[min(n - 1, len(T95)) - 1]
+
+def paired_bootstrap(diffs, shared=False, resamples=2000, seed=0):
+    """diffs, per encoder the per-image differences d (N_e,) of two probes' seed-averaged
+    correctness. Returns D, the mean over encoders of their mean d, and the 2.5 and 97.5
+    percentiles of D over resamples of each encoder's test images; shared: the encoders were
+    scored on the same images, in the same order, and one resample of them serves all."""
+    gen = torch.Generator().manual_seed(seed)
+    diffs = [torch.stack(diffs).mean(0)] if shared else diffs  # (N,): the mean over encoders
+    boot = torch.stack([d[torch.randint(len(d), (resamples, len(d)), generator=gen)].mean(1)
+                        for d in diffs]).mean(0)  # (resamples,)
+    interval = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype))
+    return torch.stack([d.mean() for d in diffs]).mean().item(), interval.tolist()
+
 # ==== Data: embedded `shapes`, CIFAR-10/100, Mini-ImageNet, any class-per-folder image tree =======
 # Images are scaled to [-1, 1] (ToTensor, then 2x - 1), not by per-channel mean/std as the published
 # code: one transform serves every dataset. sigma_max = 50 stays sensible: two 32x32x3 images in

@@ -203,8 +203,8 @@ def claims_text(result):
              "t against its critical value, and the difference in points with its 95% interval:"]
     for c in result["claims"]:
         word = c["verdict"] + (" (the control is better)" if c["verdict"] == "not supported"
-                               else "") + ("" if c.get("deciding", True) else "; reported beside "
-                                           "rule 6, not deciding")
+                               and "D" in c else "") + ("" if c.get("deciding", True) else
+                                                        "; reported beside rule 6, not deciding")
         lines.append(f"- {c['claim']}: **{word}** (n = {c['n_encoders']}" + (
             f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; {100 * c['D']:+.1f} "
             f"[{100 * c['interval'][0]:+.1f}, {100 * c['interval'][1]:+.1f}])" if "D" in c else

@@ -379,10 +379,9 @@ def main(argv=None):
         probe_result = None
     data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
                            splits=("train",))["train"]  # MINE uses the train split only
-    codes = {name:  # (N, T, D) codes and (N, A) labels, probe.py's cache when it has run
- tr.cached_trajectories(args.run, enc, data, "train", times, tag)
-             for name, enc, tag in (("trained", encoder, f"step{step}"),
-                                    ("random init", init_encoder, "init"))}
+    # (N, T, D) codes and (N, A) labels of each encoder, probe.py's cache when it has run
+    codes = {name: tr.cached_trajectories(args.run, enc, data, "train", times, tag) for name, enc,
+             tag in (("trained", encoder, f"step{step}"), ("random init", init_encoder, "init"))}
     curves = mine_curves(codes, cfg, device, args.run)  # every pair, trained then control
     separation, (x, labels) = {}, (codes["trained"]["codes"], codes["trained"]["labels"])
     for name in (probe_result or {}).get("targets", {}):

@@ -7,8 +7,9 @@ t -> E(x0, t), t in [0, 1]; probes read the curve (Figure 1), MINE measures how 
 along it (Figure 2), and a Transformer probe shows which part it attends to (Figure 3).
 
 Sections in the paper's order: SDE (eq. 1), networks, losses (eq. 3-4), trajectories, probes,
-MINE and NMI, curve analysis (eq. 5); then data, caches and checkpoints. A library: no argparse, no
-I/O at import; its errors name arguments, and the scripts turn them into one line.
+MINE and NMI, curve analysis (eq. 5), paired tests of claims over encoders; then data, caches
+and checkpoints. A library: no argparse, no I/O at import; its errors name arguments, and the
+scripts turn them into one line.
 
 Shape legend, used in every shape comment (one letter, one meaning):
     B batch, N examples in a split, A attributes (labels per example), K classes;

@@ -120,11 +120,14 @@ def learnt(run, window=0):
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     # (step, the first attribute's accuracy at its best t) of every readout of the monitor
     best = [(r["step"], max(next(iter(r["readout"].values())))) for r in rows if "readout" in r]
-    before = [a for step, a in best if step <= best[-1][0] - 3000] if best else []  # 3000 earlier
-    acc = torch.tensor([a for _, a in best], dtype=torch.float64)
-    ok = (len(acc) >= 2 * window and abs(acc[-window:].mean() - acc[-2 * window:-window].mean())
-          < 0.03 if window else bool(before) and abs(best[-1][1] - before[-1]) < 0.03)
-    return bool(ok), acc.tolist(), best[-1][0] if best else None  # the readouts, the last step
+    acc = [a for _, a in best]
+    if window:  # the last `window` readouts' mean against that of the `window` before
+        moved = math.inf if len(acc) < 2 * window else (
+            sum(acc[-window:]) - sum(acc[-2 * window:-window])) / window
+    else:  # the last readout against the latest one 3000 steps or more before it
+        before = [a for step, a in best if step <= best[-1][0] - 3000] if best else []
+        moved = acc[-1] - before[-1] if before else math.inf
+    return abs(moved) < 0.03, acc, best[-1][0] if best else None  # the readouts, the last step
 
 # The claims of rules 2, 3 and 6 per attribute: (rule, probe A, its row in an attribute's table
 # of probe.json, control B, its row). "6, beside" is reported, not deciding (rule 6).

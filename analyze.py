@@ -141,7 +141,7 @@ def claims(runs, out="docs/claims.json", window=0):
     """The MLP claims over runs of one command with other seeds (probe.py --probes mlp run on each),
     by docs/method.md's decision rules 1-6: per attribute, each pair of PAIRS by the paired t over
     encoders and the paired bootstrap over test images, and where the attribute is read best.
-    Runs of several datasets are judged per dataset; window: rule 1's revision (see learnt)."""
+    Runs are judged per dataset and encoder (DRL, VDRL); window: rule 1's revision (see learnt)."""
     tables = {}  # dataset -> run -> its table per attribute, for the learnt runs only
     for run in runs:
         ok, monitor, step = learnt(run, window)
@@ -154,8 +154,9 @@ def claims(runs, out="docs/claims.json", window=0):
         if ok and not found:
             raise tr.UserError(f"{run} has no results/probe_mlp.json or probe.json of its last "
                                f"step ({step}): run probe.py on it first")
-        if ok:
-            tables.setdefault(found[0]["dataset"], {})[run] = found[0]
+        if ok:  # DRL and VDRL encoders are judged apart
+            vdrl = " (VDRL)" if found[0].get("encoder") == "vdrl" else ""
+            tables.setdefault(found[0]["dataset"] + vdrl, {})[run] = found[0]
     # per test image, the fraction of a row's probe seeds that get it right (N,)
     right = lambda row: torch.tensor([[c == "1" for c in s] for s in row["correct"]],
                                      dtype=torch.float64).mean(0)

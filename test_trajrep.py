@@ -1875,9 +1875,12 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     table = json.load(open(tmp_path / "f" / "results" / "probe_mlp.json"))
     table.update(dataset="folder", targets=dict(digit=table["targets"]["shape"]))
     json.dump(table, open(tmp_path / "f" / "results" / "probe_mlp.json", "w"))
-    analyze.main(["--claims", "a", "b", "f", "c"])
+    shutil.copytree(tmp_path / "a", tmp_path / "v")  # and a VDRL encoder apart from DRL ones
+    table = json.load(open(tmp_path / "v" / "results" / "probe_mlp.json"))
+    json.dump(dict(table, encoder="vdrl"), open(tmp_path / "v" / "results" / "probe_mlp.json", "w"))
+    analyze.main(["--claims", "a", "b", "f", "v", "c"])
     out = json.load(open(tmp_path / "docs" / "claims.json"))
-    assert out["learnt"] == {"shapes": ["a", "b", "c"], "folder": ["f"]}
+    assert out["learnt"] == {"shapes": ["a", "b", "c"], "folder": ["f"], "shapes (VDRL)": ["v"]}
     got = {c["claim"]: c for c in out["claims"]}
     assert got[beats("shape", best, "the random-init encoder's")]["n_encoders"] == 3
     assert got[beats("shape", best, "the random-init encoder's").replace(

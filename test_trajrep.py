@@ -828,6 +828,38 @@ def test_mine_shuffled_pairs_and_invertible_transform():
     transformed = tr.mine(x, y ** 3 + 2 * y, **MINE_FAST)  # invertible: MI unchanged
     assert abs(base - 0.511) < 0.08 and abs(shuffled) < 0.05 and abs(transformed - base) < 0.1
 
+@pytest.mark.fast
+def test_gaussian_mi_matrix_against_the_closed_form_and_invariant_to_linear_maps():
+    """The training-free measure: correlated Gaussians' -(D/2) log(1 - rho^2) (2.04 nats at
+    rho = 0.8, D = 4), 0 for independent points, the same after an invertible linear map of one
+    point, symmetric, infinite on the diagonal."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    y = 0.8 * x + 0.6 * torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))[0]
+    mix = rotation * torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)  # invertible
+    alone = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    codes = torch.stack([x, y, y @ mix, alone], 1)
+    mi = tr.gaussian_mi_matrix(codes)  # (4, 4)
+    assert mi[0, 1] == pytest.approx(tr.gaussian_mi(0.8, 4), abs=0.03)
+    assert mi[0, 2] == pytest.approx(mi[0, 1].item(), abs=1e-4) and mi[0, 3].abs() < 0.01
+    assert torch.equal(mi, mi.T) and torch.isinf(mi.diagonal()).all()
+
+@pytest.mark.fast
+def test_invertible_curve_maps_each_point_invertibly_to_the_next():
+    """The control curve: every step's Jacobian (from the chain rule over the curve) has singular
+    values of at least 1 - step, so no two images meet at any point; the first point is z."""
+    from torch.autograd.functional import jacobian
+    z = torch.randn(30, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    curve = tr.invertible_curve(z, 11, step=0.9)
+    assert curve.shape == (30, 11, 16) and torch.equal(curve[:, 0], z)
+    for row in z:
+        J = jacobian(lambda r: tr.invertible_curve(r[None], 11, step=0.9)[0], row)  # (T, D, D)
+        per_step = J[1:] @ torch.linalg.inv(J[:-1])  # (T - 1, D, D): d c_(k+1) / d c_k
+        assert torch.linalg.svdvals(per_step).min() >= 0.1 - 1e-9
+    with pytest.raises(ValueError, match="step < 1"):
+        tr.invertible_curve(z, 11, step=1.0)
+
 # ------------------------------------------------------------------------------------------------
 # Curve analysis
 # ------------------------------------------------------------------------------------------------
@@ -1761,32 +1793,41 @@ def test_probe_verdicts_follow_the_numbers(a, b, chance, words):
 
 @pytest.mark.fast
 def test_analyze_findings_follow_the_numbers():
-    """A matrix that decays with |i - j| is reported as a decay that supports Figure 2, even with
-    one noisy cell whose spread over seeds exceeds the fall (a lag averages many cells); a fall
-    smaller than its own spread over seeds as NOT supported. The most shared / isolated points are
-    those of the matrix."""
+    """A matrix that decays with |i - j| while the invertible control's does not is reported as a
+    decay that supports Figure 2, even with one noisy cell whose spread over seeds exceeds the fall
+    (a lag averages many cells); the same fall on the control, or a fall within the seed spreads,
+    is not. The most shared / isolated points, the asymmetry and the MI ceiling are the numbers'."""
     import analyze
     times = [0.0, 0.25, 0.5, 0.75, 1.0]
     lag = torch.tensor([[abs(i - j) for j in range(5)] for i in range(5)]).float()
     nmi = torch.exp(-lag)  # falls by e^-1 - e^-4 = 0.35 from lag 1 to lag 4
     nmi[-1, :-1] *= 0.5  # t = 1 shares half as much with the rest: the most isolated point
     nmi[:-1, -1] *= 0.5
+    nmi[0, 1] += 0.12  # (0, 1) and (1, 0) differ by 0.12
     noisy = torch.zeros(5, 5)
     noisy[1, 2] = 0.4  # one cell, +-0.4 over the two seeds: more than the whole fall
-    decaying = analyze.findings(torch.stack([nmi + noisy, nmi - noisy]), times, None, 0.5, 1.0, {})
-    assert "decays away from the diagonal beyond the seed spread" in decaying
-    assert "NOT" not in decaying and "single cells vary by up to 0.40" in decaying
-    assert "most information with the rest of the curve is t = 0.50" in decaying  # the centre
-    assert "most isolated is t = 1.00" in decaying
     flat = torch.ones(5, 5) - 0.01 * lag  # falls by 0.03 ...
+    curve = lambda nmis, along=0.5: dict(nmis=nmis, along=along, across=1.0, mi=3 * nmis.mean(0),
+                                         gaussian_by_lag=torch.tensor([2.0, 1.5, 1.0, 0.5]))
+    words = lambda trained, control, along=0.5: analyze.findings(
+        dict(trained=curve(trained, along), control=curve(control)), times, None, {}, 3000)
+    decaying = words(torch.stack([nmi + noisy, nmi - noisy]), torch.stack([flat, flat]))
+    assert "falls more on the trained curve than on the control" in decaying
+    assert "not shown" not in decaying and "single cells vary by up to 0.40" in decaying
+    assert "most information with the rest of the curve is t = 0.50" in decaying  # the centre
+    assert "most isolated is t = 1.00" in decaying and "differ by up to 0.12" in decaying
+    assert "reaches 3.00, against the log of MINE's held-out rows, 6.4" in decaying  # log 600
+    assert "control: 2.0 to 0.5" in decaying
+    # the control falls as much: the fall is the estimator's
+    same = words(torch.stack([nmi, nmi]), torch.stack([nmi, nmi]))
+    assert "does not fall more on the trained curve than on the control" in same
     corner = torch.zeros(5, 5)
     corner[0, 4] = 0.1  # ... and each seed's corner moves the last lag by 0.1 either way
-    seeds = torch.stack([flat + corner, flat - corner])
-    unsure = analyze.findings(seeds, times, None, 0.5, 1.0, {})
-    assert "does not decay" in unsure and "NOT supported" in unsure
+    unsure = words(torch.stack([flat + corner, flat - corner]), torch.stack([flat, flat]))
+    assert "not shown to be information lost" in unsure
     assert "a fall of 0.03 (its spread over seeds 0.10" in unsure
-    same = torch.stack([flat, flat])
-    assert "nearly a single point" in analyze.findings(same, times, None, 0.01, 1.0, {})
+    assert "nearly a single point" in words(torch.stack([flat, flat]), torch.stack([flat, flat]),
+                                            along=0.01)
 
 def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypatch):
     """analyze.py --claims: a run whose monitor still moved by 3 points or more over its last 3000
@@ -1886,6 +1927,27 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     assert got[beats("shape", best, "the random-init encoder's").replace(
         "shapes / shape", "folder / digit")]["verdict"] == "inconclusive"  # n = 1
     assert got[where.format("digit").replace("shapes", "folder")]["verdict"] == "inconclusive"
+    # rule 7: NMI's fall on the trained curve minus its invertible control's, paired t by hand;
+    # judged only where every learnt run of the group has nmi.json of its last step
+    for run, (fall, control, lags) in {"a": (.30, .10, [9., 5.]), "b": (.25, .12, [8., 5.]),
+                                       "c": (.28, .09, [9., 4.])}.items():
+        nmi = dict(step=12000, mine=dict(seeds=5), nmi_fall=dict(mean=fall),
+                   gaussian_mi_by_lag=lags, invertible_control=dict(
+                       nmi_fall=dict(mean=control), gaussian_mi_by_lag=[6., 3.]))
+        json.dump(nmi, open(tmp_path / run / "results" / "nmi.json", "w"))
+    analyze.main(["--claims", "a", "b", "c"])
+    got = {c["claim"]: c for c in json.load(open(tmp_path / "docs" / "claims.json"))["claims"]}
+    decay = got["shapes: NMI (MINE) falls more along the trained curve than along its invertible "
+                "control"]
+    assert decay["statistic"] == pytest.approx(t_by_hand([.20, .13, .19]), rel=1e-6)
+    assert decay["verdict"] == "supported" and decay["n_seeds"] == 5 and decay["deciding"]
+    beside = got["shapes: the Gaussian MI falls more along the trained curve than along its "
+                 "invertible control"]  # 4 - 3, 3 - 3, 5 - 3 nats
+    assert beside["statistic"] == pytest.approx(t_by_hand([1., 0., 2.])) and not beside["deciding"]
+    os.remove(tmp_path / "b" / "results" / "nmi.json")
+    analyze.main(["--claims", "a", "b", "c"])
+    assert not any("NMI" in c["claim"] for c in json.load(open(tmp_path / "docs" / "claims.json"))[
+        "claims"])
     # what the rules need, or one sentence: a table of another step, a table without a probe
     with pytest.raises(tr.UserError, match="holds no metrics.jsonl"):
         analyze.main(["--claims", str(tmp_path / "nothing")])
@@ -1962,9 +2024,13 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch):
     nmi = json.load(open(os.path.join(run, "results", "nmi.json")))
     calls, nmi_matrix = [], tr.nmi_matrix
     monkeypatch.setattr(tr, "nmi_matrix", lambda *a, **k: calls.append(1) or nmi_matrix(*a, **k))
-    analyze.main(argv)  # MINE on the trained codes only: the control's curve is read
+    analyze.main(argv)  # MINE on the trained codes and their invertible control: random init read
     again = json.load(open(os.path.join(run, "results", "nmi.json")))
-    assert len(calls) == 1 and again["random_init"] == nmi["random_init"]
+    assert len(calls) == 2 and again["random_init"] == nmi["random_init"]
+    # the invertible control moves as much as the trained curve (the step found by bisection)
+    control, trained = (r["std_along_t"] / r["std_between_images"]
+                        for r in (nmi["invertible_control"], nmi))
+    assert control == pytest.approx(trained, rel=1e-3) or nmi["invertible_control"]["step"] > 0.94
     m = np.array(nmi["nmi_mean"])  # the lag profile is the mean of each off-diagonal
     assert np.allclose(nmi["nmi_by_lag"], [np.diagonal(m, k).mean() for k in range(1, 11)],
                        atol=1e-6)

@@ -790,6 +790,43 @@ def nmi_matrix(codes, seeds=(0,), progress=None, **mine_kwargs):
     diag = torch.where(diag > 1e-3, diag, torch.nan)  # a non-positive "entropy": NMI undefined
     return mi / torch.sqrt(diag[:, :, None] * diag[:, None, :]), mi
 
+def gaussian_mi_matrix(codes, ridge=1e-6):
+    """A dependence measure that needs no training, beside MINE: between every two points i != j
+    of the curve, the MI of a Gaussian with the codes' covariance, 1/2 (log det S_ii + log det S_jj
+    - log det S_(ij)) = -1/2 sum_k log(1 - rho_k^2) over the canonical correlations rho_k, in nats.
+    Exact for jointly Gaussian codes; for others, the linear part of their dependence. Invariant to
+    any invertible linear map at each t; infinite on the diagonal. Codes are standardised per
+    (t, d), with `ridge` on the diagonal of S. codes (N, T, D) -> (T, T)."""
+    mean, std = standardiser_stats(codes.double())
+    x = ((codes.double() - mean) / std).flatten(1)  # (N, T*D)
+    N, T, D = codes.shape
+    cov = (x.T @ x / (N - 1) + ridge * torch.eye(T * D, dtype=x.dtype)).reshape(T, D, T, D)
+    block = lambda i, j: cov[i, :, j]  # (D, D)
+    logdet = lambda *ij: torch.linalg.slogdet(torch.cat([torch.cat([block(a, b) for b in ij], 1)
+                                                         for a in ij]))[1]
+    own = [logdet(i) for i in range(T)]
+    mi = torch.full((T, T), math.inf, dtype=torch.float64)
+    for i in range(T):
+        for j in range(i + 1, T):
+            mi[i, j] = mi[j, i] = 0.5 * (own[i] + own[j] - logdet(i, j))
+    return mi
+
+def invertible_curve(z, num_points, step, seed=0):
+    """A control curve whose points all carry the same information: c_1 = z, c_(k+1) = c_k + step
+    tanh(c_k W_k^T), W_k a fixed random (D, D) of spectral norm 1 and 0 <= step < 1, so each map is
+    a residual flow, invertible (its Jacobian's singular values are at least 1 - step). Every two
+    points are invertible functions of each other: a dependence measure that falls with the
+    distance between them measures its own difficulty with the map, not information lost.
+    z (N, D) -> (N, T, D)."""
+    if not 0 <= step < 1:
+        raise ValueError(f"invertible_curve needs 0 <= step < 1 (else a map may fold), got {step}")
+    gen, points = torch.Generator().manual_seed(seed), [z]
+    for _ in range(num_points - 1):
+        w = torch.randn(z.shape[1], z.shape[1], generator=gen, dtype=z.dtype).to(z.device)
+        w = w / torch.linalg.matrix_norm(w, 2)  # spectral norm 1
+        points.append(points[-1] + step * torch.tanh(points[-1] @ w.T))
+    return torch.stack(points, 1)  # (N, T, D)
+
 # ==== Curve analysis: attention densities, curve movement, the separation profile of eq. 5 ========
 
 def attention_density(attention, times):

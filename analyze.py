@@ -280,6 +280,16 @@ def lag_fall(nmis):
     falls = torch.stack([lag_profile(n)[0] - lag_profile(n)[-1] for n in nmis])  # (S,)
     return falls.mean().item(), falls.std(unbiased=False).item()
 
+def two_blocks(nmi):
+    """The curve cut in two where the mean NMI within the blocks most exceeds that between them:
+    (k, within, between), the second block starting at point k. nmi (T, T), symmetrised here."""
+    nmi, T = (nmi + nmi.T) / 2, len(nmi)
+    off = ~torch.eye(T, dtype=torch.bool)
+    split = lambda k: torch.arange(T)[:, None].ge(k) == torch.arange(T)[None].ge(k)  # (T, T)
+    cuts = [(k, nmi[split(k) & off].mean().item(), nmi[~split(k)].mean().item())
+            for k in range(1, T)]
+    return max(cuts, key=lambda c: c[1] - c[2])
+
 def findings(curves, times, probe_result, separation, rows):
     """The figures in words, computed from the numbers. curves: those of mine_curves; rows: the
     codes MINE read (a fifth held out: its MI is at most log(rows / 5) nats)."""
@@ -319,6 +329,11 @@ def findings(curves, times, probe_result, separation, rows):
     text.append("The point sharing the most information with the rest of the curve is t = "
                 f"{times[int(row.argmax())]:.2f}; the most isolated is t = "
                 f"{times[int(row.argmin())]:.2f}.")
+    (k, within, between), (k_c, within_c, between_c) = (two_blocks(c["nmis"].mean(0))
+                                                         for c in (trained, control))
+    text.append(f"Cut in two blocks by code: t < {times[k]:.2f} and t >= {times[k]:.2f}, NMI "
+                f"{within:.2f} within and {between:.2f} between (control: t >= {times[k_c]:.2f}, "
+                f"{within_c:.2f} and {between_c:.2f}).")
     # Figure 3 and eq. 5 per attribute, where probe.py has run.
     for name, out in (probe_result or {}).get("targets", {}).items():
         att = torch.tensor(out["attention"])

@@ -1818,6 +1818,11 @@ def test_analyze_findings_follow_the_numbers():
     assert "most isolated is t = 1.00" in decaying and "differ by up to 0.12" in decaying
     assert "reaches 3.00, against the log of MINE's held-out rows, 6.4" in decaying  # log 600
     assert "control: 2.0 to 0.5" in decaying
+    blocks = torch.full((5, 5), 0.5)
+    blocks[:2, :2], blocks[2:, 2:] = 0.9, 0.7  # t < 0.5 and t >= 0.5; (0.9 * 2 + 0.7 * 6) / 8
+    assert analyze.two_blocks(blocks) == (2, pytest.approx(0.75), pytest.approx(0.5))
+    assert "two blocks by code: t < 0.50 and t >= 0.50, NMI 0.75 within and 0.50 between" in \
+        words(torch.stack([blocks, blocks]), torch.stack([flat, flat]))
     # the control falls as much: the fall is the estimator's
     same = words(torch.stack([nmi, nmi]), torch.stack([nmi, nmi]))
     assert "does not fall more on the trained curve than on the control" in same

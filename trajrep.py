@@ -813,17 +813,17 @@ def gaussian_mi_matrix(codes, ridge=1e-6):
 
 def invertible_curve(z, num_points, step, seed=0):
     """A control curve whose points all carry the same information: c_1 = z, c_(k+1) = c_k + step
-    tanh(c_k W_k^T), W_k a fixed random (D, D) of spectral norm 1 and 0 <= step < 1, so each map is
-    a residual flow, invertible (its Jacobian's singular values are at least 1 - step). Every two
-    points are invertible functions of each other: a dependence measure that falls with the
-    distance between them measures its own difficulty with the map, not information lost.
-    z (N, D) -> (N, T, D)."""
+    tanh(c_k W_k^T), W_k a fixed random orthogonal (D, D) (spectral norm 1: the largest movement)
+    and 0 <= step < 1, so each map is a residual flow, invertible (its Jacobian's singular values
+    are at least 1 - step). Every two points are invertible functions of each other: a dependence
+    measure that falls with the distance between them measures its own difficulty with the map,
+    not information lost. z (N, D) -> (N, T, D)."""
     if not 0 <= step < 1:
         raise ValueError(f"invertible_curve needs 0 <= step < 1 (else a map may fold), got {step}")
     gen, points = torch.Generator().manual_seed(seed), [z]
     for _ in range(num_points - 1):
-        w = torch.randn(z.shape[1], z.shape[1], generator=gen, dtype=z.dtype).to(z.device)
-        w = w / torch.linalg.matrix_norm(w, 2)  # spectral norm 1
+        w = torch.linalg.qr(torch.randn(z.shape[1], z.shape[1], generator=gen, dtype=z.dtype))[0]
+        w = w.to(z.device)  # orthogonal
         points.append(points[-1] + step * torch.tanh(points[-1] @ w.T))
     return torch.stack(points, 1)  # (N, T, D)
 

@@ -259,21 +259,27 @@ def decay_claims(tables):
                 control="the trained t = 0 codes carried along t by invertible maps"))
     return rows
 
-def claims_text(result):
-    """The claims in words, one line each, from claims.json: what the README prints."""
+# The claims whose rules were fixed together with rule 1's revision (docs/method.md: the VDRL
+# encoders', rule 7): the README prints them from docs/claims_window4.json.
+REVISED_RULE_1 = lambda claim: "(VDRL)" in claim["claim"] or str(claim["rule"]).startswith("7")
+
+def claims_text(result, keep=None):
+    """The claims in words, one line each, from claims.json: what the README prints; keep(claim
+    row) -> bool: those rows only."""
     learnt = "; ".join(f"{k}: {', '.join(g)}" for k, g in result["learnt"].items())
     lines = [f"Over the encoders that finished learning ({learnt or 'none'}; rule 1"
              + (f" revised: the mean of {result['rule_1_window']} read-outs" if
                 result.get("rule_1_window") else "") + "), each claim with n encoders, the paired "
-             "t against its critical value, and the difference in points with its 95% interval:"]
-    for c in result["claims"]:
+             "t against its critical value, and the difference in points with its 95% interval (of "
+             "the curves' falls, for the dependence measures):"]
+    for c in filter(keep, result["claims"]):
         beside = f"; reported beside rule {str(c['rule'])[0]}, not deciding"
         word = c["verdict"] + (" (the control is better)" if c["verdict"] == "not supported"
                                and "D" in c else "") + ("" if c.get("deciding", True) else beside)
         lines.append(f"- {c['claim']}: **{word}** (n = {c['n_encoders']}" + (
             f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; {100 * c['D']:+.1f} "
             f"[{100 * c['interval'][0]:+.1f}, {100 * c['interval'][1]:+.1f}])" if "D" in c else
-            f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; by {c['fall']:+.3f} more)"
+            f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; falls {c['fall']:+.3f} more)"
             if "fall" in c else f"; best t {', '.join(map(str, c['best_t']))})"))
     return "\n".join(lines)
 

@@ -131,6 +131,11 @@ def mine_curve(name, codes, cfg, device, eta=None):
 
 # ---- Claims over encoders trained with other seeds (the decision rules of docs/method.md) ----
 
+def read_json(path):
+    """A JSON file's contents (the file closed at once)."""
+    with open(path) as f:
+        return json.load(f)
+
 def learnt(run, window=0):
     """Rule 1: whether the monitor's best-t accuracy on the first attribute (shape, on `shapes`)
     moved by less than 3 points over the run's last 3000 steps; window > 0, the revision made after
@@ -138,7 +143,8 @@ def learnt(run, window=0):
     `window` readouts against that of the `window` before."""
     if not os.path.exists(os.path.join(run, "metrics.jsonl")):
         raise tr.UserError(f"{run} holds no metrics.jsonl: give runs of train.py")
-    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     # (step, the first attribute's accuracy at its best t) of every readout of the monitor
     best = [(r["step"], max(next(iter(r["readout"].values())))) for r in rows if "readout" in r]
     acc = [a for _, a in best]
@@ -169,9 +175,8 @@ def claims(runs, out="docs/claims.json", window=0):
         print(f"{run}: {'learnt' if ok else 'still learning, not read'} (monitor's last "
               f"readouts {', '.join(f'{a:.2f}' for a in monitor[-4:])})")
         # the table of the run's last step: the quick one (--probes mlp) first, as the rules say
-        found = [r for r in (json.load(open(f)) for f in (os.path.join(run, "results", f"{s}.json")
-                                                          for s in ("probe_mlp", "probe"))
-                             if os.path.exists(f)) if r["step"] == step]
+        paths = [os.path.join(run, "results", f"{s}.json") for s in ("probe_mlp", "probe")]
+        found = [r for r in map(read_json, filter(os.path.exists, paths)) if r["step"] == step]
         if ok and not found:
             raise tr.UserError(f"{run} has no results/probe_mlp.json or probe.json of its last "
                                f"step ({step}): run probe.py on it first")
@@ -229,7 +234,7 @@ def decay_claims(tables):
     rows, budget = [], ("steps", "batch_size", "lr", "hidden", "seeds", "max_train", "num_times")
     for group, found in tables.items():
         paths = [os.path.join(run, "results", "nmi.json") for run in found]
-        results = [json.load(open(p)) for p in paths if os.path.exists(p)]
+        results = [read_json(p) for p in paths if os.path.exists(p)]
         control = [r.get("invertible_control", {}) for r in results]
         moved = [c.get("std_along_t", 0) / c.get("std_between_images", 1) for c in control]
         if (len(results) < len(paths) or len({tuple(r["mine"][k] for k in budget) for r in
@@ -316,6 +321,31 @@ def fitted_fall(nmis):
     falls = -(x * lags).sum(1) / (x ** 2).sum() * (len(x) - 1)  # (S,): -slope * (T - 2)
     return falls.mean().item(), falls.std(unbiased=False).item()
 
+def control_text(trained, control):
+    """How NMI falls on the trained curve against its invertible control, in words, with the
+    verdict of one encoder: a fall counts beyond the control's and both seed spreads."""
+    (fall_c, spread_c), moved = lag_fall(control["nmis"]), control["along"] / control["across"]
+    (fit, spread), (fit_c, spread_c_fit) = fitted_fall(trained["nmis"]), fitted_fall(
+        control["nmis"])
+    g, g_c = trained["gaussian_by_lag"], control["gaussian_by_lag"]  # (T - 1,) nats by lag
+    seeds = len(trained["nmis"])
+    return (
+        "On the invertible control (the t = 0 codes carried along t by invertible maps, so that "
+        f"every two points carry the same information; moving {moved:.3f} of its spread, the "
+        f"trained codes scaled as MINE reads them {control['target']:.3f}) NMI falls by "
+        f"{fall_c:.2f} (spread {spread_c:.2f}). Fitted over all lags of the symmetrised matrix, "
+        f"NMI falls by {fit:.2f} (spread {spread:.2f}) on the trained curve and by {fit_c:.2f} "
+        f"({spread_c_fit:.2f}) on the control. The Gaussian MI, which needs no training, goes "
+        f"from {g[0]:.1f} nats between neighbours to {g[-1]:.1f} between the ends (control: "
+        f"{g_c[0]:.1f} to {g_c[-1]:.1f}). " + (
+            "NMI falls more on the trained curve than on the control, beyond both seed spreads: "
+            "on this encoder distant points share less than a curve that keeps all information, "
+            "as the paper's Figure 2 claims." if seeds > 1 and fit - fit_c > spread + spread_c_fit
+            else "NMI does not fall more on the trained curve than on the control beyond their "
+            "seed spreads" + (" (one MINE seed: no spread)" if seeds == 1 else "") + ": the fall "
+            "is not shown to be information lost rather than MINE's difficulty with a moving "
+            "curve."))
+
 def findings(curves, times, probe_result, separation, rows):
     """The figures in words, computed from the numbers. curves: those of mine_curves; rows: the
     codes MINE read (a fifth held out: its MI is at most log(rows / 5) nats)."""
@@ -323,9 +353,6 @@ def findings(curves, times, probe_result, separation, rows):
     nmis, along, across = trained["nmis"], trained["along"], trained["across"]  # (S, T, T)
     nmi_mean = nmis.mean(0)
     lags, (fall, fall_spread), dt = lag_profile(nmi_mean), lag_fall(nmis), times[1] - times[0]
-    (fall_c, spread_c), moved = lag_fall(control["nmis"]), control["along"] / control["across"]
-    (fit, fit_spread), (fit_c, fit_spread_c) = fitted_fall(nmis), fitted_fall(control["nmis"])
-    g, g_c = trained["gaussian_by_lag"], control["gaussian_by_lag"]  # (T - 1,) nats by lag
     # How far the curve moves, and how NMI falls with the distance |t_i - t_j| between two points.
     text = [
         f"The codes move along t by {along:.4f} (std over t, mean over images and dimensions) "
@@ -340,23 +367,7 @@ def findings(curves, times, probe_result, separation, rows):
         f"{(nmi_mean - nmi_mean.T).abs().max():.2f}, the figure shows their mean). MI in nats "
         f"reaches {trained['mi'].max():.2f}, against the log of MINE's held-out rows, "
         f"{math.log(rows // 5):.1f}: about the most that a sample of that size can attest.",
-        "On the invertible control (the t = 0 codes carried along t by invertible maps, so that "
-        f"every two points carry the same information; moving {moved:.3f} of its spread, the "
-        f"trained codes scaled as MINE reads them {control['target']:.3f}) NMI falls by "
-        f"{fall_c:.2f} (spread {spread_c:.2f}). Fitted over all lags of the symmetrised matrix, "
-        f"NMI falls by {fit:.2f} (spread {fit_spread:.2f}) on the trained curve and by "
-        f"{fit_c:.2f} ({fit_spread_c:.2f}) on the control. The Gaussian MI, which needs no "
-        f"training, goes from {g[0]:.1f} nats "
-        f"between neighbours to {g[-1]:.1f} between the ends (control: {g_c[0]:.1f} to "
-        f"{g_c[-1]:.1f}).",
-        # The verdict follows the numbers: a decay counts beyond what MINE makes of the control.
-        "NMI falls more on the trained curve than on the control, beyond both seed spreads: on "
-        "this encoder distant points share less than a curve that keeps all information, as the "
-        "paper's Figure 2 claims." if len(nmis) > 1 and fit - fit_c > fit_spread + fit_spread_c
-        else "NMI does not "
-        "fall more on the trained curve than on the control beyond their seed spreads (one MINE "
-        "seed has none): the fall is not shown to be information lost rather than MINE's "
-        "difficulty with a moving curve."]
+        control_text(trained, control)]
     row = (nmi_mean.sum(1) - nmi_mean.diagonal()) / (len(times) - 1)
     text.append("The point sharing the most information with the rest of the curve is t = "
                 f"{times[int(row.argmax())]:.2f}; the most isolated is t = "
@@ -489,7 +500,7 @@ def main(argv=None):
     # before the codes and MINE's minutes: an unreadable file stops the run before them.
     path = os.path.join(out_dir, "probe.json")
     try:
-        probe_result = json.load(open(path)) if os.path.exists(path) else None
+        probe_result = read_json(path) if os.path.exists(path) else None
     except ValueError:
         raise tr.UserError(f"{path} is not readable JSON (cut short?); run probe.py again or "
                            "delete it") from None

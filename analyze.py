@@ -272,9 +272,12 @@ def claims_text(result, keep=None):
     """The claims in words, one line each, from claims.json: what the README prints; keep(claim
     row) -> bool: those rows only."""
     learnt = "; ".join(f"{k}: {', '.join(g)}" for k, g in result["learnt"].items())
+    left = [r for r in result["runs"] if not any(r in g for g in result["learnt"].values())]
     lines = [f"Over the encoders that finished learning ({learnt or 'none'}; rule 1"
              + (f" revised: the mean of {result['rule_1_window']} read-outs" if
-                result.get("rule_1_window") else "") + "), each claim with n encoders, the paired "
+                result.get("rule_1_window") else "") + (f"; still learning, not read: "
+                                                        f"{', '.join(left)}" if left else "")
+             + "), each claim with n encoders, the paired "
              "t against its critical value, and the difference in points with its 95% interval (of "
              "the curves' falls, for the dependence measures):"]
     for c in filter(keep, result["claims"]):

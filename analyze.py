@@ -275,7 +275,7 @@ def claims_text(result, keep=None):
     left = [r for r in result["runs"] if not any(r in g for g in result["learnt"].values())]
     lines = [f"Over the encoders that finished learning ({learnt or 'none'}; rule 1"
              + (f" revised: the mean of {result['rule_1_window']} read-outs" if
-                result.get("rule_1_window") else "") + (f"; still learning, not read: "
+                result.get("rule_1_window") else "") + (f"; not read, rule 1 not met: "
                                                         f"{', '.join(left)}" if left else "")
              + "), each claim with n encoders, the paired "
              "t against its critical value, and the difference in points with its 95% interval (of "
@@ -287,7 +287,8 @@ def claims_text(result, keep=None):
         lines.append(f"- {c['claim']}: **{word}** (n = {c['n_encoders']}" + (
             f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; {100 * c['D']:+.1f} "
             f"[{100 * c['interval'][0]:+.1f}, {100 * c['interval'][1]:+.1f}])" if "D" in c else
-            f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; falls {c['fall']:+.3f} more)"
+            f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; the falls differ by "
+            f"{c['fall']:+.3f})"
             if "fall" in c else f"; best t {', '.join(map(str, c['best_t']))})"))
     return "\n".join(lines)
 

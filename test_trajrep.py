@@ -1874,7 +1874,7 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     analyze.main(["--claims", "a", "b", "c", "late"])
     out = json.load(open(tmp_path / "docs" / "claims.json"))
     assert out["learnt"] == {"shapes": ["a", "b", "c"]}
-    assert "; still learning, not read: late)" in analyze.claims_text(out)
+    assert "; not read, rule 1 not met: late)" in analyze.claims_text(out)
     got = {c["claim"]: c for c in out["claims"]}
     # rule 1 revised (reported beside it): means of 2 read-outs, (.5 + .84) / 2 -> .86: moving
     assert analyze.learnt("a")[0] and not analyze.learnt("a", window=2)[0]

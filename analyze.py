@@ -156,6 +156,16 @@ def learnt(run, window=0):
         moved = acc[-1] - before[-1] if before else math.inf
     return abs(moved) < 0.03, acc, best[-1][0] if best else None  # the readouts, the last step
 
+MIN_ENCODERS = 3  # fewer encoders: every verdict "inconclusive" (docs/method.md, third round)
+
+def verdict(t, critical, n, interval=None):
+    """Rules 2, 5 and 7: "supported" where the paired t exceeds its critical value and the
+    interval (rule 5; rule 7 has none) lies above 0, "not supported" where -t does and it lies
+    below 0, "inconclusive" otherwise and with fewer than MIN_ENCODERS encoders."""
+    above, below = (True, True) if interval is None else (interval[0] > 0, interval[1] < 0)
+    return ("inconclusive" if n < MIN_ENCODERS else "supported" if t > critical and above else
+            "not supported" if -t > critical and below else "inconclusive")
+
 # The claims of rules 2, 3 and 6 per attribute: (rule, probe A, its row in an attribute's table
 # of probe.json, control B, its row). "6, beside" is reported, not deciding (rule 6).
 MLP, CAT = "the trained encoder's best single-t MLP", "the MLP on the concatenated curve"
@@ -172,7 +182,7 @@ def claims(runs, out="docs/claims.json", window=0):
     tables = {}  # dataset -> run -> its table per attribute, for the learnt runs only
     for run in runs:
         ok, monitor, step = learnt(run, window)
-        print(f"{run}: {'learnt' if ok else 'still learning, not read'} (monitor's last "
+        print(f"{run}: {'learnt' if ok else 'not read, rule 1 not met'} (monitor's last "
               f"readouts {', '.join(f'{a:.2f}' for a in monitor[-4:])})")
         # the table of the run's last step: the quick one (--probes mlp) first, as the rules say
         paths = [os.path.join(run, "results", f"{s}.json") for s in ("probe_mlp", "probe")]
@@ -201,10 +211,9 @@ def claims(runs, out="docs/claims.json", window=0):
             d = torch.tensor([ra["mean"] - rb["mean"] for ra, rb in rows], dtype=torch.float64)
             t, crit = tr.paired_t(d)  # over encoders (n,)
             big, interval = tr.paired_bootstrap([right(ra) - right(rb) for ra, rb in rows], shared)
-            verdict = ("supported" if t > crit and interval[0] > 0 else "not supported"
-                       if -t > crit and interval[1] < 0 else "inconclusive")
             verdicts.append(dict(
-                claim=f"{dataset} / {name}: {a_name} beats {b_name}", verdict=verdict, rule=rule,
+                claim=f"{dataset} / {name}: {a_name} beats {b_name}", rule=rule,
+                verdict=verdict(t, crit, len(d), interval),
                 test="one-sided paired t over encoders, and the paired bootstrap over test images "
                 "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
                 D=big, interval=interval, n_encoders=len(d), control=b_name,
@@ -216,7 +225,7 @@ def claims(runs, out="docs/claims.json", window=0):
         verdicts.append(dict(claim=f"{dataset} / {name}: is read best at one t for every encoder",
                              rule=4, test="every encoder's best t within 0.2 of their median",
                              statistic=spread, best_t=best, n_encoders=len(best), median=median,
-                             verdict="inconclusive" if len(best) < 2 else "supported" if
+                             verdict="inconclusive" if len(best) < MIN_ENCODERS else "supported" if
                              spread <= 0.2 + 1e-9 else "not supported"))
     verdicts += decay_claims(tables)
     command = "python analyze.py --claims " + " ".join(runs)  # and in every row, as asked of it
@@ -259,8 +268,7 @@ def decay_claims(tables):
                 "invertible control", rule=rule, statistic=t, critical=crit, d=d.tolist(),
                 fall=d.mean().item(), n_encoders=len(d), deciding=rule == 7,
                 test="one-sided paired t over encoders (MINE's estimate is not per image)",
-                verdict="supported" if t > crit else "not supported" if -t > crit else
-                "inconclusive", n_seeds=results[0]["mine"]["seeds"],
+                verdict=verdict(t, crit, len(d)), n_seeds=results[0]["mine"]["seeds"],
                 control="the trained t = 0 codes carried along t by invertible maps"))
     return rows
 

@@ -272,13 +272,8 @@ def decay_claims(tables):
                 control="the trained t = 0 codes carried along t by invertible maps"))
     return rows
 
-# The claims whose rules were fixed together with rule 1's revision (docs/method.md: the VDRL
-# encoders', rule 7): the README prints them from docs/claims_window4.json.
-REVISED_RULE_1 = lambda claim: "(VDRL)" in claim["claim"] or str(claim["rule"]).startswith("7")
-
-def claims_text(result, keep=None):
-    """The claims in words, one line each, from claims.json: what the README prints; keep(claim
-    row) -> bool: those rows only."""
+def claims_text(result):
+    """The claims in words, one line each, from claims.json: what the README prints."""
     learnt = "; ".join(f"{k}: {', '.join(g)}" for k, g in result["learnt"].items())
     left = [r for r in result["runs"] if not any(r in g for g in result["learnt"].values())]
     lines = [f"Over the encoders that finished learning ({learnt or 'none'}; rule 1"
@@ -288,7 +283,7 @@ def claims_text(result, keep=None):
              + "), each claim with n encoders, the paired "
              "t against its critical value, and the difference in points with its 95% interval (of "
              "the curves' falls, for the dependence measures):"]
-    for c in filter(keep, result["claims"]):
+    for c in result["claims"]:
         beside = f"; reported beside rule {str(c['rule'])[0]}, not deciding"
         word = c["verdict"] + (" (the control is better)" if c["verdict"] == "not supported"
                                and "D" in c else "") + ("" if c.get("deciding", True) else beside)

@@ -1350,19 +1350,16 @@ def test_shipped_weights_are_the_learnt_encoder():
 def test_readme_prints_the_claims_that_the_committed_runs_give(tmp_path, monkeypatch):
     """docs/claims.json follows, by the decision rules, from the runs' files committed beside it
     (docs/runs/*: metrics.jsonl, results/probe_mlp.json and results/nmi.json), and the README
-    prints its paragraph word for word (docs/results.md that of the revised rule 1, the README its
-    rows whose rules were fixed with it): neither a verdict nor its words can drift from the numbers
-    behind them."""
+    prints its paragraph word for word (docs/results.md that of the revised rule 1): neither a
+    verdict nor its words can drift from the numbers behind them."""
     import analyze
     monkeypatch.chdir(HERE)  # the runs are named relative to the repository
-    # rule 1 as fixed; its revision; the claims whose rules were fixed with the revision
-    for name, doc, keep in (("claims.json", "README.md", None),
-                            ("claims_window4.json", os.path.join("docs", "results.md"), None),
-                            ("claims_window4.json", "README.md", analyze.REVISED_RULE_1)):
+    for name, doc in (("claims.json", "README.md"),  # rule 1 as fixed, and its revision
+                      ("claims_window4.json", os.path.join("docs", "results.md"))):
         saved = json.load(open(os.path.join(HERE, "docs", name)))
         analyze.claims(saved["runs"], str(tmp_path / name), saved["rule_1_window"])
         assert json.load(open(tmp_path / name)) == saved, name
-        assert analyze.claims_text(saved, keep) in open(os.path.join(HERE, doc)).read(), name
+        assert analyze.claims_text(saved) in open(os.path.join(HERE, doc)).read(), name
 
 # ------------------------------------------------------------------------------------------------
 # train.py: training, resume, DDP, and its bad input

@@ -6,8 +6,8 @@ For a run of train.py and its control (the encoder at its random initialisation)
 I(i;j) / sqrt(I(i;i) I(j;j)), and its decay away from the diagonal, over seeds with the spread,
 against the same for an invertible control (a curve whose points all carry the same information)
 and beside a measure that needs no training (the Gaussian MI, trajrep.gaussian_mi_matrix).
-Where probe.py has run, also the Transformer's attention over t (Figure 3) and, per attribute,
-accuracy, attention and class separation along t. The findings are written in words.
+Where probe.py has run, also the single-layer Transformer's attention over t (Figure 3) and, per
+attribute, accuracy, attention and class separation along t. The findings are written in words.
 
     python train.py && python probe.py runs/shapes-drl && python analyze.py runs/shapes-drl
     python analyze.py runs/cifar10-vdrl --preset paper --device cuda   # the published MINE budget
@@ -386,10 +386,14 @@ def findings(curves, times, probe_result, separation, rows):
                 f"{within_c:.2f} and {between_c:.2f}).")
     # Figure 3 and eq. 5 per attribute, where probe.py has run.
     for name, out in (probe_result or {}).get("targets", {}).items():
-        att = torch.tensor(out["attention"])
-        text.append(f"{name}: the Transformer attends most to t = {times[int(att.argmax())]:.2f} "
-                    f"({100 * att.max():.0f}% of its attention; uniform would be "
-                    f"{100 / len(att):.0f}%); the best single-t MLP is at t = {out['best_t']:.2f}.")
+        (att, spread, seeds), (init, _, _) = (attention_summary(o) for o in (out, out["init"]))
+        i, j = int(att.argmax()), int(init.argmax())
+        text.append(f"{name}: the single-layer Transformer attends most to t = {times[i]:.2f} "
+                    f"({100 * att[i]:.0f} ± {100 * spread[i]:.0f}% of its attention, sample std "
+                    f"over {seeds} probe seed{'s' * (seeds > 1)}; on the random-init encoder "
+                    f"{100 * init[j]:.0f}% at t = {times[j]:.2f}; uniform would be "
+                    f"{100 / len(att):.0f}%); the best "
+                    f"single-t MLP is at t = {out['best_t']:.2f}.")
     for name, sep in separation.items():
         ratio = torch.tensor(sep["ratio"])
         text.append(f"{name}: classes separate most at t = {times[int(ratio.argmax())]:.2f} "
@@ -427,6 +431,14 @@ def summarise(run, step, times, cfg, curves, probe_result, separation, rows):
 
 # ---- Figures 2 and 3 ----
 
+def attention_summary(out):
+    """Figure 3's numbers from one encoder's probe.py rows: the single-layer Transformer token's
+    attention over the T points, mean over probe seeds (T,), its sample std (T,; 0 for one seed)
+    and the number of seeds."""
+    seeds = torch.tensor(out["attention_probe"]["attention_seeds"])  # (S, T)
+    spread = seeds.std(0) if len(seeds) > 1 else torch.zeros(seeds.shape[1])
+    return seeds.mean(0), spread, len(seeds)
+
 def plot(result, title, probe_result, separation, out_dir):
     """Figure 2, the NMI matrix (T, T) of the trained codes (t_i down, t_j across, a colour bar
     beside), and where probe.py has run, Figure 3 (attention over t per attribute) and the
@@ -448,14 +460,18 @@ def plot(result, title, probe_result, separation, out_dir):
     figures = [(fig, "nmi.png")]
     if probe_result is not None:
         targets = probe_result["targets"]
-        # Figure 3: one curve per attribute, the token's attention over the T points (sums to 1),
-        # the legend outside the axes, off the curves.
+        # Figure 3: per attribute, the single-layer Transformer token's attention over the T
+        # points (sums to 1), its sample std over probe seeds as error bars, the same probe on the
+        # random-init encoder dashed in the same colour; the legend outside the axes.
         fig, ax = plt.subplots(figsize=(6.2, 3.4))
-        for name, out in targets.items():
-            ax.plot(times, out["attention"], marker="o", label=name)
+        for (name, out), colour in zip(targets.items(), plt.rcParams["axes.prop_cycle"]):
+            (att, spread, _), (init, _, _) = (attention_summary(o) for o in (out, out["init"]))
+            ax.errorbar(times, att, yerr=spread, marker="o", capsize=2, label=name, **colour)
+            ax.plot(times, init, ls="--", lw=0.8, **colour)
+        ax.plot([], [], ls="--", lw=0.8, color="k", label="random init (dashed)")
         ax.axhline(1 / len(times), color="grey", lw=0.8, label="uniform")
         ax.set(xlabel="t", ylabel="attention of the learned token",
-               title="Transformer attention over t (Figure 3)")
+               title="Single-layer Transformer attention over t (Figure 3)")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         figures.append((fig, "attention.png"))
         # One column per attribute: accuracy along t (row 1), attention as a density over t, for
@@ -469,8 +485,8 @@ def plot(result, title, probe_result, separation, out_dir):
             acc.axhline(100 * out["transformer_const"]["mean"], color="tab:red", ls=":",
                         label="Tsf, constant curve")
             acc.set(title=name, xlabel="t", ylabel="test accuracy (%)")
-            att.plot(times, torch.tensor(out["attention"]) * len(times), marker="o",
-                     color="tab:red", label="Transformer (index)")  # weight / (1 / T)
+            att.plot(times, attention_summary(out)[0] * len(times), marker="o", color="tab:red",
+                     label="single-layer Transformer")  # weight / (1 / T)
             if "continuous_grids" in out:
                 g = out["continuous_grids"]["51"]
                 att.plot(g["times"], g["density"], color="tab:purple", label="grid-free, 51 pts")
@@ -514,6 +530,10 @@ def main(argv=None):
     if probe_result and probe_result["times"] != times.tolist():  # attention on another grid
         print(f"{path} used other times; its attention is not drawn (re-run probe.py with "
               f"--num-times {cfg['num_times']})")
+        probe_result = None
+    if probe_result and any("attention_probe" not in o for o in probe_result["targets"].values()):
+        print(f"{path} holds no single-layer Transformer (made with --probes mlp, or before "
+              "probe.py trained Figure 3's probe); its attention is not drawn (re-run probe.py)")
         probe_result = None
     data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
                            splits=("train",))["train"]  # MINE uses the train split only

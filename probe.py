@@ -3,8 +3,9 @@ controls.
 
 For a run of train.py: encodes the train and test splits on the paper's grid of 11 times (cached in
 <run>/cache), then trains with the paper's protocol (trajrep.probe_protocol):
-    - an MLP on each single time point; a GRU and a Transformer on the whole curve (section 3.1;
-      the Transformer's attention over t, Figure 3, is saved for analyze.py),
+    - an MLP on each single time point; a GRU and a Transformer on the whole curve (section 3.1),
+      and the paper's single-layer Transformer, whose token's attention over t (Figure 3, per
+      seed) is saved for analyze.py,
     - an MLP on the T codes concatenated, and controls the paper lacks: an MLP on their mean, and
       the concatenated MLP, GRU and Transformer on a CONSTANT curve (the best single-t code
       repeated): only a gain over these is a gain of the curve,
@@ -47,6 +48,7 @@ ROWS = [("concat", "MLP on concatenated curve", "tab:green", "-"),
         ("gru_const", "  GRU on constant curve (ctrl)", "tab:blue", ":"),
         ("transformer", "Transformer", "tab:red", "-"),
         ("transformer_const", "  Transformer on constant curve", "tab:red", ":"),
+        ("attention_probe", "single-layer Transformer (Figure 3)", None, None),
         ("continuous", "grid-free Transformer (11 pts)", "tab:purple", "-."),
         ("pixels", "MLP on raw pixels (ctrl)", None, None)]
 
@@ -248,7 +250,8 @@ def encoder_rows(run, x_tr, x_te, times, tag, cfg):
     """One encoder's rows from its codes x_tr (N, T, D) and x_te: the per-t MLPs (the best t chosen
     on VALIDATION), then the curve read whole: an MLP on the concatenated codes and on its
     constant curve (control); with every probe, an MLP on the mean codes (control), the GRU and the
-    Transformer on the curve and on its constant curve."""
+    Transformer on the curve and on its constant curve, and the single-layer Transformer whose
+    attention is Figure 3."""
     mlp = run("mlp", x_tr, x_te, cfg["mlp_seeds"], "mlp" + tag)  # R = T readouts
     b = int(mlp["val_mean"].argmax())  # the best single t, on validation
     out = dict(mlp=dict(mean=mlp["test_mean"].tolist(), std=mlp["test_std"].tolist(),
@@ -261,12 +264,15 @@ def encoder_rows(run, x_tr, x_te, times, tag, cfg):
         return out
     out["mean"] = summary(run("mean", x_tr, x_te, cfg["mlp_seeds"], "mean" + tag))
     for kind in ("gru", "transformer"):  # the curve, then its constant-curve control
-        res = run(kind, x_tr, x_te, cfg["seeds"], kind + tag)
-        out[kind] = summary(res)
+        out[kind] = summary(run(kind, x_tr, x_te, cfg["seeds"], kind + tag))
         out[kind + "_const"] = summary(run(kind, constant_curve(x_tr, b), constant_curve(x_te, b),
                                            cfg["seeds"], kind + " on the constant curve" + tag))
-        if kind == "transformer":  # Figure 3: the token's attention over the T points
-            out["attention"] = res["attention"].tolist()
+    # Figure 3: the paper's probe, one attention layer, so that its token weighs the points as the
+    # encoder gave them (the two-round Transformer's last attention reads points already mixed);
+    # the token's attention over the T points, per seed (S, T) and their mean (T,).
+    res = run("attention", x_tr, x_te, cfg["seeds"], "single-layer Transformer" + tag)
+    out["attention_probe"] = dict(summary(res), attention=res["attention"].tolist(),
+                                  attention_seeds=res["attention_seeds"].tolist())
     return out
 
 def print_table(name, out, times, log):

@@ -492,7 +492,8 @@ def test_train_probe_keeps_each_readouts_test_accuracy_at_its_own_best_validatio
     assert state_equal(res["state"], weights[1]) and not state_equal(res["state"], weights[2])
 
 @pytest.mark.fast
-@pytest.mark.parametrize("kind", ["mlp", "concat", "mean", "gru", "transformer", "continuous"])
+@pytest.mark.parametrize("kind", ["mlp", "concat", "mean", "gru", "transformer", "attention",
+                                  "continuous"])
 def test_probe_protocol_equals_a_hand_written_loop_of_train_probe(kind):
     """probe_protocol against the protocol written out here (split, standardise, every seed x lr by
     train_probe, the lr chosen on validation per readout): same chosen lr, same test accuracy per
@@ -525,9 +526,10 @@ def test_probe_protocol_equals_a_hand_written_loop_of_train_probe(kind):
             assert torch.equal(r["lr"], res["lrs"][s]), (kind, v, s)
             assert torch.allclose(r["test"], res["tests"][s], atol=1e-6), (kind, v, s)
             assert torch.equal(r["correct"], res["correct"][s]), (kind, v, s)  # image by image
-        if kind in ("transformer", "continuous"):
-            assert torch.allclose(torch.stack([r["att"] for r in ref]).mean(0), res["attention"],
-                                  atol=1e-5)
+        if kind in ("transformer", "attention", "continuous"):  # each seed's, and their mean
+            att = torch.stack([r["att"] for r in ref])  # (S, T)
+            assert torch.allclose(att, res["attention_seeds"], atol=1e-5)
+            assert torch.allclose(att.mean(0), res["attention"], atol=1e-5)
         # and the per-t MLPs learnt what the data holds: index 2 of input 0, chance 0.25
         if kind == "mlp" and v == 0:
             assert res["test_mean"][2] > 0.8 and res["test_mean"][0] < 0.4
@@ -635,6 +637,29 @@ def test_library_functions_leave_the_global_random_state_alone():
     tr.probe_protocol("mlp", codes[:150], y[:150], codes[150:], y[150:], 4, lrs=[1e-3],
                       epochs=1, seeds=[0])
     assert torch.equal(state, torch.random.get_rng_state())
+
+@pytest.mark.fast
+def test_the_single_layer_probe_attends_to_the_points_as_the_encoder_gave_them():
+    """Figure 3's probe ('attention') is one round of the block: its token's attention is the
+    softmax of (token query) . (point keys) / sqrt(head size), the points embedded from the codes
+    alone, averaged over heads; written out here. The two-round Transformer with the same weights
+    attends over points already mixed, so the formula must not hold for it (a probe built with the
+    wrong number of rounds fails one of the two checks)."""
+    T, D, K, width, heads = 5, 3, 4, 8, 4
+    torch.manual_seed(0)
+    probe = tr.build_probe("attention", T, D, K, width=width, dropout=0.0).eval()
+    codes = torch.randn(6, T, D)
+    with torch.no_grad():
+        _, attention = probe(codes)  # (6, T)
+        h = probe.embed(codes) + tr.sinusoidal_embedding(torch.arange(T), width)  # (6, T, E)
+        q = probe.qkv(probe.token)[:width].reshape(heads, width // heads)  # the token's (nh, E/nh)
+        k = probe.qkv(h)[..., width:2 * width].reshape(6, T, heads, width // heads)
+        logits = torch.einsum("hc,bthc->bht", q, k) / math.sqrt(width // heads)  # (6, nh, T)
+        by_hand = logits.softmax(-1).mean(1)  # (6, T)
+        assert torch.allclose(attention, by_hand, atol=1e-6)
+        two_rounds = tr.build_probe("transformer", T, D, K, width=width, dropout=0.0).eval()
+        two_rounds.load_state_dict(probe.state_dict())
+        assert not torch.allclose(two_rounds(codes)[1], by_hand, atol=1e-3)
 
 def test_transformer_attention_finds_the_informative_time():
     codes, y = synthetic_curves(1500, T=8, k=5)
@@ -2036,7 +2061,7 @@ def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol(
         accs[name] = res["test_mean"].max().item()
     assert accs["trained"] > 0.85 and accs["trained"] > accs["init"] + 0.3, accs  # 16 classes
 
-def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch):
+def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch, capsys):
     """train.py -> probe.py -> analyze.py on a tiny run: the files appear and agree with the
     data; a second analyze.py reads the random-init control's NMI from the cache."""
     import analyze
@@ -2054,14 +2079,27 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch):
     assert set(out["init"]) >= {"mlp", "best_t", "gru",
                                 "transformer"} and 0 < out["pixels"]["mean"] <= 1
     assert out["best_t_index"] == int(np.argmax(out["mlp"]["val_mean"]))  # chosen on validation
-    assert abs(sum(out["attention"]) - 1) < 1e-5 and set(out["continuous_grids"]) == {
+    figure3 = out["attention_probe"]  # the single-layer Transformer's attention, per seed
+    assert len(figure3["attention_seeds"]) == 1 and figure3["attention"] == pytest.approx(
+        figure3["attention_seeds"][0]) and abs(sum(figure3["attention"]) - 1) < 1e-5
+    assert "attention_probe" in out["init"] and "attention" not in out  # no two-round attention
+    assert set(out["continuous_grids"]) == {
         "5",
         "11",
         "51",
         "random11",
     }
-    with pytest.raises(tr.UserError, match="raise --steps"):  # too small a budget: said, not hidden
+    # a probe.json without Figure 3's probe (--probes mlp, or an older probe.py) is said to lack
+    # it, and analyze.py goes on without it; then a budget too small to estimate: said, not hidden
+    path = os.path.join(run, "results", "probe.json")
+    shutil.copy(path, path + ".full")
+    result = json.load(open(path))
+    del result["targets"]["bg_colour"]["attention_probe"]
+    json.dump(result, open(path, "w"))
+    with pytest.raises(tr.UserError, match="raise --steps"):
         analyze.main([run, "--steps", "1", "--seeds", "1", "--hidden", "8", "--max-train", "120"])
+    assert "holds no single-layer Transformer" in capsys.readouterr().out
+    os.replace(path + ".full", path)
     argv = [run, "--steps", "150", "--seeds", "1", "--hidden", "16", "--max-train", "120", "--lr",
             "3e-3"]
     analyze.main(argv)
@@ -2078,7 +2116,10 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch):
     m = np.array(nmi["nmi_mean"])  # the lag profile is the mean of each off-diagonal
     assert np.allclose(nmi["nmi_by_lag"], [np.diagonal(m, k).mean() for k in range(1, 11)],
                        atol=1e-6)
-    assert "findings" in nmi
+    # Figure 3 in words: the probe's attention with its spread and the random-init encoder's
+    assert re.search(r"bg_colour: the single-layer Transformer attends most to t = [01]\.\d\d "
+                     r"\(\d+ ± 0% of its attention, sample std over 1 probe seed; on the "
+                     r"random-init encoder \d+% at t = ", nmi["findings"]), nmi["findings"]
     for name in ("probe.png", "nmi.png", "attention.png", "attributes.png"):
         assert os.path.getsize(os.path.join(run, "results", name)) > 1000
 

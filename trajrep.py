@@ -516,16 +516,19 @@ class TrajectoryTransformer(nn.Module):
 
 def build_probe(kind, num_points, d, num_classes, width=256, dropout=0.25):
     """The probes of the Figure 1 table by name: 'mlp' (one per t), 'concat', 'mean', 'gru',
-    'transformer', 'continuous' (the grid-free Transformer on the value of t). `width`: the GRU's
-    hidden size and the Transformer's width (paper 256); the MLPs keep 512 hidden units."""
+    'transformer' (two rounds of the block), 'attention' (the paper's single-layer Transformer,
+    Figure 3: one round, so its token's attention falls on the points as the encoder gave them,
+    before any mixing), 'continuous' (the grid-free Transformer on the value of t). `width`: the
+    GRU's hidden size and the Transformer's width (paper 256); the MLPs keep 512 hidden units."""
     if kind in ("mlp", "concat", "mean"):
         pool = "point" if kind == "mlp" else kind
         return MLPProbe(num_points, d, num_classes, pool=pool, dropout=dropout)
     if kind == "gru":
         return GRUProbe(d, num_classes, hidden=width, dropout=dropout)
-    if kind in ("transformer", "continuous"):
+    if kind in ("transformer", "attention", "continuous"):
         return TrajectoryTransformer(d, num_classes, width=width, dropout=dropout,
-                                     time_embedding="index" if kind == "transformer" else "value")
+                                     rounds=1 if kind == "attention" else 2,
+                                     time_embedding="value" if kind == "continuous" else "index")
     raise ValueError(f"unknown probe {kind!r}")
 
 @torch.no_grad()
@@ -638,8 +641,9 @@ def probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, 
     (sub-grids drawn), validation on its columns eval_cols, test codes on fine_times[eval_cols],
     statistics pooled over t. progress(done, total) after each probe.
     Returns dict(test_mean, test_std, val_mean (R,), tests, lrs (S, R), correct (S, N_test, R): the
-    test examples each seed's chosen probe gets right, attention (T,) or None, standardiser (mean,
-    std), chosen_probes: per seed the chosen lr's best probe (of readout 0))."""
+    test examples each seed's chosen probe gets right, attention (T,) or None: the mean over seeds
+    of attention_seeds (S, T), each seed's chosen probe's, standardiser (mean, std), chosen_probes:
+    per seed the chosen lr's best probe (of readout 0))."""
     tr_idx, va_idx = split_train_val(len(codes_train), val_fraction, split_seed)
     mean, std = standardiser_stats(codes_train[tr_idx], per_time=continuous is None)
     x_tr, x_va, x_te = [(x - mean) / std for x in (codes_train[tr_idx], codes_train[va_idx],
@@ -676,8 +680,9 @@ def probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, 
                lrs=torch.tensor(lrs, device=val.device)[pick], attention=None,
                chosen_probes=[results[i * len(lrs) + int(p)]["probe"]
                               for i, p in enumerate(pick[:, 0])])
-    if results[0]["attention"] is not None:  # the token's attention of the chosen lr (T,)
-        out["attention"] = grid("attention")[torch.arange(len(seeds)), pick[:, 0]].mean(0)
+    if results[0]["attention"] is not None:  # the token's attention of each seed's chosen lr
+        out["attention_seeds"] = grid("attention")[torch.arange(len(seeds)), pick[:, 0]]  # (S, T)
+        out["attention"] = out["attention_seeds"].mean(0)  # (T,)
     return out
 
 # ==== MINE and NMI: how much two points of the curve share (Belghazi et al. 2018; Figure 2) =======

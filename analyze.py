@@ -533,7 +533,8 @@ def main(argv=None):
         probe_result = None
     if probe_result and any("attention_probe" not in o for o in probe_result["targets"].values()):
         print(f"{path} holds no single-layer Transformer (made with --probes mlp, or before "
-              "probe.py trained Figure 3's probe); its attention is not drawn (re-run probe.py)")
+              "probe.py trained Figure 3's probe): its attention, the class separation along t and "
+              "attention.png and attributes.png are not made (re-run probe.py)")
         probe_result = None
     data = tr.run_datasets(train_cfg, args.data_root, cfg["max_train"], seed=0,
                            splits=("train",))["train"]  # MINE uses the train split only

@@ -661,9 +661,10 @@ def test_the_single_layer_probe_attends_to_the_points_as_the_encoder_gave_them()
         two_rounds.load_state_dict(probe.state_dict())
         assert not torch.allclose(two_rounds(codes)[1], by_hand, atol=1e-3)
 
-def test_transformer_attention_finds_the_informative_time():
+@pytest.mark.parametrize("kind", ["transformer", "attention"])  # Figure 1's, and Figure 3's
+def test_transformer_attention_finds_the_informative_time(kind):
     codes, y = synthetic_curves(1500, T=8, k=5)
-    res = tr.probe_protocol("transformer", codes[:1200], y[:1200], codes[1200:], y[1200:], 4,
+    res = tr.probe_protocol(kind, codes[:1200], y[:1200], codes[1200:], y[1200:], 4,
                                 lrs=[3e-3], epochs=15, seeds=[0], width=32, batch_size=256,
                                 dropout=0.0)
     assert res["test_mean"][0] > 0.9
@@ -2063,7 +2064,8 @@ def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol(
 
 def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch, capsys):
     """train.py -> probe.py -> analyze.py on a tiny run: the files appear and agree with the
-    data; a second analyze.py reads the random-init control's NMI from the cache."""
+    data; Figure 3's single-layer probe is saved per seed and said in words; a probe.json without it
+    is said to lack it; a second analyze.py reads the random-init control's NMI from the cache."""
     import analyze
     import probe
     run = str(tmp_path / "run")

@@ -4,7 +4,8 @@ The encoder E(x0, t) and the score network s(x_t, E(x0, t), t) learn together by
 denoising score matching plus lambda_z times the code regulariser (L1 for DRL, KL for VDRL); the
 trained encoder's curve t -> E(x0, t) is what probe.py and analyze.py study.
 
-    python train.py                                     # shapes, `cpu` preset, ~8 min on 2 cores
+    python train.py                                     # shapes, `cpu`: learnt, ~30 min, 2 cores
+    python train.py --steps 2200                        # a first look, ~8 min: colours and place
     python train.py --dataset cifar10 --encoder vdrl    # the paper's configuration (`paper` preset)
     python train.py --resume                            # continue runs/<dataset>-<encoder> exactly
     torchrun --nproc_per_node=4 train.py --dataset cifar10   # DDP (NCCL on GPUs, gloo on CPU)
@@ -34,13 +35,13 @@ import trajrep as tr
 # A run's config: DEFAULTS, then the preset, then the dataset's row, then the flags given.
 # `paper` is the published DRL configuration: a WRN-28-2 encoder, a code of 128 numbers, a 4-level
 # U-Net of 16 channels with attention at 16 px, 250k steps of 100 images. `cpu` makes the encoder
-# learn on `shapes` in minutes on 2 cores with a 0.2M-parameter model; its departures, each a flag:
-# Karras et al.'s weighting and preconditioning (edm: at high noise the denoiser decodes the code),
-# half the training times at high noise (mixture), a flattened encoder head (keeps where things
-# are), lambda_z 0.3 (each t keeps what the denoiser needs), a small U-Net and many small steps.
-# In 2200 steps it learns the colours and the place; the outline takes thousands of steps more,
-# and how many varies about two-fold between runs (docs/performance.md). No recipe measured there
-# learnt it in fewer images on every seed, so the default runs 12000 steps: the learnt encoder
+# learn on `shapes` in half an hour on 2 cores with a 0.2M-parameter model; its departures, each a
+# flag: Karras et al.'s weighting and preconditioning (edm: at high noise the denoiser decodes the
+# code), half the training times at high noise (mixture), a flattened encoder head (keeps where
+# things are), lambda_z 0.3 (each t keeps what the denoiser needs), a small U-Net and many small
+# steps. In 2200 steps it learns the colours and the place; the outline takes thousands of steps
+# more, and how many varies about two-fold between runs (docs/performance.md). No recipe measured
+# there learnt it in fewer images on every seed, so the default runs 12000 steps: the learnt encoder
 # (`--steps 2200` for a first look).
 PRESETS = {
     "cpu": dict(steps=12000, batch_size=32, lr=2e-3, warmup=100, clip=1.0, ema=0.99, code_dim=32,

@@ -678,6 +678,7 @@ def probe_protocol(kind, codes_train, y_train, codes_test, y_test, num_classes, 
                correct=correct,  # (S, N_test, R), the chosen lr's per seed and readout
                val_mean=val.gather(1, pick[:, None])[:, 0].mean(0), standardiser=(mean, std),
                lrs=torch.tensor(lrs, device=val.device)[pick], attention=None,
+               attention_seeds=None,
                chosen_probes=[results[i * len(lrs) + int(p)]["probe"]
                               for i, p in enumerate(pick[:, 0])])
     if results[0]["attention"] is not None:  # the token's attention of each seed's chosen lr

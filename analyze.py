@@ -392,8 +392,7 @@ def findings(curves, times, probe_result, separation, rows):
                     f"({100 * att[i]:.0f} ± {100 * spread[i]:.0f}% of its attention, sample std "
                     f"over {seeds} probe seed{'s' * (seeds > 1)}; on the random-init encoder "
                     f"{100 * init[j]:.0f}% at t = {times[j]:.2f}; uniform would be "
-                    f"{100 / len(att):.0f}%); the best "
-                    f"single-t MLP is at t = {out['best_t']:.2f}.")
+                    f"{100 / len(att):.0f}%); the best single-t MLP is at t = {out['best_t']:.2f}.")
     for name, sep in separation.items():
         ratio = torch.tensor(sep["ratio"])
         text.append(f"{name}: classes separate most at t = {times[int(ratio.argmax())]:.2f} "

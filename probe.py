@@ -188,10 +188,11 @@ def continuous_on_grid(res, codes, labels, times):
     mean, std = res["standardiser"]  # the training codes' statistics, pooled over t
     accs, atts = zip(*(tr.evaluate_probe(p, (codes - mean) / std, labels, times)
                        for p in res["chosen_probes"]))
+    right = ["".join("01"[int(c)] for c in seed[:, 0].tolist()) for seed in accs]  # as summary
     accs = torch.stack([c[:, 0].float().mean() for c in accs])  # (S,)
     density = torch.stack([tr.attention_density(att, times) for att in atts]).mean(0)  # (T',)
     return dict(mean=accs.mean().item(), std=accs.std(unbiased=False).item(), seeds=accs.tolist(),
-                times=times.tolist(), density=density.tolist())
+                correct=right, times=times.tolist(), density=density.tolist())
 
 def probe_target(a, name, k, data, cfg, log):
     """The whole table for one attribute a (named name, k classes). data: the codes by grid and

@@ -41,9 +41,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="run folder of train.py (holding ckpt.pt)")
-    p.add_argument("--claims", nargs="+", metavar="RUN", help="judge the MLP claims over runs "
-                   "of one command with other --seed (probe.py --probes mlp run on each) by "
-                   "docs/method.md's decision rules; writes docs/claims.json")
+    p.add_argument("--claims", nargs="+", metavar="RUN", help="judge the claims over runs of "
+                   "one command with other --seed by docs/method.md's decision rules: the MLP "
+                   "claims where probe.py --probes mlp ran on each, Figure 1's curve probes, "
+                   "Figure 3 and the grid-free probe where probe.py ran whole, Figure 2 where "
+                   "analyze.py did; writes docs/claims.json")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or "
                    "paper: the MINE flags below default to its values")
     for key, kind, text in (("steps", int, "MINE training steps"),
@@ -174,12 +176,35 @@ PAIRS = [(2, MLP, "best_mlp", "the random-init encoder's", lambda o: o["init"]["
          (6, CAT, "concat", "the same MLP on its constant curve", lambda o: o["concat_const"]),
          ("6, beside", CAT, "concat", "the best single-t MLP", lambda o: o["best_mlp"])]
 
+def right(row):
+    """Per test image, the fraction of a probe row's seeds that get it right (N,)."""
+    return torch.tensor([[c == "1" for c in s] for s in row["correct"]],
+                        dtype=torch.float64).mean(0)
+
+def paired_claim(claim, rule, rows, shared, control, margin=0.0):
+    """Rules 2 and 5 for "A beats B" (rule 10: "A is no worse than B by more than margin"): rows,
+    per encoder (A's row, B's row) of probe tables; the paired t over encoders and the paired
+    bootstrap over test images of the differences plus margin decide. d, D and the interval are
+    the differences themselves."""
+    d = torch.tensor([ra["mean"] - rb["mean"] for ra, rb in rows], dtype=torch.float64)
+    t, crit = tr.paired_t(d + margin)  # over encoders (n,)
+    big, interval = tr.paired_bootstrap([right(ra) - right(rb) for ra, rb in rows], shared)
+    return dict(claim=claim, rule=rule, verdict=verdict(t, crit, len(d), [i + margin for i in
+                                                                         interval]),
+                test="one-sided paired t over encoders, and the paired bootstrap over test images "
+                "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
+                D=big, interval=interval, n_encoders=len(d), control=control,
+                deciding="beside" not in str(rule), shared_test_images=shared,
+                n_seeds=min(len(r["correct"]) for pair in rows for r in pair),
+                **(dict(margin=margin) if margin else {}))
+
 def claims(runs, out="docs/claims.json", window=0):
-    """The MLP claims over runs of one command with other seeds (probe.py --probes mlp run on each),
-    by docs/method.md's decision rules 1-7: per attribute, each pair of PAIRS by the paired t over
-    encoders and the paired bootstrap over test images, and where the attribute is read best.
+    """The claims over runs of one command with other seeds, by docs/method.md's decision rules:
+    rules 2-6 per attribute on probe.py --probes mlp's table (each pair of PAIRS by the paired t
+    over encoders and the paired bootstrap over test images, and where the attribute is read
+    best), rule 7 on analyze.py's nmi.json, rules 8-10 on the whole protocol's probe.json.
     Runs are judged per dataset and encoder (DRL, VDRL); window: rule 1's revision (see learnt)."""
-    tables = {}  # dataset -> run -> its table per attribute, for the learnt runs only
+    tables, whole = {}, {}  # dataset -> run -> its table per attribute, for the learnt runs only
     for run in runs:
         ok, monitor, step = learnt(run, window)
         print(f"{run}: {'learnt' if ok else 'not read, rule 1 not met'} (monitor's last "
@@ -191,11 +216,13 @@ def claims(runs, out="docs/claims.json", window=0):
             raise tr.UserError(f"{run} has no results/probe_mlp.json or probe.json of its last "
                                f"step ({step}): run probe.py on it first")
         if ok:  # DRL and VDRL encoders are judged apart
-            vdrl = " (VDRL)" if found[0].get("encoder") == "vdrl" else ""
-            tables.setdefault(found[0]["dataset"] + vdrl, {})[run] = found[0]
-    # per test image, the fraction of a row's probe seeds that get it right (N,)
-    right = lambda row: torch.tensor([[c == "1" for c in s] for s in row["correct"]],
-                                     dtype=torch.float64).mean(0)
+            group = found[0]["dataset"] + (" (VDRL)" if found[0].get("encoder") == "vdrl" else "")
+            tables.setdefault(group, {})[run] = found[0]
+            # rules 8-10: the whole protocol's tables, by budget (rule 8's first one kept apart)
+            paths = [os.path.join(run, "results", f"{s}.json") for s in ("probe_e10", "probe")]
+            whole.setdefault(group, {})[run] = [r for r in map(read_json, filter(
+                os.path.exists, paths)) if r["step"] == step and r["protocol"].get("probes")
+                                                == "all"]
     verdicts = []  # one dict per claim: the rows of claims.json
     attributes = [(k, n) for k, g in tables.items() for n in next(iter(g.values()))["targets"]]
     for dataset, name in attributes:
@@ -208,17 +235,8 @@ def claims(runs, out="docs/claims.json", window=0):
             except KeyError as e:
                 raise tr.UserError(f"a table of {name} lacks {e}: run this version's probe.py on "
                                    "each run") from None
-            d = torch.tensor([ra["mean"] - rb["mean"] for ra, rb in rows], dtype=torch.float64)
-            t, crit = tr.paired_t(d)  # over encoders (n,)
-            big, interval = tr.paired_bootstrap([right(ra) - right(rb) for ra, rb in rows], shared)
-            verdicts.append(dict(
-                claim=f"{dataset} / {name}: {a_name} beats {b_name}", rule=rule,
-                verdict=verdict(t, crit, len(d), interval),
-                test="one-sided paired t over encoders, and the paired bootstrap over test images "
-                "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
-                D=big, interval=interval, n_encoders=len(d), control=b_name,
-                deciding=rule != "6, beside", shared_test_images=shared,
-                n_seeds=min(len(r["correct"]) for pair in rows for r in pair)))
+            verdicts.append(paired_claim(f"{dataset} / {name}: {a_name} beats {b_name}", rule,
+                                         rows, shared, b_name))
         best = sorted(round(o["best_t"], 2) for o in outs)  # each encoder's, chosen on validation
         median = (best[(len(best) - 1) // 2] + best[len(best) // 2]) / 2
         spread = max(abs(b - median) for b in best)  # one encoder says nothing of agreement
@@ -227,12 +245,82 @@ def claims(runs, out="docs/claims.json", window=0):
                              statistic=spread, best_t=best, n_encoders=len(best), median=median,
                              verdict="inconclusive" if len(best) < MIN_ENCODERS else "supported" if
                              spread <= 0.2 + 1e-9 else "not supported"))
+        if all(whole[dataset].values()):  # every learnt run of the group has the whole protocol
+            levels = [[w[min(i, len(w) - 1)] for w in whole[dataset].values()]
+                      for i in range(max(map(len, whole[dataset].values())))]
+            budgets = [(max(w["protocol"]["epochs"] for w in level),
+                        [w["targets"][name] for w in level]) for level in levels]
+            times = next(iter(whole[dataset].values()))[0]["times"]
+            try:
+                verdicts += whole_claims(f"{dataset} / {name}", budgets, times, shared)
+            except KeyError as e:
+                raise tr.UserError(f"a probe.json table of {name} lacks {e}: run this "
+                                   "version's probe.py on each run") from None
+        else:
+            print(f"{dataset} / {name}: rules 8-10 not judged (they need probe.py's whole "
+                  "protocol on every learnt run's last step)")
     verdicts += decay_claims(tables)
     command = "python analyze.py --claims " + " ".join(runs)  # and in every row, as asked of it
     result = dict(runs=list(runs), learnt={k: list(g) for k, g in tables.items()},
                   claims=[dict(v, command=command) for v in verdicts], rule_1_window=window)
     tr.atomic_save(result, out)
     print(f"{claims_text(result)}\nwrote {out}")
+
+# Rules 8-10 on the whole protocol: (the key of a curve probe in probe.json, its name)
+SEQUENCE = (("gru", "the GRU"), ("transformer", "the Transformer"))
+MIDDLE = (0.3, 0.7)  # rule 9: the middle of the curve, the paper's "around t = 0.5"
+
+def whole_claims(prefix, budgets, times, shared):
+    """Rules 8-10 for one attribute. budgets: per budget (the cpu protocol's first), its epochs
+    and the table per encoder. Rule 8: each curve probe against itself on the constant curve, at
+    the first budget where it reads the constant curve within 1 point of the best single-t MLP on
+    every encoder; rule 9: the single-layer probe's attention on the middle of the curve against
+    random init; rule 10: the grid-free probe on unseen grids against the regular 11 points
+    (margin 1 point)."""
+    rows = []
+    for key, name in SEQUENCE:
+        # per budget, each encoder's constant-curve probe minus its best single-t MLP
+        gaps = [[o[key + "_const"]["mean"] - o["best_mlp"]["mean"] for o in outs]
+                for _, outs in budgets]
+        level = next((i for i, g in enumerate(gaps) if min(g) >= -0.01), len(budgets) - 1)
+        (epochs, outs), reached = budgets[level], min(gaps[level]) >= -0.01
+        row = paired_claim(f"{prefix}: {name} on the curve beats the same probe on its constant "
+                           "curve", 8, [(o[key], o[key + "_const"]) for o in outs], shared,
+                           "the same probe on its constant curve")
+        row.update(epochs=epochs, reached=reached, reach_gap=gaps[level])
+        if not reached:  # a probe short of the MLP on the same code is not read
+            row["verdict"] = "inconclusive"
+        rows += [row, paired_claim(f"{prefix}: {name} on the curve beats the best single-t MLP",
+                                   "8, beside", [(o[key], o["best_mlp"]) for o in outs], shared,
+                                   "the best single-t MLP")]
+    outs = budgets[0][1]  # rules 9 and 10: the cpu protocol's table
+    middle = torch.tensor([MIDDLE[0] - 1e-6 <= t <= MIDDLE[1] + 1e-6 for t in times])
+    mass = lambda probe: torch.tensor(probe["attention_seeds"]).mean(0)[middle].sum()
+    d = torch.stack([mass(o["attention_probe"]) - mass(o["init"]["attention_probe"])
+                     for o in outs]).double()
+    t, crit = tr.paired_t(d)
+    peak = [round(times[int(torch.tensor(o["attention_probe"]["attention_seeds"]).mean(0)
+                            .argmax())], 2) for o in outs]
+    rows.append(dict(
+        claim=f"{prefix}: the single-layer Transformer attends more to the middle of the curve "
+        f"(t = {MIDDLE[0]}-{MIDDLE[1]}) than on the random-init encoder", rule=9, statistic=t,
+        critical=crit, d=d.tolist(), mass=d.mean().item(), peak_t=peak, n_encoders=len(d),
+        test="one-sided paired t over encoders (the attention is saved as its mean over images)",
+        verdict=verdict(t, crit, len(d)), n_seeds=min(len(o["attention_probe"]["attention_seeds"])
+                                                      for o in outs),
+        control="the same probe on the random-init encoder", deciding=True))
+    grids = lambda o: o["continuous_grids"]
+    for grid, words in (("51", "51 regular points"), ("random11", "11 random times")):
+        rows.append(paired_claim(
+            f"{prefix}: the grid-free probe on {words} (unseen) reads no more than 1 point below "
+            "its reading on the regular 11", 10, [(grids(o)[grid], grids(o)["11"]) for o in outs],
+            shared, "the same probe on the regular 11 points", margin=0.01))
+    rows.append(paired_claim(
+        f"{prefix}: the grid-free probe on the regular 11 points reads no more than 1 point "
+        "below the Transformer on that fixed grid", "10, beside",
+        [(grids(o)["11"], o["transformer"]) for o in outs], shared, "the Transformer on the fixed "
+        "grid", margin=0.01))
+    return rows
 
 def decay_claims(tables):
     """Rule 7, where every learnt run of a group has analyze.py's nmi.json of its last step, all of
@@ -284,15 +372,21 @@ def claims_text(result):
              "t against its critical value, and the difference in points with its 95% interval (of "
              "the curves' falls, for the dependence measures):"]
     for c in result["claims"]:
-        beside = f"; reported beside rule {str(c['rule'])[0]}, not deciding"
+        beside = f"; reported beside rule {str(c['rule']).split(',')[0]}, not deciding"
         word = c["verdict"] + (" (the control is better)" if c["verdict"] == "not supported"
                                and "D" in c else "") + ("" if c.get("deciding", True) else beside)
+        if not c.get("reached", True):  # rule 8: a probe short of the MLP on the same code
+            word += ": the probe does not reach the MLP on the same code (" + ", ".join(
+                f"{100 * g:+.1f}" for g in c["reach_gap"]) + " points)"
+        t = f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; " if "critical" in c else ""
         lines.append(f"- {c['claim']}: **{word}** (n = {c['n_encoders']}" + (
-            f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; {100 * c['D']:+.1f} "
-            f"[{100 * c['interval'][0]:+.1f}, {100 * c['interval'][1]:+.1f}])" if "D" in c else
-            f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; the falls differ by "
-            f"{c['fall']:+.3f})"
-            if "fall" in c else f"; best t {', '.join(map(str, c['best_t']))})"))
+            t + f"{100 * c['D']:+.1f} [{100 * c['interval'][0]:+.1f}, "
+            f"{100 * c['interval'][1]:+.1f}]" + ("; margin 1 point" if c.get("margin") else "")
+            + (f"; at {c['epochs']} epochs" if "epochs" in c else "") + ")"
+            if "D" in c else t + f"the falls differ by {c['fall']:+.3f})" if "fall" in c else
+            t + f"{100 * c['mass']:+.1f} points of attention; highest at t = "
+            f"{', '.join(map(str, c['peak_t']))})" if "mass" in c else
+            f"; best t {', '.join(map(str, c['best_t']))})"))
     return "\n".join(lines)
 
 # ---- NMI, its lag profile, and the findings in words ----

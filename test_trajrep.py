@@ -2036,6 +2036,99 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
     t, critical = tr.paired_t(torch.tensor([0.05, 0.05, 0.05], dtype=torch.float64))
     assert t > critical  # equal differences: no spread, not "no evidence"
 
+def test_whole_protocol_claims_follow_rules_8_to_10(tmp_path, monkeypatch):
+    """Rules 8-10 on tables whose statistics are computed here by hand: a curve probe is judged
+    against its constant curve only at the first budget where it reads that curve within 1 point
+    of the best single-t MLP (else "inconclusive"); the attention summed over t = 0.3-0.7 against
+    random init; the grid-free probe on unseen grids within a margin of 1 point."""
+    import analyze
+    monkeypatch.chdir(tmp_path)
+    n, times = 1000, [i / 10 for i in range(11)]
+    row = lambda acc: dict(mean=acc, correct=["1" * round(acc * n) + "0" * (n - round(acc * n))]
+                           * 2)
+
+    def attention(middle, peak=0.5, other=0.3):  # the mass middle on t = 0.3-0.7, most at peak
+        a = np.array([(1 - middle) / 6 if t < 0.3 or t > 0.7 else middle / 5 for t in times])
+        a[times.index(peak)] += 0.01  # and as much less at another t of its part of the curve
+        a[times.index(other)] -= 0.01
+        return dict(attention_seeds=[a.tolist(), a.tolist()])
+    # per run: (best MLP, GRU, GRU on the constant curve, Transformer, on the constant curve) at
+    # 10 and at 30 epochs, the attention's middle mass (trained, init), the grid-free probe on the
+    # regular 11, on 51 and on 11 random times
+    runs = {"a": ((.80, .85, .80, .84, .795), (.80, .70, .80, .84, .80), (.60, .45),
+                  (.80, .797, .75)),
+            "b": ((.82, .86, .815, .85, .75), (.82, .70, .82, .87, .815), (.55, .45),
+                  (.82, .818, .78)),
+            "c": ((.78, .85, .785, .83, .775), (.78, .70, .78, .85, .78), (.65, .45),
+                  (.79, .786, .77))}
+    for run, (e10, e30, (mid, mid0), (g11, g51, g_rand)) in runs.items():
+        os.makedirs(tmp_path / run / "results")
+        with open(tmp_path / run / "metrics.jsonl", "w") as f:
+            for step in (9000, 12000):
+                f.write(json.dumps(dict(step=step, readout=dict(shape=[0.8]))) + "\n")
+        shape = dict(best_mlp=row(.80), init=dict(best_mlp=row(.3)), pixels=row(.3), best_t=0.5,
+                     concat=row(.8), concat_const=row(.8))
+        json.dump(dict(dataset="folder", step=12000, test_key="same", protocol=dict(probes="mlp"),
+                       targets=dict(shape=shape)),
+                  open(tmp_path / run / "results" / "probe_mlp.json", "w"))
+        for name, (mlp, gru, gru_c, tf, tf_c), epochs in (("probe_e10", e10, 10),
+                                                          ("probe", e30, 30)):
+            table = dict(shape, best_mlp=row(mlp), gru=row(gru), gru_const=row(gru_c),
+                         transformer=row(tf), transformer_const=row(tf_c),
+                         attention_probe=attention(mid), init=dict(
+                             attention_probe=attention(mid0, peak=0.0, other=0.1)),
+                         continuous_grids={"11": row(g11), "51": row(g51), "random11": row(g_rand)})
+            json.dump(dict(dataset="folder", step=12000, test_key="same", times=times,
+                           protocol=dict(probes="all", epochs=epochs), targets=dict(shape=table)),
+                      open(tmp_path / run / "results" / f"{name}.json", "w"))
+    analyze.main(["--claims", "a", "b", "c"])
+    out = json.load(open(tmp_path / "docs" / "claims.json"))
+    got = {c["claim"].removeprefix("folder / shape: "): c for c in out["claims"]}
+    t_by_hand = lambda d: np.mean(d) / (np.std(d, ddof=1) / np.sqrt(len(d)))
+    # the GRU reads its constant curve within a point of the MLP at 10 epochs: judged there, not on
+    # the 30-epoch table (where it would lose)
+    gru = got["the GRU on the curve beats the same probe on its constant curve"]
+    assert gru["epochs"] == 10 and gru["reached"] and gru["verdict"] == "supported"
+    assert gru["statistic"] == pytest.approx(t_by_hand([.05, .045, .065]), rel=1e-6)
+    assert gru["D"] == pytest.approx(np.mean([.05, .045, .065]), abs=1e-9)
+    # the Transformer falls 7 points short on b at 10 epochs and reaches at 30: judged at 30
+    tf = got["the Transformer on the curve beats the same probe on its constant curve"]
+    assert tf["epochs"] == 30 and tf["verdict"] == "supported"
+    assert tf["statistic"] == pytest.approx(t_by_hand([.04, .055, .07]), rel=1e-6)
+    assert not got["the GRU on the curve beats the best single-t MLP"]["deciding"]
+    # rule 9: the middle's mass (.60, .55, .65) against random init's .45, attention highest at 0.5
+    att = got["the single-layer Transformer attends more to the middle of the curve (t = 0.3-0.7) "
+              "than on the random-init encoder"]
+    assert att["statistic"] == pytest.approx(t_by_hand([.15, .10, .20]), rel=1e-6)
+    assert att["verdict"] == "supported" and att["peak_t"] == [0.5, 0.5, 0.5]
+    # rule 10: 3, 2 and 4 images of 1000 fewer on 51 points: within the margin; 5-3 points fewer
+    # on 11 random times: beyond it
+    grid = "the grid-free probe on {} (unseen) reads no more than 1 point below its reading on " \
+        "the regular 11"
+    fine, rand = got[grid.format("51 regular points")], got[grid.format("11 random times")]
+    assert fine["statistic"] == pytest.approx(t_by_hand([.007, .008, .006]), rel=1e-6)
+    assert fine["verdict"] == "supported" and fine["D"] == pytest.approx(-0.003, abs=1e-9)
+    assert rand["verdict"] == "not supported" and rand["D"] == pytest.approx(-0.0367, abs=1e-4)
+    text = analyze.claims_text(out)
+    assert "margin 1 point" in text and "at 30 epochs" in text
+    # a probe that never reaches: "inconclusive", whatever its difference, with its shortfall
+    table = json.load(open(tmp_path / "b" / "results" / "probe.json"))
+    table["targets"]["shape"]["transformer_const"] = row(.75)
+    json.dump(table, open(tmp_path / "b" / "results" / "probe.json", "w"))
+    analyze.main(["--claims", "a", "b", "c"])
+    out = json.load(open(tmp_path / "docs" / "claims.json"))
+    tf = next(c for c in out["claims"] if "Transformer on the curve beats the same" in c["claim"])
+    assert tf["verdict"] == "inconclusive" and not tf["reached"] and tf["epochs"] == 30
+    assert tf["statistic"] > tf["critical"]  # the difference alone would have said "supported"
+    assert "does not reach the MLP on the same code (+0.0, -7.0, +0.0 points)" in \
+        analyze.claims_text(out)
+    # a run without the whole protocol: rules 8-10 not judged, rules 2-6 still
+    for name in ("probe", "probe_e10"):
+        os.remove(tmp_path / "c" / "results" / f"{name}.json")
+    analyze.main(["--claims", "a", "b", "c"])
+    rules = {c["rule"] for c in json.load(open(tmp_path / "docs" / "claims.json"))["claims"]}
+    assert 2 in rules and not rules & {8, 9, 10}
+
 def test_trained_encoder_beats_its_random_init_control_under_the_probe_protocol():
     """A real Encoder, trained (supervised, 150 steps at random t) to read the location of `shapes`
     objects, against the same weights before training: extract_trajectories and the probe protocol

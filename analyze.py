@@ -186,11 +186,11 @@ def paired_claim(claim, rule, rows, shared, control, margin=0.0):
     per encoder (A's row, B's row) of probe tables; the paired t over encoders and the paired
     bootstrap over test images of the differences plus margin decide. d, D and the interval are
     the differences themselves."""
-    d = torch.tensor([ra["mean"] - rb["mean"] for ra, rb in rows], dtype=torch.float64)
-    t, crit = tr.paired_t(d + margin)  # over encoders (n,)
+    d = torch.tensor([ra["mean"] - rb["mean"] for ra, rb in rows], dtype=torch.float64)  # (n,)
+    t, crit = tr.paired_t(d + margin)  # over encoders
     big, interval = tr.paired_bootstrap([right(ra) - right(rb) for ra, rb in rows], shared)
-    return dict(claim=claim, rule=rule, verdict=verdict(t, crit, len(d), [i + margin for i in
-                                                                         interval]),
+    shifted = [i + margin for i in interval]  # what the margin makes of the interval
+    return dict(claim=claim, rule=rule, verdict=verdict(t, crit, len(d), shifted),
                 test="one-sided paired t over encoders, and the paired bootstrap over test images "
                 "pooled over encoders (95% interval)", statistic=t, critical=crit, d=d.tolist(),
                 D=big, interval=interval, n_encoders=len(d), control=control,
@@ -204,7 +204,8 @@ def claims(runs, out="docs/claims.json", window=0):
     over encoders and the paired bootstrap over test images, and where the attribute is read
     best), rule 7 on analyze.py's nmi.json, rules 8-10 on the whole protocol's probe.json.
     Runs are judged per dataset and encoder (DRL, VDRL); window: rule 1's revision (see learnt)."""
-    tables, whole = {}, {}  # dataset -> run -> its table per attribute, for the learnt runs only
+    tables = {}  # dataset -> run -> its table per attribute, for the learnt runs only
+    whole = {}  # dataset -> run -> its whole-protocol tables, by budget (rules 8-10)
     for run in runs:
         ok, monitor, step = learnt(run, window)
         print(f"{run}: {'learnt' if ok else 'not read, rule 1 not met'} (monitor's last "
@@ -245,20 +246,15 @@ def claims(runs, out="docs/claims.json", window=0):
                              statistic=spread, best_t=best, n_encoders=len(best), median=median,
                              verdict="inconclusive" if len(best) < MIN_ENCODERS else "supported" if
                              spread <= 0.2 + 1e-9 else "not supported"))
-        if all(whole[dataset].values()):  # every learnt run of the group has the whole protocol
-            levels = [[w[min(i, len(w) - 1)] for w in whole[dataset].values()]
-                      for i in range(max(map(len, whole[dataset].values())))]
-            budgets = [(max(w["protocol"]["epochs"] for w in level),
-                        [w["targets"][name] for w in level]) for level in levels]
-            times = next(iter(whole[dataset].values()))[0]["times"]
-            try:
-                verdicts += whole_claims(f"{dataset} / {name}", budgets, times, shared)
-            except KeyError as e:
-                raise tr.UserError(f"a probe.json table of {name} lacks {e}: run this "
-                                   "version's probe.py on each run") from None
-        else:
-            print(f"{dataset} / {name}: rules 8-10 not judged (they need probe.py's whole "
-                  "protocol on every learnt run's last step)")
+        found = whole_budgets(whole[dataset], name)
+        if isinstance(found, str):
+            print(f"{dataset} / {name}: rules 8-10 not judged ({found})")
+            continue
+        try:
+            verdicts += whole_claims(f"{dataset} / {name}", *found)
+        except KeyError as e:
+            raise tr.UserError(f"a probe.json table of {name} lacks {e}: run this version's "
+                               "probe.py on each run") from None
     verdicts += decay_claims(tables)
     command = "python analyze.py --claims " + " ".join(runs)  # and in every row, as asked of it
     result = dict(runs=list(runs), learnt={k: list(g) for k, g in tables.items()},
@@ -270,6 +266,27 @@ def claims(runs, out="docs/claims.json", window=0):
 SEQUENCE = (("gru", "the GRU"), ("transformer", "the Transformer"))
 MIDDLE = (0.3, 0.7)  # rule 9: the middle of the curve, the paper's "around t = 0.5"
 
+def whole_budgets(found, name):
+    """Rules 8-10's tables of attribute `name`. found: per learnt run, its whole-protocol tables by
+    budget (probe_e10.json, then probe.json). Returns (budgets: per budget its epochs and the table
+    per encoder, the times (T,), whether the encoders share their test images), or why not."""
+    if not all(found.values()):
+        return "they need probe.py's whole protocol on every learnt run's last step"
+    if len({len(w) for w in found.values()}) > 1:
+        return "each run needs the same budgets: rule 8's probe_e10.json beside probe.json on all"
+    budgets = []
+    for level in zip(*found.values()):  # one budget: each run's table
+        epochs = {w["protocol"].get("epochs") for w in level}
+        if len(epochs) > 1 or (budgets and budgets[-1][0] >= min(epochs)):
+            return "each budget needs one number of epochs, the cpu protocol's first"
+        if any(name not in w["targets"] for w in level):
+            return f"a table lacks {name}: probe every run with --target all or {name}"
+        budgets.append((epochs.pop(), [w["targets"][name] for w in level]))
+    if len({tuple(w["times"]) for w in level}) > 1:
+        return "the runs were probed at different times"
+    keys = {w.get("test_key") for w in level}  # which test images
+    return budgets, level[0]["times"], len(keys) == 1 and None not in keys
+
 def whole_claims(prefix, budgets, times, shared):
     """Rules 8-10 for one attribute. budgets: per budget (the cpu protocol's first), its epochs
     and the table per encoder. Rule 8: each curve probe against itself on the constant curve, at
@@ -279,37 +296,47 @@ def whole_claims(prefix, budgets, times, shared):
     (margin 1 point)."""
     rows = []
     for key, name in SEQUENCE:
-        # per budget, each encoder's constant-curve probe minus its best single-t MLP
+        # per budget, each encoder's constant-curve probe minus its best single-t MLP (n,)
         gaps = [[o[key + "_const"]["mean"] - o["best_mlp"]["mean"] for o in outs]
                 for _, outs in budgets]
-        level = next((i for i, g in enumerate(gaps) if min(g) >= -0.01), len(budgets) - 1)
-        (epochs, outs), reached = budgets[level], min(gaps[level]) >= -0.01
+        reaches = [min(g) >= -0.01 - 1e-9 for g in gaps]  # no encoder more than 1 point below
+        level = reaches.index(True) if any(reaches) else len(budgets) - 1
+        epochs, outs = budgets[level]
+        if not reaches[level] and len(budgets) == 1:
+            print(f"{prefix}: {name} does not reach the MLP on the same code: rule 8 probes "
+                  "every run again with --epochs 30, the first probe.json kept as probe_e10.json")
         row = paired_claim(f"{prefix}: {name} on the curve beats the same probe on its constant "
                            "curve", 8, [(o[key], o[key + "_const"]) for o in outs], shared,
                            "the same probe on its constant curve")
-        row.update(epochs=epochs, reached=reached, reach_gap=gaps[level])
-        if not reached:  # a probe short of the MLP on the same code is not read
+        row.update(epochs=epochs, reached=reaches[level], reach_gap=gaps[level])
+        if not reaches[level]:  # a probe short of the MLP on the same code is not read
             row["verdict"] = "inconclusive"
-        rows += [row, paired_claim(f"{prefix}: {name} on the curve beats the best single-t MLP",
-                                   "8, beside", [(o[key], o["best_mlp"]) for o in outs], shared,
-                                   "the best single-t MLP")]
+        beside = paired_claim(f"{prefix}: {name} on the curve beats the best single-t MLP",
+                              "8, beside", [(o[key], o["best_mlp"]) for o in outs], shared,
+                              "the best single-t MLP")
+        rows += [row, dict(beside, epochs=epochs)]
     outs = budgets[0][1]  # rules 9 and 10: the cpu protocol's table
     middle = torch.tensor([MIDDLE[0] - 1e-6 <= t <= MIDDLE[1] + 1e-6 for t in times])
-    mass = lambda probe: torch.tensor(probe["attention_seeds"]).mean(0)[middle].sum()
-    d = torch.stack([mass(o["attention_probe"]) - mass(o["init"]["attention_probe"])
-                     for o in outs]).double()
+    attention = lambda probe: torch.tensor(probe["attention_seeds"]).mean(0)  # over seeds (T,)
+    trained = [attention(o["attention_probe"]) for o in outs]
+    init = [attention(o["init"]["attention_probe"]) for o in outs]
+    d = torch.stack([a[middle].sum() - b[middle].sum() for a, b in zip(trained, init)]).double()
     t, crit = tr.paired_t(d)
-    peak = [round(times[int(torch.tensor(o["attention_probe"]["attention_seeds"]).mean(0)
-                            .argmax())], 2) for o in outs]
     rows.append(dict(
         claim=f"{prefix}: the single-layer Transformer attends more to the middle of the curve "
         f"(t = {MIDDLE[0]}-{MIDDLE[1]}) than on the random-init encoder", rule=9, statistic=t,
-        critical=crit, d=d.tolist(), mass=d.mean().item(), peak_t=peak, n_encoders=len(d),
+        critical=crit, d=d.tolist(), mass_gain=d.mean().item(), n_encoders=len(d),
+        peak_t=[round(times[int(a.argmax())], 2) for a in trained],  # beside it, not deciding
         test="one-sided paired t over encoders (the attention is saved as its mean over images)",
-        verdict=verdict(t, crit, len(d)), n_seeds=min(len(o["attention_probe"]["attention_seeds"])
-                                                      for o in outs),
+        verdict=verdict(t, crit, len(d)), n_seeds=min(len(p["attention_seeds"]) for o in outs
+                                                      for p in (o["attention_probe"],
+                                                                o["init"]["attention_probe"])),
         control="the same probe on the random-init encoder", deciding=True))
-    grids = lambda o: o["continuous_grids"]
+    grids = lambda o: o.get("continuous_grids", {})
+    if not all(grids(o) and all("correct" in g for g in grids(o).values()) for o in outs):
+        print(f"{prefix}: rule 10 not judged (it needs the grid-free probe of this version's "
+              "probe.py on every run)")
+        return rows
     for grid, words in (("51", "51 regular points"), ("random11", "11 random times")):
         rows.append(paired_claim(
             f"{prefix}: the grid-free probe on {words} (unseen) reads no more than 1 point below "
@@ -372,21 +399,31 @@ def claims_text(result):
              "t against its critical value, and the difference in points with its 95% interval (of "
              "the curves' falls, for the dependence measures):"]
     for c in result["claims"]:
-        beside = f"; reported beside rule {str(c['rule']).split(',')[0]}, not deciding"
-        word = c["verdict"] + (" (the control is better)" if c["verdict"] == "not supported"
-                               and "D" in c else "") + ("" if c.get("deciding", True) else beside)
+        word = c["verdict"]
+        if word == "not supported" and "D" in c:  # which way
+            word += " (worse by more than the margin)" if c.get("margin") else \
+                " (the control is better)"
+        if not c.get("deciding", True):
+            word += f"; reported beside rule {str(c['rule']).split(',')[0]}, not deciding"
         if not c.get("reached", True):  # rule 8: a probe short of the MLP on the same code
             word += ": the probe does not reach the MLP on the same code (" + ", ".join(
                 f"{100 * g:+.1f}" for g in c["reach_gap"]) + " points)"
-        t = f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; " if "critical" in c else ""
-        lines.append(f"- {c['claim']}: **{word}** (n = {c['n_encoders']}" + (
-            t + f"{100 * c['D']:+.1f} [{100 * c['interval'][0]:+.1f}, "
-            f"{100 * c['interval'][1]:+.1f}]" + ("; margin 1 point" if c.get("margin") else "")
-            + (f"; at {c['epochs']} epochs" if "epochs" in c else "") + ")"
-            if "D" in c else t + f"the falls differ by {c['fall']:+.3f})" if "fall" in c else
-            t + f"{100 * c['mass']:+.1f} points of attention; highest at t = "
-            f"{', '.join(map(str, c['peak_t']))})" if "mass" in c else
-            f"; best t {', '.join(map(str, c['best_t']))})"))
+        numbers = f"n = {c['n_encoders']}"
+        if "critical" in c:  # the paired t over encoders
+            numbers += f", t = {c['statistic']:.1f} vs {c['critical']:.2f}; "
+        if "D" in c:  # rules 2-3, 5-6, 8, 10: the difference in points, its 95% interval
+            numbers += (f"{100 * c['D']:+.1f} [{100 * c['interval'][0]:+.1f}, "
+                        f"{100 * c['interval'][1]:+.1f}]")
+            numbers += f"; margin {100 * c['margin']:.0f} point" if c.get("margin") else ""
+            numbers += f"; at {c['epochs']} epochs" if "epochs" in c else ""
+        elif "fall" in c:  # rule 7
+            numbers += f"the falls differ by {c['fall']:+.3f}"
+        elif "mass_gain" in c:  # rule 9
+            numbers += (f"{100 * c['mass_gain']:+.1f} points of attention; highest at t = "
+                        f"{', '.join(map(str, c['peak_t']))}")
+        else:  # rule 4
+            numbers += f"; best t {', '.join(map(str, c['best_t']))}"
+        lines.append(f"- {c['claim']}: **{word}** ({numbers})")
     return "\n".join(lines)
 
 # ---- NMI, its lag profile, and the findings in words ----

@@ -133,10 +133,15 @@ def encode(args, cfg, splits, encoders, step, times, device):
 fmt = lambda r, i=None: "{:5.1f} ± {:4.1f}".format(
     *(100 * (r[k] if i is None else r[k][i]) for k in ("mean", "std")))
 
+def bits(correct):
+    """Which test images one probe seed gets right, correct (N,) bool, as a string of '1' / '0':
+    what probe.json keeps for tests paired image by image (analyze.py --claims)."""
+    return "".join("01"[int(c)] for c in correct.tolist())
+
 def summary(res, r=0):
     """Readout r's mean, spread, per-seed accuracies and chosen lrs, and per seed which test images
-    it gets right ('1') or wrong ('0'), for tests paired image by image (analyze.py --claims)."""
-    right = ["".join("01"[int(c)] for c in seed.tolist()) for seed in res["correct"][:, :, r]]
+    it gets right (bits)."""
+    right = [bits(seed) for seed in res["correct"][:, :, r]]
     return dict(mean=res["test_mean"][r].item(), std=res["test_std"][r].item(), correct=right,
                 seeds=res["tests"][:, r].tolist(), lrs=res["lrs"][:, r].tolist())
 
@@ -188,7 +193,7 @@ def continuous_on_grid(res, codes, labels, times):
     mean, std = res["standardiser"]  # the training codes' statistics, pooled over t
     accs, atts = zip(*(tr.evaluate_probe(p, (codes - mean) / std, labels, times)
                        for p in res["chosen_probes"]))
-    right = ["".join("01"[int(c)] for c in seed[:, 0].tolist()) for seed in accs]  # as summary
+    right = [bits(seed[:, 0]) for seed in accs]  # per seed, as summary keeps them
     accs = torch.stack([c[:, 0].float().mean() for c in accs])  # (S,)
     density = torch.stack([tr.attention_density(att, times) for att in atts]).mean(0)  # (T',)
     return dict(mean=accs.mean().item(), std=accs.std(unbiased=False).item(), seeds=accs.tolist(),

@@ -2202,6 +2202,9 @@ def test_probe_and_analyze_scripts_end_to_end(tmp_path, monkeypatch, capsys):
         "51",
         "random11",
     }
+    for grid in out["continuous_grids"].values():  # per seed, which of the 40 test images
+        assert [len(s) for s in grid["correct"]] == [40] and [s.count("1") / 40 for s in grid[
+            "correct"]] == pytest.approx(grid["seeds"])
     # a probe.json without Figure 3's probe (--probes mlp, or an older probe.py) is said to lack
     # it, and analyze.py goes on without it; then a budget too small to estimate: said, not hidden
     path = os.path.join(run, "results", "probe.json")

@@ -983,6 +983,21 @@ def test_shapes_labels_match_pixels(object_scale):
     )
 
 @pytest.mark.fast
+@pytest.mark.parametrize("quarters", [1, 4])
+def test_shapes_texture_mix_moves_the_second_shade_alone(quarters):
+    """texture_mix = quarters / 4: the same labels and objects as the default data (0.5); only the
+    pixels of the second shade change, to the colour moved that far to grey (integer arithmetic)."""
+    base, labels = tr.make_shapes(300, 32, seed=3)
+    images, same = tr.make_shapes(300, 32, seed=3, texture_mix=quarters / 4)
+    assert np.array_equal(labels, same)
+    colours = tr.COLOURS.astype(int)
+    fg = np.broadcast_to(labels[:, 1, None, None], base.shape[:3])  # (N, H, W) object colour
+    second = (base == ((colours + 128) // 2)[fg]).all(-1)  # the default's second-shade pixels
+    assert second.any() and np.array_equal(images[~second], base[~second])
+    want = (colours * (4 - quarters) + 128 * quarters) // 4  # (9, 3): 1/4 or all the way to grey
+    assert np.array_equal(images[second], want[fg[second]])
+
+@pytest.mark.fast
 def test_shapes_classes_are_balanced_distinct_and_drawn_from_the_seed():
     """20000 images: every class of every attribute within 5 standard errors of its uniform share,
     background never the foreground colour, the same seed the same images, another seed others."""
@@ -1608,7 +1623,8 @@ def test_non_numeric_train_flags_are_argparse_errors(tmp_path, argv, capsys):
     (["--num-train", "0"], "num-train must be positive"), (["--dropout", "2"], "dropout"),
     (["--clip", "-1"], "clip must be positive"), (["--clip", "0"], "clip must be positive"),
     (["--device", "cuda"], "CUDA device"), (["--device", "tpu9"], "unknown device"),
-    (["--enc-widths", ""], "enc-widths needs positive"), (["--sigma-data", "0"], "sigma-data")])
+    (["--enc-widths", ""], "enc-widths needs positive"), (["--sigma-data", "0"], "sigma-data"),
+    (["--texture-mix", "0"], r"texture-mix must be in \(0, 1\]")])
 def test_impossible_train_values_are_one_sentence_and_leave_no_folder(tmp_path, flags, match):
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -61,9 +61,9 @@ DATASETS = {"shapes": dict(image_size=32, object_scale=1.5, texture=True, probe_
             "folder": dict(image_size=64)}
 # The values of the flags that no preset sets, and of the keys that a checkpoint's config lacks.
 DEFAULTS = dict(dataset="shapes", encoder="drl", preset=None, data_root="./data", num_train=None,
-                object_scale=1.0, texture=False, lambda_z=1e-5, sigma_min=0.01, sigma_max=50.0,
-                eps=1e-5, t_dist="uniform", weighting="sigma2", precond="sigma", sigma_data=0.5,
-                enc_head="pool", lr_decay="none", seed=0, device="auto", amp=False,
+                object_scale=1.0, texture=False, texture_mix=0.5, lambda_z=1e-5, sigma_min=0.01,
+                sigma_max=50.0, eps=1e-5, t_dist="uniform", weighting="sigma2", precond="sigma",
+                sigma_data=0.5, enc_head="pool", lr_decay="none", seed=0, device="auto", amp=False,
                 channels_last=True, compile=False, workers=0, out=None, allow_new_data=False,
                 probe_every=0, classes=None, data_key=None)
 # What a --resume may change (the lr, warm-up and clip too: a diverged run goes on from its last
@@ -97,6 +97,9 @@ FLAGS = [
      "1.5] (beyond, objects of neighbouring location cells overlap or become too small to show "
      "their shape)", lambda v, c: 0.5 <= v <= 1.5)),
     ("texture", "on/off", "shapes: the fifth attribute, a 2-pixel texture on the object"),
+    ("texture-mix", float, "shapes: the texture's second shade, the object's colour moved this "
+     "fraction of the way to grey (its contrast: 0.5, about 0.4 in [-1, 1])", ("must be in (0, 1] "
+     "(0 would draw no texture under its label)", lambda v, c: 0 < v <= 1)),
     "model (the encoder E(x0, t) and the score U-Net s(x_t, z, t))",
     ("preset", sorted(PRESETS), "the defaults below: cpu on shapes, paper on the other datasets"),
     ("encoder", ("drl", "vdrl"), "deterministic (DRL) or probabilistic (VDRL) code"),

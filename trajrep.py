@@ -914,14 +914,16 @@ SHAPE_MASKS = (lambda dx, dy, r: (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * 
                lambda dx, dy, r: (np.minimum(np.abs(dx), np.abs(dy)) <= 0.3 * r)  # cross
                & (np.maximum(np.abs(dx), np.abs(dy)) <= r))
 
-def make_shapes(n, image_size=32, seed=0, object_scale=1.5, texture=True):
+def make_shapes(n, image_size=32, seed=0, object_scale=1.5, texture=True, texture_mix=0.5):
     """The embedded synthetic dataset: n RGB images of one object with five attributes: shape (5),
     foreground colour (9), background colour (9, never the foreground), location (16 cells of a 4x4
-    grid, no object clipped) and texture (4: solid or a 2-pixel pattern in the colour halfway to
-    grey), the finest spatial scale, to test where fine detail lives on the curve. Radius and centre
-    jitter inside the cell. Deterministic per seed; texture is drawn last, so the first four labels
-    equal those of texture=False (labels (n, 4)). object_scale multiplies the 4-5.5 px radius (1.5:
-    the object is about 11% of the pixels; beyond, neighbouring cells overlap the jitter).
+    grid, no object clipped) and texture (4: solid or a 2-pixel pattern in a second shade, the
+    colour moved a fraction texture_mix of the way to grey: 0.5, a contrast of about 0.4 in [-1, 1];
+    1, about 0.8), the finest spatial scale, to test where fine detail lives on the curve. Radius
+    and centre jitter inside the cell. Deterministic per seed; texture is drawn last, so the first
+    four labels equal those of texture=False (labels (n, 4)). object_scale multiplies the 4-5.5 px
+    radius (1.5: the object is about 11% of the pixels; beyond, neighbouring cells overlap the
+    jitter).
     Returns images (n, H, W, 3) uint8 and labels (n, 5) int64 in SHAPES_ATTRIBUTES order."""
     rng = np.random.default_rng(seed)
     s = image_size / 32.0  # all geometry is laid out for 32 px and scaled
@@ -935,11 +937,12 @@ def make_shapes(n, image_size=32, seed=0, object_scale=1.5, texture=True):
     jitter = rng.uniform(-1, 1, (n, 2)) * min(1.0, spacing / 6)  # +-1 px, less if cells are close
     centres = s * (margin + spacing * np.stack([loc % 4, loc // 4], 1) + jitter)  # (n, 2) x, y
     pattern = rng.integers(0, len(TEXTURE_NAMES), n) if texture else np.zeros(n, dtype=np.int64)
-    shade = ((COLOURS.astype(np.int64) + 128) // 2).astype(np.uint8)  # (9, 3) second shades
+    shade = np.floor(COLOURS * (1 - texture_mix) + 128 * texture_mix).astype(np.uint8)  # (9, 3)
     yi, xi = np.mgrid[0:image_size, 0:image_size]  # integer pixel coordinates (H, W)
     # The pixels of each texture's second shade: none (solid), every other row, every other
     # column, a checkerboard. Period 2 px, the finest pattern an image holds, erased first by the
-    # noise (its contrast, about 0.4 in [-1, 1], is drowned once sigma passes it: t ~ 0.4).
+    # noise (its contrast, about 0.4 in [-1, 1] at texture_mix 0.5, is drowned once sigma passes it:
+    # t ~ 0.4).
     textures = np.stack([xi < 0, yi % 2 == 1, xi % 2 == 1, (xi + yi) % 2 == 1])  # (4, H, W)
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     for i in range(n):  # the object's mask on offsets from its centre, at pixel centres (H, W)
@@ -1002,7 +1005,7 @@ def stratified_indices(labels, n, seed=0):
     return torch.from_numpy(rng.permutation(idx)).long()
 
 def load_dataset(name, split, data_root="./data", image_size=32, num_examples=None, seed=0,
-                 object_scale=1.5, texture=True, classes=None):
+                 object_scale=1.5, texture=True, classes=None, texture_mix=0.5):
     """A LabelledImages of `name` in {shapes, cifar10, cifar100, miniimagenet, folder}. shapes:
     generated (default 10000 train / 2000 test, another seed per split); elsewhere num_examples
     keeps a stratified subset. cifar10 / cifar100: torchvision, downloaded into data_root if
@@ -1014,7 +1017,7 @@ def load_dataset(name, split, data_root="./data", image_size=32, num_examples=No
     if name == "shapes":
         n = num_examples or (10000 if split == "train" else 2000)
         images, labels = make_shapes(n, image_size, seed * 1000 + (0 if split == "train" else 1),
-                                     object_scale, texture)
+                                     object_scale, texture, texture_mix)
         a = labels.shape[1]  # 4 without texture
         return LabelledImages(images, labels, SHAPES_ATTRIBUTES[:a], SHAPES_CLASSES[:a])
     import torchvision  # here, not at import and not for shapes: only the other datasets need it
@@ -1135,7 +1138,7 @@ def run_datasets(config, data_root=None, max_train=0, max_test=0, seed=0, splits
         out[name] = load_dataset(config["dataset"], name, data_root or config["data_root"],
                                  config["image_size"], limits[name][0], config["seed"],
                                  config.get("object_scale", 1.0), config.get("texture", False),
-                                 config.get("classes"))
+                                 config.get("classes"), config.get("texture_mix", 0.5))
         if check and name == "train" and config.get("data_key") not in (None,
                                                                           dataset_key(out[name])):
             raise UserError(f"the images in {data_root or config['data_root']} are not those the "

@@ -216,8 +216,10 @@ def claims(runs, out="docs/claims.json", window=0):
         if ok and not found:
             raise tr.UserError(f"{run} has no results/probe_mlp.json or probe.json of its last "
                                f"step ({step}): run probe.py on it first")
-        if ok:  # DRL and VDRL encoders are judged apart
-            group = found[0]["dataset"] + (" (VDRL)" if found[0].get("encoder") == "vdrl" else "")
+        if ok:  # DRL and VDRL encoders are judged apart, and each --texture-mix (rule 11)
+            mix = found[0].get("texture_mix", 0.5)
+            group = found[0]["dataset"] + (" (VDRL)" if found[0].get("encoder") == "vdrl" else "") \
+                + (f" (texture-mix {mix:g})" if mix != 0.5 else "")
             tables.setdefault(group, {})[run] = found[0]
             # rules 8-10: the whole protocol's tables, by budget (rule 8's first one kept apart)
             paths = [os.path.join(run, "results", f"{s}.json") for s in ("probe_e10", "probe")]
@@ -255,7 +257,7 @@ def claims(runs, out="docs/claims.json", window=0):
         except KeyError as e:
             raise tr.UserError(f"a probe.json table of {name} lacks {e}: run this version's "
                                "probe.py on each run") from None
-    verdicts += decay_claims(tables)
+    verdicts += decay_claims(tables) + contrast_claims(tables)
     command = "python analyze.py --claims " + " ".join(runs)  # and in every row, as asked of it
     result = dict(runs=list(runs), learnt={k: list(g) for k, g in tables.items()},
                   claims=[dict(v, command=command) for v in verdicts], rule_1_window=window)
@@ -387,6 +389,59 @@ def decay_claims(tables):
                 control="the trained t = 0 codes carried along t by invertible maps"))
     return rows
 
+# Rule 11: the texture is drowned where sigma(t) = k c for its contrast c, whatever k, so t moves by
+# 1 / ln(sigma_max / sigma_min) per unit of ln c (the cpu preset's sigmas, 0.01 and 50)
+PREDICTED_SLOPE = 1 / math.log(50 / 0.01)
+
+def entering_t(acc, times):
+    """Rule 11: where a per-t accuracy profile acc (T,) first reaches h = (min + max) / 2 after its
+    earliest minimum, linear from the grid point before; None where it does not rise (its earliest
+    maximum is not after its earliest minimum)."""
+    lo, hi = acc.index(min(acc)), acc.index(max(acc))
+    if hi <= lo:
+        return None
+    h = (acc[lo] + acc[hi]) / 2
+    k = next(i for i in range(lo + 1, len(acc)) if acc[i] >= h)  # acc[k - 1] < h <= acc[k]
+    return times[k - 1] + (times[k] - times[k - 1]) * (h - acc[k - 1]) / (acc[k] - acc[k - 1])
+
+def contrast_claims(tables):
+    """Rule 11, where `shapes` DRL encoders of two or more --texture-mix were read: the
+    least-squares slope of each encoder's entering t (texture, per-t MLP; encoders whose profile
+    rises by 5 points or more) on ln(mix), one-sided t on n - 2 degrees of freedom; "supported" if
+    its lower bound is above 0 and its upper bound reaches half the predicted slope, "not supported"
+    if the upper bound stays below that half."""
+    runs = [(run, r) for found in tables.values() for run, r in found.items() if r["dataset"] ==
+            "shapes" and r.get("encoder") != "vdrl" and "texture" in r["targets"]]
+    if len({r.get("texture_mix", 0.5) for _, r in runs}) < 2:
+        return []  # no sweep of the contrast
+    mixes = {}  # mix -> per encoder (run, rise of the profile, entering t or None)
+    for run, r in runs:
+        acc = r["targets"]["texture"]["mlp"]["mean"]
+        rise = max(acc) - min(acc)
+        mixes.setdefault(r.get("texture_mix", 0.5), []).append(
+            (run, rise, entering_t(acc, r["times"]) if rise >= 0.05 - 1e-9 else None))
+    points = [(math.log(m), t) for m, rows in mixes.items() for _, _, t in rows if t is not None]
+    enough = sum(sum(t is not None for *_, t in rows) >= 2 for rows in mixes.values()) >= 2
+    n, b, se, q = len(points), 0.0, 0.0, math.inf
+    if enough:  # then n >= 4: the slope and its standard error on n - 2 degrees of freedom
+        x, y = torch.tensor(points, dtype=torch.float64).T  # (n,) each
+        sxx = ((x - x.mean()) ** 2).sum()
+        b = (((x - x.mean()) * (y - y.mean())).sum() / sxx).item()
+        rss = ((y - y.mean() - b * (x - x.mean())) ** 2).sum()
+        se, q = (rss / (n - 2) / sxx).sqrt().item(), tr.T95[min(n - 2, len(tr.T95)) - 1]
+    low, high, half = b - q * se, b + q * se, PREDICTED_SLOPE / 2
+    verdict = ("inconclusive" if not enough or se == 0 else "supported" if low > 0 and high >= half
+               else "not supported" if high < half else "inconclusive")
+    return [dict(
+        claim="shapes: the texture enters the code later where its contrast (--texture-mix) is "
+        "higher, by at least half the slope the DRL paper's mechanism predicts", rule=11,
+        test="least-squares slope of the entering t on ln(mix), an encoder a point; one-sided t on "
+        "n - 2 degrees of freedom", statistic=b / se if se else 0.0, critical=q, slope=b,
+        bounds=[low, high], predicted=PREDICTED_SLOPE, moves=low > 0, verdict=verdict,
+        n_encoders=n, n_seeds=min(r["protocol"]["mlp_seeds"] for _, r in runs),
+        entering={run: [m, rise, t] for m, rows in mixes.items() for run, rise, t in rows},
+        control="half the predicted slope", deciding=True)]
+
 def claims_text(result):
     """The claims in words, one line each, from claims.json: what the README prints."""
     learnt = "; ".join(f"{k}: {', '.join(g)}" for k, g in result["learnt"].items())
@@ -400,6 +455,8 @@ def claims_text(result):
              "the curves' falls, for the dependence measures):"]
     for c in result["claims"]:
         word = c["verdict"]
+        if word == "not supported" and c.get("moves"):  # rule 11: it moves, by less
+            word += " (it moves, by less than half as much)"
         if word == "not supported" and "D" in c:  # which way
             word += " (worse by more than the margin)" if c.get("margin") else \
                 " (the control is better)"
@@ -418,6 +475,11 @@ def claims_text(result):
             numbers += f"; at {c['epochs']} epochs" if "epochs" in c else ""
         elif "fall" in c:  # rule 7
             numbers += f"the falls differ by {c['fall']:+.3f}"
+        elif "slope" in c:  # rule 11
+            numbers += (f"slope {c['slope']:+.3f} [{c['bounds'][0]:+.3f}, {c['bounds'][1]:+.3f}] "
+                        f"against {c['predicted']:.3f} predicted; entering t " + ", ".join(
+                            f"{t:.2f} (mix {m:g})" for m, _, t in c["entering"].values()
+                            if t is not None))
         elif "mass_gain" in c:  # rule 9
             numbers += (f"{100 * c['mass_gain']:+.1f} points of attention; highest at t = "
                         f"{', '.join(map(str, c['peak_t']))}")

@@ -381,7 +381,8 @@ def main(argv=None):
           f"{movement['grid']['ratio']:.3f}, random init {movement['init']['ratio']:.3f}")
     result = dict(run=args.run, step=step, dataset=train_cfg["dataset"], protocol=cfg,
                   test_key=tr.tensors_key(*splits["test"].tensors()),  # which test images
-                  encoder=train_cfg["encoder"], times=times.tolist(), movement=movement, targets={})
+                  encoder=train_cfg["encoder"], times=times.tolist(), movement=movement, targets={},
+                  texture_mix=train_cfg.get("texture_mix", 0.5))  # rule 11 groups by it
     for i, name in enumerate(targets):
         a = attrs.index(name)
         result["targets"][name] = probe_target(a, name, splits["train"].num_classes[a], data, cfg,

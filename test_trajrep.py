@@ -1885,6 +1885,51 @@ def test_analyze_findings_follow_the_numbers():
     assert analyze.fitted_fall(upper[None]) == (pytest.approx(0.15, abs=1e-6), 0.0)
     assert analyze.lag_fall(upper[None])[0] == pytest.approx(0.3, abs=1e-6)
 
+@pytest.mark.fast
+def test_rule_11_entering_t_and_its_slope_over_texture_mixes():
+    """Rule 11 on hand-made texture profiles: the entering t by hand (half-way from the earliest
+    minimum to the maximum, linear between grid points), none for a falling or flat profile; the
+    slope on ln(mix) and its standard error against numpy's least squares; each verdict."""
+    import analyze
+    times = [i / 10 for i in range(11)]
+    s1 = [.388, .341, .348, .360, .412, .439, .452, .464, .477, .459, .473]  # seed 1, rounded
+    # h = (.341 + .477) / 2 = .409, first reached at t = 0.4, after the minimum at t = 0.1
+    assert analyze.entering_t(s1, times) == pytest.approx(0.3 + 0.1 * (.409 - .360) / .052)
+    assert analyze.entering_t(s1[::-1], times) is None  # falls: its maximum comes first
+    assert analyze.entering_t([.4] * 11, times) is None
+
+    def run(mix, k, v, top=.5):  # .30 up to t_(k-1), v at t_k, then top (.50: enters at
+        acc = [.30] * k + [v] + [top] * (10 - k)  # t_(k-1) + .01 / (v - .3))
+        return dict(dataset="shapes", texture_mix=mix, times=times, protocol=dict(mlp_seeds=3),
+                    targets=dict(texture=dict(mlp=dict(mean=acc))))
+
+    def rule_11(spec):  # spec: per mix, (k, v[, top]) per encoder -> rule 11's row
+        tables = {f"mix {m}": {f"{m}-{i}": run(m, *r) for i, r in enumerate(rows)}
+                  for m, rows in spec.items()}
+        return analyze.contrast_claims(tables)
+    assert rule_11({0.5: [(4, .5)] * 3}) == []  # one mix: no sweep
+    rises = {.25: [(3, .5), (2, .5)], .5: [(4, .5), (3, .5)], 1: [(5, .5), (4, .5)]}
+    row = rule_11(rises)[0]
+    x = np.log([.25, .25, .5, .5, 1, 1])
+    y = np.array([.25, .15, .35, .25, .45, .35]) + 0.1  # t_(k-1) + .05
+    b, a = np.polyfit(x, y, 1)
+    se = np.sqrt(((y - a - b * x) ** 2).sum() / 4 / ((x - x.mean()) ** 2).sum())
+    assert row["slope"] == pytest.approx(b) and b == pytest.approx(0.1 / np.log(2))
+    assert row["bounds"] == pytest.approx([b - 2.132 * se, b + 2.132 * se])  # t(0.95, 4 df)
+    assert row["verdict"] == "supported" and row["n_encoders"] == 6 and row["n_seeds"] == 3
+    text = analyze.claims_text(dict(learnt={}, runs=[], claims=[row], rule_1_window=4))
+    assert f"**supported** (n = 6, t = {b / se:.1f} vs 2.13; slope +0.144 [" in text
+    # the same t at every mix, within .017: it does not move as the mechanism predicts
+    still = {m: [(4, .5), (4, .4)] for m in (.25, .5, 1)}  # enters at 0.35 and 0.4
+    row = rule_11(still)[0]
+    assert row["slope"] == pytest.approx(0) and row["bounds"][1] < analyze.PREDICTED_SLOPE / 2
+    assert row["verdict"] == "not supported" and not row["moves"]
+    # too flat to be read (rise .02) on two mixes: fewer than two mixes with two encoders read
+    flat = {**rises, **{m: [(4, .31, .32), (3, .31, .32)] for m in (.5, 1)}}
+    row = rule_11(flat)[0]
+    assert row["verdict"] == "inconclusive" and row["n_encoders"] == 2
+    assert row["entering"]["1-0"] == [1, pytest.approx(.02), None]
+
 def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypatch):
     """analyze.py --claims: a run whose monitor still moved by 3 points or more over its last 3000
     steps is left out; each claim's t is the paired t of the differences over the learnt runs,

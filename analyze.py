@@ -257,7 +257,8 @@ def claims(runs, out="docs/claims.json", window=0):
         except KeyError as e:
             raise tr.UserError(f"a probe.json table of {name} lacks {e}: run this version's "
                                "probe.py on each run") from None
-    verdicts += decay_claims(tables) + contrast_claims(tables)
+    verdicts += decay_claims(tables) + (contrast_claims(tables) if window else [])  # rule 11:
+    # rule 1 revised only
     command = "python analyze.py --claims " + " ".join(runs)  # and in every row, as asked of it
     result = dict(runs=list(runs), learnt={k: list(g) for k, g in tables.items()},
                   claims=[dict(v, command=command) for v in verdicts], rule_1_window=window)
@@ -422,22 +423,24 @@ def contrast_claims(tables):
             (run, rise, entering_t(acc, r["times"]) if rise >= 0.05 - 1e-9 else None))
     points = [(math.log(m), t) for m, rows in mixes.items() for _, _, t in rows if t is not None]
     enough = sum(sum(t is not None for *_, t in rows) >= 2 for rows in mixes.values()) >= 2
-    n, b, se, q = len(points), 0.0, 0.0, math.inf
+    n, fit = len(points), {}  # the fit: none with too few encoders read
     if enough:  # then n >= 4: the slope and its standard error on n - 2 degrees of freedom
         x, y = torch.tensor(points, dtype=torch.float64).T  # (n,) each
         sxx = ((x - x.mean()) ** 2).sum()
         b = (((x - x.mean()) * (y - y.mean())).sum() / sxx).item()
         rss = ((y - y.mean() - b * (x - x.mean())) ** 2).sum()
         se, q = (rss / (n - 2) / sxx).sqrt().item(), tr.T95[min(n - 2, len(tr.T95)) - 1]
-    low, high, half = b - q * se, b + q * se, PREDICTED_SLOPE / 2
-    verdict = ("inconclusive" if not enough or se == 0 else "supported" if low > 0 and high >= half
-               else "not supported" if high < half else "inconclusive")
+        if se > 1e-12:  # a perfect fit has no error to test against
+            fit = dict(statistic=b / se, critical=q, slope=b, bounds=[b - q * se, b + q * se])
+    low, high = fit.get("bounds", (0.0, math.inf))
+    verdict = ("inconclusive" if not fit else "supported" if low > 0 and high >= PREDICTED_SLOPE / 2
+               else "not supported" if high < PREDICTED_SLOPE / 2 else "inconclusive")
     return [dict(
         claim="shapes: the texture enters the code later where its contrast (--texture-mix) is "
         "higher, by at least half the slope the DRL paper's mechanism predicts", rule=11,
         test="least-squares slope of the entering t on ln(mix), an encoder a point; one-sided t on "
-        "n - 2 degrees of freedom", statistic=b / se if se else 0.0, critical=q, slope=b,
-        bounds=[low, high], predicted=PREDICTED_SLOPE, moves=low > 0, verdict=verdict,
+        "n - 2 degrees of freedom", **fit, predicted=PREDICTED_SLOPE, moves=low > 0,
+        verdict=verdict,
         n_encoders=n, n_seeds=min(r["protocol"]["mlp_seeds"] for _, r in runs),
         entering={run: [m, rise, t] for m, rows in mixes.items() for run, rise, t in rows},
         control="half the predicted slope", deciding=True)]
@@ -475,11 +478,13 @@ def claims_text(result):
             numbers += f"; at {c['epochs']} epochs" if "epochs" in c else ""
         elif "fall" in c:  # rule 7
             numbers += f"the falls differ by {c['fall']:+.3f}"
-        elif "slope" in c:  # rule 11
+        elif "predicted" in c:  # rule 11: the slope, b - q se and b + q se (a 90% interval)
             numbers += (f"slope {c['slope']:+.3f} [{c['bounds'][0]:+.3f}, {c['bounds'][1]:+.3f}] "
-                        f"against {c['predicted']:.3f} predicted; entering t " + ", ".join(
+                        f"against {c['predicted']:.3f} predicted" if "slope" in c else
+                        "; no slope tested (too few encoders read, or a perfect fit)") + \
+                "; entering t " + (", ".join(
                             f"{t:.2f} (mix {m:g})" for m, _, t in c["entering"].values()
-                            if t is not None))
+                            if t is not None) or "none")
         elif "mass_gain" in c:  # rule 9
             numbers += (f"{100 * c['mass_gain']:+.1f} points of attention; highest at t = "
                         f"{', '.join(map(str, c['peak_t']))}")

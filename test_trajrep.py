@@ -1624,7 +1624,8 @@ def test_non_numeric_train_flags_are_argparse_errors(tmp_path, argv, capsys):
     (["--clip", "-1"], "clip must be positive"), (["--clip", "0"], "clip must be positive"),
     (["--device", "cuda"], "CUDA device"), (["--device", "tpu9"], "unknown device"),
     (["--enc-widths", ""], "enc-widths needs positive"), (["--sigma-data", "0"], "sigma-data"),
-    (["--texture-mix", "0"], r"texture-mix must be in \(0, 1\]")])
+    (["--texture-mix", "0"], r"texture-mix must be in \(0, 1\]"),
+    (["--texture-mix", "1", "--no-texture"], "on shapes with its texture")])
 def test_impossible_train_values_are_one_sentence_and_leave_no_folder(tmp_path, flags, match):
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -1898,37 +1899,51 @@ def test_rule_11_entering_t_and_its_slope_over_texture_mixes():
     assert analyze.entering_t(s1[::-1], times) is None  # falls: its maximum comes first
     assert analyze.entering_t([.4] * 11, times) is None
 
+    assert analyze.entering_t([.4, .3, .45, .3] + [.5] * 7, times) == pytest.approx(0.1 + 0.1 / 1.5)
+    assert analyze.entering_t([.5, .3] + [.5] * 9, times) is None  # the earliest maximum first
+
     def run(mix, k, v, top=.5):  # .30 up to t_(k-1), v at t_k, then top (.50: enters at
         acc = [.30] * k + [v] + [top] * (10 - k)  # t_(k-1) + .01 / (v - .3))
         return dict(dataset="shapes", texture_mix=mix, times=times, protocol=dict(mlp_seeds=3),
                     targets=dict(texture=dict(mlp=dict(mean=acc))))
 
-    def rule_11(spec):  # spec: per mix, (k, v[, top]) per encoder -> rule 11's row
+    def rule_11(spec):  # spec: per mix, (k, v[, top]) per encoder -> rule 11's row and its words
         tables = {f"mix {m}": {f"{m}-{i}": run(m, *r) for i, r in enumerate(rows)}
                   for m, rows in spec.items()}
-        return analyze.contrast_claims(tables)
+        rows = analyze.contrast_claims(tables)
+        return rows and (rows[0], analyze.claims_text(dict(learnt={}, runs=[], claims=rows)))
     assert rule_11({0.5: [(4, .5)] * 3}) == []  # one mix: no sweep
     rises = {.25: [(3, .5), (2, .5)], .5: [(4, .5), (3, .5)], 1: [(5, .5), (4, .5)]}
-    row = rule_11(rises)[0]
+    row, text = rule_11(rises)
     x = np.log([.25, .25, .5, .5, 1, 1])
-    y = np.array([.25, .15, .35, .25, .45, .35]) + 0.1  # t_(k-1) + .05
+    y = np.array([.25, .15, .35, .25, .45, .35])  # t_(k-1) + .05
+    assert [e[2] for e in row["entering"].values()] == pytest.approx(list(y))
     b, a = np.polyfit(x, y, 1)
     se = np.sqrt(((y - a - b * x) ** 2).sum() / 4 / ((x - x.mean()) ** 2).sum())
     assert row["slope"] == pytest.approx(b) and b == pytest.approx(0.1 / np.log(2))
     assert row["bounds"] == pytest.approx([b - 2.132 * se, b + 2.132 * se])  # t(0.95, 4 df)
     assert row["verdict"] == "supported" and row["n_encoders"] == 6 and row["n_seeds"] == 3
-    text = analyze.claims_text(dict(learnt={}, runs=[], claims=[row], rule_1_window=4))
     assert f"**supported** (n = 6, t = {b / se:.1f} vs 2.13; slope +0.144 [" in text
-    # the same t at every mix, within .017: it does not move as the mechanism predicts
-    still = {m: [(4, .5), (4, .4)] for m in (.25, .5, 1)}  # enters at 0.35 and 0.4
-    row = rule_11(still)[0]
+    # the same t at every mix, within .05: it does not move as the mechanism predicts
+    row, _ = rule_11({m: [(4, .5), (4, .4)] for m in (.25, .5, 1)})  # enters at 0.35 and 0.4
     assert row["slope"] == pytest.approx(0) and row["bounds"][1] < analyze.PREDICTED_SLOPE / 2
     assert row["verdict"] == "not supported" and not row["moves"]
-    # too flat to be read (rise .02) on two mixes: fewer than two mixes with two encoders read
-    flat = {**rises, **{m: [(4, .31, .32), (3, .31, .32)] for m in (.5, 1)}}
-    row = rule_11(flat)[0]
-    assert row["verdict"] == "inconclusive" and row["n_encoders"] == 2
-    assert row["entering"]["1-0"] == [1, pytest.approx(.02), None]
+    # it moves (0.01 a doubling, within .001) but by less than half the predicted 0.117 per ln
+    later = {m: [(4, .3 + .01 / (d + .01 * i)), (4, .3 + .01 / (d + .001 + .01 * i))]
+             for i, (m, d) in enumerate(((.25, .06), (.5, .06), (1, .06)))}
+    row, text = rule_11(later)
+    assert row["bounds"][0] > 0 and row["moves"] and "(it moves, by less than half as much)" in text
+    # as wide as it is: neither
+    assert rule_11({m: [(3, .5), (5, .5)] for m in (.25, .5, 1)})[0]["verdict"] == "inconclusive"
+    # a perfect line has no error to test against
+    row, text = rule_11({m: [(4, v)] * 2 for m, v in ((.25, .5), (.5, .3 + 2 / 15), (1, .4))})
+    assert row["verdict"] == "inconclusive" and "slope" not in row and "no slope tested" in text
+    # a rise of exactly 5 points is read, of 4.9 not; two mixes with two read, or inconclusive
+    edge = {.25: [(3, .5), (4, .5)], .5: [(4, .34, .35), (4, .34, .349)], 1: [(5, .5), (4, .5)]}
+    row, _ = rule_11(edge)
+    assert row["n_encoders"] == 5 and row["entering"]["0.5-1"][2] is None and "slope" in row
+    row, _ = rule_11({**edge, 1: [(5, .5), (4, .31, .32)]})  # 2, 1 and 1 read
+    assert row["verdict"] == "inconclusive" and "slope" not in row and row["n_encoders"] == 4
 
 def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypatch):
     """analyze.py --claims: a run whose monitor still moved by 3 points or more over its last 3000

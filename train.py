@@ -99,7 +99,8 @@ FLAGS = [
     ("texture", "on/off", "shapes: the fifth attribute, a 2-pixel texture on the object"),
     ("texture-mix", float, "shapes: the texture's second shade, the object's colour moved this "
      "fraction of the way to grey (its contrast: 0.5, about 0.4 in [-1, 1])", ("must be in (0, 1] "
-     "(0 would draw no texture under its label)", lambda v, c: 0 < v <= 1)),
+     "(0 would draw no texture under its label), on shapes with its texture", lambda v, c: 0 < v
+     <= 1 and (v == 0.5 or c["dataset"] == "shapes" and c["texture"]))),
     "model (the encoder E(x0, t) and the score U-Net s(x_t, z, t))",
     ("preset", sorted(PRESETS), "the defaults below: cpu on shapes, paper on the other datasets"),
     ("encoder", ("drl", "vdrl"), "deterministic (DRL) or probabilistic (VDRL) code"),
@@ -242,13 +243,14 @@ def train(resume, cfg, given):
     ckpt_path, ckpt = os.path.join(cfg["out"], "ckpt.pt"), None
     if resume:  # the checkpoint's config, where only RESUME_OVERRIDES may differ
         ckpt = tr.load_checkpoint(ckpt_path, resumable=True)
-        old = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
+        old = {**DEFAULTS, **{k: tuple(v) if isinstance(v, list) else v  # DEFAULTS: a key it lacks
+                              for k, v in ckpt["config"].items()}}
         if clash := {k: old.get(k) for k, v in given.items()
                      if k not in RESUME_OVERRIDES and old.get(k) != v}:
             raise tr.UserError(f"--resume cannot change {', '.join(sorted(clash))}: the run was "
                                f"trained with {clash}; drop those flags")
-        # a key the checkpoint lacks takes its DEFAULTS value; --allow-new-data is asked each time
-        cfg = {**DEFAULTS, **old, "allow_new_data": False,
+        # --allow-new-data is asked each time
+        cfg = {**old, "allow_new_data": False,
                **{k: v for k, v in given.items() if k in RESUME_OVERRIDES}}
     elif os.path.exists(ckpt_path):  # a new run never writes over another's checkpoint
         if tr.load_checkpoint(ckpt_path)["kind"] == tr.WEIGHTS_KIND:

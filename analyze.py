@@ -46,6 +46,9 @@ def parse_args(argv):
                    "claims where probe.py --probes mlp ran on each, Figure 1's curve probes, "
                    "Figure 3 and the grid-free probe where probe.py ran whole, Figure 2 where "
                    "analyze.py did; writes docs/claims.json")
+    p.add_argument("--window", type=int, default=0, help="with --claims: rule 1 revised, the mean "
+                   "of this many read-outs against the as many before (4), and rule 11; writes "
+                   "docs/claims_window<N>.json (0, the default: rule 1 as first fixed)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (default) or "
                    "paper: the MINE flags below default to its values")
     for key, kind, text in (("steps", int, "MINE training steps"),
@@ -259,7 +262,8 @@ def claims(runs, out="docs/claims.json", window=0):
                                "probe.py on each run") from None
     verdicts += decay_claims(tables) + (contrast_claims(tables) if window else [])  # rule 11:
     # rule 1 revised only
-    command = "python analyze.py --claims " + " ".join(runs)  # and in every row, as asked of it
+    command = "python analyze.py --claims " + " ".join(runs) + (f" --window {window}" if window
+                                                               else "")  # in every row, as asked
     result = dict(runs=list(runs), learnt={k: list(g) for k, g in tables.items()},
                   claims=[dict(v, command=command) for v in verdicts], rule_1_window=window)
     tr.atomic_save(result, out)
@@ -706,7 +710,10 @@ def main(argv=None):
     figures saved."""
     args, cfg = parse_args(argv)
     if args.claims:
-        return claims(args.claims)
+        if args.window < 0:
+            raise tr.UserError(f"--window must be 0 or positive, got {args.window}")
+        return claims(args.claims, f"docs/claims_window{args.window}.json" if args.window else
+                      "docs/claims.json", args.window)
     if not args.run:
         raise tr.UserError("give a run folder (python analyze.py runs/shapes-drl) or --claims")
     if cfg["num_times"] < 3:  # at 2 points lag 1 is lag T-1: the fall is 0 by construction

@@ -2100,6 +2100,12 @@ def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypa
         analyze.main(["--claims", str(tmp_path / "nothing")])
     os.remove(tmp_path / "late" / "results" / "probe_mlp.json")  # not needed: not read
     analyze.main(["--claims", "a", "b", "c", "late"])
+    with pytest.raises(tr.UserError, match="--window must be 0 or positive"):
+        analyze.main(["--claims", "a", "b", "c", "--window", "-1"])
+    analyze.main(["--claims", "a", "b", "c", "--window", "1"])  # rule 1 revised: its own file
+    revised = json.load(open(tmp_path / "docs" / "claims_window1.json"))
+    assert revised["rule_1_window"] == 1
+    assert revised["claims"][0]["command"] == "python analyze.py --claims a b c --window 1"
     path = tmp_path / "c" / "results" / "probe_mlp.json"
     json.dump(dict(json.load(open(path)), step=9000), open(path, "w"))
     with pytest.raises(tr.UserError, match="c has no .* of its last step .12000."):

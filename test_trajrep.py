@@ -1447,17 +1447,21 @@ def test_monitor_reads_the_ema_encoder_and_leaves_the_run_unchanged(tmp_path):
         assert rows[-1]["readout"][name] == pytest.approx(expected.tolist(), abs=1e-4), name
 
 def test_resume_of_a_checkpoint_whose_config_holds_lists(tmp_path):
-    """A config whose lists are lists, not tuples (as JSON-like configs hold them), resumes, and a
-    flag that would change one of them is still refused."""
+    """A config whose lists are lists, not tuples (as JSON-like configs hold them), and that lacks
+    a key added later (texture_mix: it takes its default), resumes; a flag that would change one of
+    them is still refused, one that gives the default is not."""
     run_train(*TINY, "--out", str(tmp_path), "--steps", "2")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    ckpt["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in ckpt["config"].items()}
+    ckpt["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in ckpt["config"].items()
+                      if k != "texture_mix"}
     assert isinstance(ckpt["config"]["enc_widths"], list)
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    run_train("--out", str(tmp_path), "--steps", "3", "--resume")
+    run_train("--out", str(tmp_path), "--steps", "3", "--resume", "--texture-mix", "0.5")
     assert tr.load_checkpoint(str(tmp_path))["step"] == 3
     with pytest.raises(tr.UserError, match="cannot change enc_widths"):
         run_train("--out", str(tmp_path), "--steps", "4", "--resume", "--enc-widths", "8,8,16")
+    with pytest.raises(tr.UserError, match="cannot change texture_mix"):
+        run_train("--out", str(tmp_path), "--steps", "4", "--resume", "--texture-mix", "1")
 
 def test_dataloader_workers_give_the_same_run(tmp_path):
     """Images decoded in 2 worker processes (a folder tree: PIL and transforms run there) and

@@ -485,10 +485,9 @@ def claims_text(result):
         elif "predicted" in c:  # rule 11: the slope, b - q se and b + q se (a 90% interval)
             numbers += (f"slope {c['slope']:+.3f} [{c['bounds'][0]:+.3f}, {c['bounds'][1]:+.3f}] "
                         f"against {c['predicted']:.3f} predicted" if "slope" in c else
-                        "; no slope tested (too few encoders read, or a perfect fit)") + \
-                "; entering t " + (", ".join(
-                            f"{t:.2f} (mix {m:g})" for m, _, t in c["entering"].values()
-                            if t is not None) or "none")
+                        "; no slope tested (too few encoders read, or a perfect fit)")
+            read = [f"{t:.2f} (mix {m:g})" for m, _, t in c["entering"].values() if t is not None]
+            numbers += f"; entering t {', '.join(read) or 'none'}"
         elif "mass_gain" in c:  # rule 9
             numbers += (f"{100 * c['mass_gain']:+.1f} points of attention; highest at t = "
                         f"{', '.join(map(str, c['peak_t']))}")

@@ -1902,7 +1902,6 @@ def test_rule_11_entering_t_and_its_slope_over_texture_mixes():
     assert analyze.entering_t(s1, times) == pytest.approx(0.3 + 0.1 * (.409 - .360) / .052)
     assert analyze.entering_t(s1[::-1], times) is None  # falls: its maximum comes first
     assert analyze.entering_t([.4] * 11, times) is None
-
     assert analyze.entering_t([.4, .3, .45, .3] + [.5] * 7, times) == pytest.approx(0.1 + 0.1 / 1.5)
     assert analyze.entering_t([.5, .3] + [.5] * 9, times) is None  # the earliest maximum first
 
@@ -1933,8 +1932,8 @@ def test_rule_11_entering_t_and_its_slope_over_texture_mixes():
     assert row["slope"] == pytest.approx(0) and row["bounds"][1] < analyze.PREDICTED_SLOPE / 2
     assert row["verdict"] == "not supported" and not row["moves"]
     # it moves (0.01 a doubling, within .001) but by less than half the predicted 0.117 per ln
-    later = {m: [(4, .3 + .01 / (d + .01 * i)), (4, .3 + .01 / (d + .001 + .01 * i))]
-             for i, (m, d) in enumerate(((.25, .06), (.5, .06), (1, .06)))}
+    later = {m: [(4, .3 + .01 / (.06 + .01 * i)), (4, .3 + .01 / (.061 + .01 * i))]
+             for i, m in enumerate((.25, .5, 1))}  # enter at 0.36, 0.361; 0.37, 0.371; ...
     row, text = rule_11(later)
     assert row["bounds"][0] > 0 and row["moves"] and "(it moves, by less than half as much)" in text
     # as wide as it is: neither

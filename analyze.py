@@ -488,6 +488,10 @@ def claims_text(result):
                         "; no slope tested (too few encoders read, or a perfect fit)")
             read = [f"{t:.2f} (mix {m:g})" for m, _, t in c["entering"].values() if t is not None]
             numbers += f"; entering t {', '.join(read) or 'none'}"
+            unread = [f"{100 * rise:.1f} (mix {m:g})" for m, rise, t in c["entering"].values()
+                      if t is None]
+            numbers += (f"; not read (a rise under 5 points, or a fall), max - min in points: "
+                        f"{', '.join(unread)}" if unread else "")
         elif "mass_gain" in c:  # rule 9
             numbers += (f"{100 * c['mass_gain']:+.1f} points of attention; highest at t = "
                         f"{', '.join(map(str, c['peak_t']))}")

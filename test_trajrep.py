@@ -1927,6 +1927,7 @@ def test_rule_11_entering_t_and_its_slope_over_texture_mixes():
     assert row["bounds"] == pytest.approx([b - 2.132 * se, b + 2.132 * se])  # t(0.95, 4 df)
     assert row["verdict"] == "supported" and row["n_encoders"] == 6 and row["n_seeds"] == 3
     assert f"**supported** (n = 6, t = {b / se:.1f} vs 2.13; slope +0.144 [" in text
+    assert "not read" not in text  # every encoder read
     # the same t at every mix, within .05: it does not move as the mechanism predicts
     row, _ = rule_11({m: [(4, .5), (4, .4)] for m in (.25, .5, 1)})  # enters at 0.35 and 0.4
     assert row["slope"] == pytest.approx(0) and row["bounds"][1] < analyze.PREDICTED_SLOPE / 2
@@ -1947,6 +1948,11 @@ def test_rule_11_entering_t_and_its_slope_over_texture_mixes():
     assert row["n_encoders"] == 5 and row["entering"]["0.5-1"][2] is None and "slope" in row
     row, _ = rule_11({**edge, 1: [(5, .5), (4, .31, .32)]})  # 2, 1 and 1 read
     assert row["verdict"] == "inconclusive" and "slope" not in row and row["n_encoders"] == 4
+    text = analyze.claims_text(dict(learnt={}, runs=[], claims=[row]))
+    assert text.endswith("; not read (a rise under 5 points, or a fall), max - min in points: "
+                         "4.9 (mix 0.5), 2.0 (mix 1))")
+    row, text = rule_11({**rises, 1: [(5, .5), (4, .5), (4, .2, .1)]})  # falls 20 points: not read
+    assert row["n_encoders"] == 6 and text.endswith("max - min in points: 20.0 (mix 1))")
 
 def test_claims_over_training_seeds_follow_the_decision_rules(tmp_path, monkeypatch):
     """analyze.py --claims: a run whose monitor still moved by 3 points or more over its last 3000
